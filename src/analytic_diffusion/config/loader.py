@@ -1,0 +1,168 @@
+"""Load a run configuration: a YAML file with a `defaults:` list, dot-list overrides, and validation.
+
+Every key is checked against the schema before any work starts; a typo or an unknown name raises a
+one-line StudioError that names the closest valid key or name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ..data.sources import DATASETS
+from ..denoisers import denoiser_class
+from ..errors import StudioError, closest, unknown_name
+from .schema import StudioConfig
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+CHOICES = {
+    "sampling.timestep_spacing": ("leading", "trailing", "linspace"),
+    "logging.level": ("debug", "info", "warning", "error"),
+    "logging.wandb_mode": ("offline", "online"),
+}
+
+
+def configs_dir() -> Path:
+    """Where named configs live: $ADS_CONFIGS, else ./configs, else the configs/ folder of this source tree."""
+    if os.environ.get("ADS_CONFIGS"):
+        return Path(os.environ["ADS_CONFIGS"])
+    if (Path.cwd() / "configs" / "defaults.yaml").is_file():
+        return Path.cwd() / "configs"
+    return Path(__file__).resolve().parents[3] / "configs"
+
+
+def available_configs() -> list[str]:
+    """Config names relative to configs/, without the .yaml suffix."""
+    root = configs_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """An absolute path as given; a relative one under configs/ (the .yaml suffix optional), else from the cwd."""
+    path = Path(name).expanduser()
+    candidates = [path] if path.is_absolute() else [configs_dir() / path, configs_dir() / f"{path}.yaml", path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    hint = closest(str(path.with_suffix("")) if path.suffix == ".yaml" else str(path), available_configs())
+    raise StudioError(f"config '{name}' not found in {configs_dir()}{hint}; `ads list` shows the available configs")
+
+
+def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A config file merged on top of the files its `defaults:` list names (in order)."""
+    if path in seen:
+        raise StudioError(f"config {path} includes itself through its defaults list")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:
+        raise StudioError(f"cannot parse config {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, DictConfig):
+        raise StudioError(f"config {path} must be a mapping of sections, not a list")
+    defaults = raw.pop("defaults", [])
+    merged = OmegaConf.create()
+    for entry in defaults:
+        if str(entry) == "_self_":
+            continue
+        entry_path = Path(str(entry).lstrip("/"))
+        merged = OmegaConf.merge(merged, _load_file(resolve_config_path(entry_path), (*seen, path)))
+    return OmegaConf.merge(merged, raw)
+
+
+def _schema_error(exc: OmegaConfBaseException) -> StudioError:
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.structured(StudioConfig)
+        valid = list(OmegaConf.select(node, parent).keys()) if parent else list(node.keys())
+        where = f"in section '{parent}'" if parent else "at the top level"
+        full = [f"{parent}.{name}" if parent else name for name in valid]
+        return StudioError(f"unknown config key '{key}'{closest(key, full)}; valid keys {where}: {', '.join(valid)}")
+    if isinstance(exc, ValidationError):
+        message = str(getattr(exc, "msg", exc)).splitlines()[0]
+        return StudioError(f"bad value for config key '{key}': {message}")
+    return StudioError(f"invalid config: {str(exc).splitlines()[0]}")
+
+
+def _merge_overrides(base: DictConfig, overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise StudioError(f"override '{item}' is not of the form key=value (e.g. sampling.num_samples=16)")
+    return OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+
+
+def method_params(name: str, given: Any) -> Any:
+    """The method's Params dataclass filled from `given`, rejecting unknown keys and wrong types."""
+    cls = denoiser_class(name).Params
+    valid = [f.name for f in dataclasses.fields(cls)]
+    given = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given or {})
+    for key in given:
+        if key not in valid:
+            listing = ", ".join(valid) if valid else "none"
+            raise StudioError(
+                f"unknown config key 'model.params.{key}' for method '{name}'{closest(key, valid)}; "
+                f"its parameters: {listing}"
+            )
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(cls), given)
+    except ValidationError as exc:
+        raise StudioError(f"bad value for 'model.params.{exc.full_key}': {str(exc.msg).splitlines()[0]}") from None
+    return OmegaConf.to_object(typed)
+
+
+def _validate(cfg: StudioConfig) -> None:
+    if cfg.dataset.name not in DATASETS:
+        raise unknown_name("dataset", cfg.dataset.name, DATASETS)
+    if not DEVICE_PATTERN.match(cfg.experiment.device):
+        raise StudioError(f"experiment.device must be auto, cpu, cuda, cuda:N or mps, not '{cfg.experiment.device}'")
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value not in allowed:
+            raise StudioError(f"config key '{key}' must be one of {', '.join(allowed)}, not '{value}'{closest(value, allowed)}")
+    positive = {
+        "sampling.num_samples": cfg.sampling.num_samples,
+        "sampling.batch_size": cfg.sampling.batch_size,
+        "sampling.num_inference_steps": cfg.sampling.num_inference_steps,
+        "dataset.batch_size": cfg.dataset.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise StudioError(f"config key '{key}' must be at least 1, got {value}")
+    if cfg.sampling.num_inference_steps > cfg.sampling.num_train_timesteps:
+        raise StudioError(
+            f"sampling.num_inference_steps ({cfg.sampling.num_inference_steps}) cannot exceed "
+            f"sampling.num_train_timesteps ({cfg.sampling.num_train_timesteps})"
+        )
+    if cfg.sampling.eta < 0:
+        raise StudioError(f"sampling.eta must be >= 0, got {cfg.sampling.eta}")
+    if cfg.dataset.num_workers < 0:
+        raise StudioError(f"dataset.num_workers must be >= 0, got {cfg.dataset.num_workers}")
+
+
+def load_config(config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StudioConfig:
+    """Schema defaults, then the config file (and its defaults list), then overrides; validated and resolved.
+
+    `model.params` comes back as the method's Params dataclass.
+    """
+    merged: DictConfig = OmegaConf.structured(StudioConfig)
+    try:
+        if config is not None:
+            merged = OmegaConf.merge(merged, _load_file(resolve_config_path(config)))
+        merged = _merge_overrides(merged, list(overrides))
+        OmegaConf.resolve(merged)
+        cfg: StudioConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _schema_error(exc) from None
+    cfg.model.params = method_params(cfg.model.name, cfg.model.params)
+    _validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: StudioConfig) -> str:
+    """The resolved configuration as YAML, method parameters included with their defaults."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,82 @@
+"""The typed schema of a run's configuration: every valid key, its type and its default, defined once.
+
+Method hyper-parameters (`model.params`) are checked against the chosen method's own `Params` dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..sampling import SchedulerOptions
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"  # groups runs: <paths.runs>/<name>/
+    run_name: Optional[str] = None  # None = <method>_<dataset>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    append_timestamp: bool = True  # add _YYYYmmdd-HHMMSS so runs never overwrite each other
+
+
+@dataclass
+class PathsConfig:
+    root: str = "${oc.env:ADS_ROOT,studio}"  # everything below lives here unless set on its own
+    datasets: str = "${.root}/datasets"
+    cache: str = "${.root}/cache"
+    runs: str = "${.root}/runs"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "mnist5k"
+    split: str = "train"
+    download: bool = False  # torchvision sets only; never implicit
+    path: Optional[str] = None  # folder or file for image_folder / array; overrides the default location of others
+    batch_size: int = 256  # images decoded per batch when the store is built
+    num_workers: int = 0  # decoding processes
+    subset_size: Optional[int] = None  # first N images; None = all
+    resolution: Optional[int] = None  # square side in pixels; None = native
+    channels: Optional[int] = None  # 1 or 3; None = native
+
+
+@dataclass
+class ModelConfig:
+    name: str = "nearest_dataset"
+    params: Any = field(default_factory=dict)  # checked against the method's Params dataclass
+
+
+@dataclass
+class SamplingConfig(SchedulerOptions):
+    num_samples: int = 16
+    batch_size: int = 16
+    per_sample_seeds: bool = False  # True: sample i gets its own generator, results independent of batch size
+
+
+@dataclass
+class OutputConfig:
+    images: bool = True  # images/sample_0000.png ...
+    grid: bool = True  # grid.png
+    intermediates: bool = False  # intermediates/: x_t and x0_hat per step as image strips, and trajectory.pt
+    tensors: bool = True  # samples.pt: final samples in model space
+    grid_columns: Optional[int] = None  # None = about square
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "info"  # debug | info | warning
+    wandb: bool = False  # Weights & Biases, never required
+    wandb_mode: str = "offline"  # offline | online
+    wandb_project: str = "analytic-diffusion-studio"
+
+
+@dataclass
+class StudioConfig:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

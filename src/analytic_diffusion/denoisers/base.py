@@ -1,0 +1,102 @@
+"""The denoiser contract shared by every method, and the registry that maps method names to classes.
+
+A denoiser is fitted once on a dataset store and then called as `denoiser(x_t, level, noise) -> Denoised`,
+with `x_t` of shape [B, C, H, W] in model space and `Denoised.x0_hat` the estimate of E[x_0 | x_t].
+Discrete-timestep details live in `NoiseLevel`; the sampler never knows which method it drives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..errors import unknown_name
+
+if TYPE_CHECKING:
+    from ..data.store import DatasetStore
+    from ..noise import NoiseSource
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """One point of the forward process x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps."""
+
+    timestep: int  # t in [0, 1000): the discrete training timestep (what a UNet is conditioned on)
+    alpha_bar: float  # ab_t: cumulative product of (1 - beta) up to t
+
+    @property
+    def signal_scale(self) -> float:
+        """sqrt(ab_t): how much of x_0 is left in x_t."""
+        return math.sqrt(self.alpha_bar)
+
+    @property
+    def noise_variance(self) -> float:
+        """1 - ab_t: the variance of the noise in x_t."""
+        return 1.0 - self.alpha_bar
+
+
+@dataclass
+class Denoised:
+    """A denoiser's answer: the estimate and optional per-sample diagnostics (each a tensor of shape [B])."""
+
+    x0_hat: torch.Tensor
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class NoParams:
+    """Parameters of a method that has none."""
+
+
+class Denoiser:
+    """Base class of every method: subclasses set `Params` and implement `fit` and `denoise`."""
+
+    Params: ClassVar[type] = NoParams
+    name: ClassVar[str] = ""
+
+    def __init__(self, params: Any = None, device: torch.device | str = "cpu"):
+        self.params = params if params is not None else self.Params()
+        self.device = torch.device(device)
+
+    def fit(self, store: DatasetStore) -> Denoiser:
+        """Compute whatever the method needs from the dataset; returns self."""
+        return self
+
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise: NoiseSource | None = None) -> Denoised:
+        """Estimate x_0 from x_t at the given noise level."""
+        raise NotImplementedError
+
+    def __call__(self, x_t: torch.Tensor, level: NoiseLevel, noise: NoiseSource | None = None) -> Denoised:
+        return self.denoise(x_t, level, noise)
+
+
+DENOISERS: dict[str, type[Denoiser]] = {}
+
+
+def register_denoiser(name: str):
+    """Class decorator: make a method available under `model.name: <name>` in configs."""
+
+    def wrap(cls: type[Denoiser]) -> type[Denoiser]:
+        if name in DENOISERS:
+            raise ValueError(f"denoiser '{name}' registered twice")
+        if not dataclasses.is_dataclass(cls.Params):
+            raise TypeError(f"{cls.__name__}.Params must be a dataclass")
+        cls.name = name
+        DENOISERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def denoiser_class(name: str) -> type[Denoiser]:
+    """Look a method up by name; an unknown name raises a StudioError naming the closest one."""
+    from . import load_all  # registration happens on import of the method modules
+
+    load_all()
+    if name not in DENOISERS:
+        raise unknown_name("model", name, DENOISERS)
+    return DENOISERS[name]

@@ -1,0 +1,64 @@
+"""One streaming (running-max) log-sum-exp primitive for every softmax-weighted average over the dataset.
+
+The softmax over N images is accumulated chunk by chunk: keep the running maximum m of the logits, the sum
+s = sum_i exp(l_i - m) and the numerator sum_i exp(l_i - m) v_i, and rescale both by exp(m_old - m_new)
+whenever the maximum grows. The result equals the softmax over the whole set, whatever the chunking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class StreamingSoftmax:
+    """Accumulates softmax-weighted sums over chunks of a set; `mean()` is the softmax average.
+
+    Logits have shape [*batch, K] for a chunk of K items; the numerator has shape [*batch, *value_shape].
+    """
+
+    def __init__(self, track_concentration: bool = False):
+        self.max: torch.Tensor | None = None  # running max of the logits, [*batch]
+        self.total: torch.Tensor | None = None  # sum exp(l - max), [*batch]
+        self.numerator: torch.Tensor | None = None  # sum exp(l - max) v, [*batch, *value_shape]
+        self.squares: torch.Tensor | None = None  # sum exp(2 (l - max)), for the effective count
+        self.track_concentration = track_concentration
+
+    def update(self, logits: torch.Tensor, weighted_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Add one chunk: `weighted_sum(p)` maps weights p = exp(logits - max) [*batch, K] to [*batch, *value_shape]."""
+        chunk_max = logits.amax(dim=-1)
+        new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
+        weights = torch.exp(logits - new_max.unsqueeze(-1))
+        chunk_sum = weighted_sum(weights)
+        if self.max is None:
+            self.total, self.numerator = weights.sum(-1), chunk_sum
+            self.squares = weights.square().sum(-1) if self.track_concentration else None
+        else:
+            rescale = torch.exp(self.max - new_max)
+            self.total = self.total * rescale + weights.sum(-1)
+            self.numerator = self.numerator * _trailing(rescale, self.numerator) + chunk_sum
+            if self.track_concentration:
+                self.squares = self.squares * rescale.square() + weights.square().sum(-1)
+        self.max = new_max
+
+    def mean(self) -> torch.Tensor:
+        """The softmax-weighted average sum_i softmax(l)_i v_i over everything added so far."""
+        if self.numerator is None:
+            raise RuntimeError("StreamingSoftmax.mean() called before any update()")
+        return self.numerator / _trailing(self.total, self.numerator)
+
+    def top_weight(self) -> torch.Tensor:
+        """The largest softmax weight: exp(max - max) / total."""
+        return 1.0 / self.total
+
+    def effective_count(self) -> torch.Tensor:
+        """1 / sum_i w_i^2: how many items effectively share the weight (1 = collapsed onto one)."""
+        if self.squares is None:
+            raise RuntimeError("create StreamingSoftmax(track_concentration=True) to get the effective count")
+        return self.total.square() / self.squares
+
+
+def _trailing(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`scale` [*batch] viewed with trailing singleton dims to broadcast against `like` [*batch, *value_shape]."""
+    return scale.reshape(*scale.shape, *([1] * (like.ndim - scale.ndim)))
