@@ -1,0 +1,251 @@
+"""The dataset store: every image decoded once, kept in a compact dtype and memory-mapped from a cache.
+
+The cache entry is a directory named by a fingerprint of everything the images were computed from (dataset,
+split, resolution, channels, subset and the source's own signature), built under a temporary name and renamed
+into place in one step: a later run either finds a complete entry for exactly its inputs or builds one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..errors import StudioError
+from ..fileio import atomic_write_json
+from .sources import ImageSource, SourceRequest, dataset_source
+
+STORE_FORMAT = 1  # bump when preprocessing changes, so old cache entries are never reused
+
+
+@dataclass
+class DatasetStore:
+    """N preprocessed images [N, C, H, W]: uint8 for 8-bit sources, float32 model space otherwise."""
+
+    name: str
+    fingerprint: str
+    images: torch.Tensor
+
+    @classmethod
+    def from_tensor(cls, images: torch.Tensor, name: str = "memory") -> DatasetStore:
+        """An in-memory store (tests, notebooks): uint8 pixels or float images already in [-1, 1]."""
+        images = images.contiguous()
+        digest = hashlib.sha256(images.numpy().tobytes() + str(tuple(images.shape)).encode()).hexdigest()
+        return cls(name, digest[:16], images)
+
+    @property
+    def num_images(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def dim(self) -> int:
+        """n = C * H * W, the length of a flattened image."""
+        return int(np.prod(self.sample_shape))
+
+    @property
+    def is_uint8(self) -> bool:
+        return self.images.dtype == torch.uint8
+
+    def decode(self, raw: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Map stored values to model space [-1, 1], bit-identical to ToTensor() then Normalize(0.5, 0.5)."""
+        if raw.dtype != torch.uint8:
+            return raw.to(dtype)
+        return raw.to(torch.float32).div_(255).sub_(0.5).div_(0.5).to(dtype)
+
+    def model_space(
+        self, start: int = 0, stop: int | None = None, device: torch.device | str = "cpu", dtype=torch.float32
+    ) -> torch.Tensor:
+        """Images [start, stop) in model space on `device`, decoded after the (compact) copy."""
+        return self.decode(self.images[start:stop].to(device), dtype)
+
+    def gather(self, indices: torch.Tensor, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
+        """Images at `indices` (any shape) in model space, shape [*indices.shape, C, H, W]."""
+        picked = self.images[indices.cpu().reshape(-1)].to(device)
+        return self.decode(picked, dtype).reshape(*indices.shape, *self.sample_shape)
+
+
+@dataclass
+class StoreRequest:
+    """The dataset section of a config, as the store needs it."""
+
+    name: str
+    split: str = "train"
+    download: bool = False
+    path: str | None = None
+    subset_size: int | None = None
+    resolution: int | None = None
+    channels: int | None = None
+    batch_size: int = 256
+    num_workers: int = 0
+
+
+def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channels: int) -> np.ndarray:
+    """One image as uint8 [C, H, W]: channel conversion, shorter side resized to `resolution`, centre crop."""
+    if isinstance(item, np.ndarray):
+        if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[-1] not in (1, 3):
+            item = item.transpose(1, 2, 0)
+        item = Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[-1] == 1 else item)
+    image = item.convert("L" if channels == 1 else "RGB")
+    if resolution is not None and image.size != (resolution, resolution):
+        image = TF.center_crop(TF.resize(image, resolution, antialias=True), [resolution, resolution])
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _to_chw_float(item: np.ndarray, resolution: int | None, channels: int) -> np.ndarray:
+    """One float image [C, H, W] in model space, resized bilinearly and channel-converted like the uint8 path."""
+    tensor = torch.as_tensor(np.asarray(item, dtype=np.float32))
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    if tensor.shape[0] != channels:
+        if tensor.shape[0] == 1:
+            tensor = tensor.expand(channels, -1, -1)
+        else:
+            weights = torch.tensor([0.299, 0.587, 0.114])[:, None, None]
+            tensor = (tensor * weights).sum(0, keepdim=True)
+    if resolution is not None and tuple(tensor.shape[1:]) != (resolution, resolution):
+        tensor = TF.center_crop(TF.resize(tensor, resolution, antialias=True), [resolution, resolution])
+    return tensor.numpy()
+
+
+def _native_channels(item: Image.Image | np.ndarray) -> int:
+    if isinstance(item, Image.Image):
+        return 1 if item.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    if item.ndim == 2:
+        return 1
+    if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[-1] not in (1, 3):
+        return item.shape[0]
+    return item.shape[-1] if item.ndim == 3 else 1
+
+
+class _Preprocessed(Dataset):
+    """Decodes and preprocesses source images; errors come back as strings so workers cannot garble them."""
+
+    def __init__(self, source: ImageSource, count: int, resolution: int | None, channels: int, floating: bool):
+        self.source, self.count, self.resolution, self.channels = source, count, resolution, channels
+        self.convert = _to_chw_float if floating else _to_chw_uint8
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> np.ndarray | str:
+        try:
+            return self.convert(self.source.get(index), self.resolution, self.channels)
+        except StudioError as exc:
+            return str(exc)
+        except Exception as exc:
+            return f"cannot preprocess image {index} of {self.source.describe}: {exc}"
+
+
+def _collate(batch: list[np.ndarray | str]) -> list[np.ndarray | str]:
+    return batch
+
+
+def store_fingerprint(request: StoreRequest, source: ImageSource, channels: int, floating: bool) -> str:
+    """Hash of everything the stored images depend on."""
+    key = {
+        "format": STORE_FORMAT,
+        "dataset": request.name,
+        "split": request.split,
+        "resolution": request.resolution,
+        "channels": channels,
+        "subset_size": request.subset_size,
+        "float": floating,
+        "source": source.signature,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _check_subset(request: StoreRequest, length: int) -> int:
+    if request.subset_size is None:
+        return length
+    if request.subset_size < 1:
+        raise StudioError(f"dataset.subset_size must be at least 1, got {request.subset_size}")
+    return min(request.subset_size, length)
+
+
+def _build(path: Path, source: ImageSource, request: StoreRequest, count: int, channels: int, floating: bool) -> None:
+    """Decode `count` images into `path/images.npy` (written in place: `path` is a private temporary folder)."""
+    dataset = _Preprocessed(source, count, request.resolution, channels, floating)
+    first = dataset[0]
+    if isinstance(first, str):
+        raise StudioError(first)
+    out = np.lib.format.open_memmap(path / "images.npy", mode="w+", dtype=first.dtype, shape=(count, *first.shape))
+    loader = DataLoader(dataset, batch_size=request.batch_size, num_workers=request.num_workers, collate_fn=_collate)
+    start = 0
+    with tqdm(total=count, desc=f"decoding {request.name}", unit="img", leave=False) as bar:
+        for batch in loader:
+            for item in batch:
+                if isinstance(item, str):
+                    raise StudioError(item)
+                if item.shape != first.shape:
+                    raise StudioError(
+                        f"image {start} of {source.describe} has shape {item.shape}, expected {first.shape}; "
+                        "set dataset.resolution to resize all images to one size"
+                    )
+                out[start] = item
+                start += 1
+            bar.update(len(batch))
+    out.flush()
+    del out
+
+
+def _source_kind(source: ImageSource) -> bool:
+    """True when the source holds float images (stored as float32 model space) rather than 8-bit pixels."""
+    item = source.get(0)
+    if isinstance(item, np.ndarray) and item.dtype != np.uint8:
+        if not np.issubdtype(item.dtype, np.floating):
+            raise StudioError(f"images of {source.describe} have dtype {item.dtype}; use uint8 pixels or floats in [-1, 1]")
+        if item.min() < -1.0 - 1e-6 or item.max() > 1.0 + 1e-6 or not np.isfinite(item).all():
+            raise StudioError(f"float images of {source.describe} must be finite and in [-1, 1]; rescale them or save uint8")
+        return True
+    return False
+
+
+def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: Path) -> tuple[DatasetStore, dict]:
+    """Return the store for `request`, decoding it only if no complete cache entry for its fingerprint exists."""
+    started = time.perf_counter()
+    source = dataset_source(SourceRequest(request.name, request.split, request.download, request.path, datasets_root))
+    floating = _source_kind(source)
+    channels = request.channels or _native_channels(source.get(0))
+    if channels not in (1, 3):
+        raise StudioError(f"dataset.channels must be 1 or 3, got {channels}")
+    if request.resolution is not None and request.resolution < 1:
+        raise StudioError(f"dataset.resolution must be a positive number of pixels, got {request.resolution}")
+    count = _check_subset(request, source.length)
+    fingerprint = store_fingerprint(request, source, channels, floating)
+    final = cache_root / "stores" / f"{request.name}-{fingerprint}"
+    built = not (final / "images.npy").is_file()
+    if built:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".building-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _build(tmp, source, request, count, channels, floating)
+            atomic_write_json(tmp / "meta.json", {"fingerprint": fingerprint, "count": count, "source": source.describe})
+            try:
+                tmp.rename(final)
+            except OSError:  # another process finished the same entry first; theirs is as good as ours
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    array = np.load(final / "images.npy", mmap_mode="c")
+    store = DatasetStore(request.name, fingerprint, torch.from_numpy(array))
+    info = {"fingerprint": fingerprint, "built": built, "path": str(final), "seconds": time.perf_counter() - started}
+    return store, info
