@@ -19,6 +19,7 @@ from .noise import batch_noise_sources
 from .runs import RunDirectory, save_grid, save_images, save_tensor
 from .sampling import Step, make_scheduler, sample
 from .search import knn_search
+from .tracking import log_run, wandb_module
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -117,6 +118,7 @@ def _save_intermediates(recorders: list[TrajectoryRecorder], folder: Path, save_
 def generate(cfg: StudioConfig) -> GenerateResult:
     """Run the configured method and write the run directory; the directory stays marked incomplete on failure."""
     device = resolve_device(cfg.experiment.device)
+    wandb = wandb_module(cfg)
     torch.manual_seed(cfg.experiment.seed)
     request = StoreRequest(**asdict(cfg.dataset))
     store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
@@ -125,6 +127,8 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     handler = run.attach_log(log)
     try:
         result = _generate_into(run, cfg, store, store_info, device)
+        if wandb is not None:
+            log_run(wandb, cfg, run.path, result.metrics)
     except BaseException as exc:
         run.mark_failed(f"{type(exc).__name__}: {exc}")
         log.error("run failed: %s: %s", type(exc).__name__, exc)
