@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from unet_helpers import random_unet, toy_store
+from unet_helpers import TINY, random_unet, toy_store
 
+from analytic_diffusion.cli import main
 from analytic_diffusion.compare import (
     BaselineComparison,
     mse_per_sample,
@@ -15,11 +16,13 @@ from analytic_diffusion.compare import (
     r2_per_sample,
     save_side_by_side,
 )
+from analytic_diffusion.config import load_config
 from analytic_diffusion.denoisers.nearest_dataset import NearestDataset
 from analytic_diffusion.denoisers.unet import UNetDenoiser
 from analytic_diffusion.noise import batch_noise_sources
+from analytic_diffusion.generate import generate
 from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level, sample
-from analytic_diffusion.unet import NoiseSchedule
+from analytic_diffusion.unet import NoiseSchedule, UNetCheckpoint, save_checkpoint
 
 
 def test_r2_and_mse_match_hand_computed_values():
@@ -122,3 +125,43 @@ def test_summary_plot_and_side_by_side_grid(tmp_path):
     save_side_by_side(result, tmp_path / "side_by_side.png", method="nearest_dataset")
     for name in ("comparison.png", "side_by_side.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def _baseline_checkpoint(folder, size: int = 28) -> str:
+    weights = {k: v.clone() for k, v in random_unet(size=size).state_dict().items()}
+    save_checkpoint(folder / "checkpoint.pt", UNetCheckpoint(TINY, (1, size, size), weights, dict(weights)))
+    return str(folder)
+
+
+FAST = ["experiment.device=cpu", "sampling.num_inference_steps=4", "dataset.subset_size=500",
+        "sampling.num_samples=5", "sampling.batch_size=2"]
+
+
+def test_generate_with_a_baseline_writes_metrics_plot_and_grid(tmp_path):
+    checkpoint = _baseline_checkpoint(tmp_path)
+    compared = generate(load_config("nearest_dataset/mnist5k", [*FAST, f"baseline.checkpoint={checkpoint}"]))
+    plain = generate(load_config("nearest_dataset/mnist5k", FAST))
+    assert torch.equal(compared.samples, plain.samples)  # the comparison does not disturb the method
+    names = {p.name for p in compared.run_dir.iterdir()}
+    assert {"comparison.png", "side_by_side.png", "metrics.json"} <= names and "INCOMPLETE" not in names
+    baseline = json.loads((compared.run_dir / "metrics.json").read_text())["baseline"]
+    assert baseline["checkpoint"] == checkpoint and baseline["timesteps"] == [750, 500, 250, 0]
+    for name in ("trajectory_r2", "trajectory_mse", "single_step_r2", "single_step_mse"):
+        assert len(baseline["per_step"][name]["mean"]) == 4
+        assert len(baseline["per_step"][name]["per_sample"][3]) == 5
+        assert baseline["final"][name] == baseline["per_step"][name]["mean"][3]
+
+
+def test_generate_unet_against_itself_end_to_end(tmp_path):
+    checkpoint = _baseline_checkpoint(tmp_path)
+    result = generate(load_config("unet/mnist5k", [*FAST, f"model.params.checkpoint={checkpoint}",
+                                                   f"baseline.checkpoint={checkpoint}"]))
+    final = result.metrics["baseline"]["final"]
+    assert final == {"trajectory_r2": 1.0, "trajectory_mse": 0.0, "single_step_r2": 1.0, "single_step_mse": 0.0}
+
+
+def test_baseline_of_another_resolution_stops_generate_with_one_line(tmp_path, capsys):
+    checkpoint = _baseline_checkpoint(tmp_path, size=8)
+    assert main(["generate", *FAST, f"baseline.checkpoint={checkpoint}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "trained on 1x8x8 images" in error and "dataset gives 1x28x28" in error

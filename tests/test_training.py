@@ -89,3 +89,20 @@ def test_resume_refuses_another_architecture_or_dataset(tmp_path):
 def test_bad_training_values_are_refused(tmp_path, key, value):
     with pytest.raises(StudioError, match=key):
         train(tiny_training(**{key: value}), toy_store(), tmp_path, progress_bar=False)
+
+
+def test_train_unet_command_trains_and_resumes(tmp_path, capsys):
+    from analytic_diffusion.cli import main
+
+    tiny = ["experiment.device=cpu", "dataset.subset_size=64", "training.batch_size=32", "training.epochs=1",
+            "training.architecture.base_channels=4", "training.architecture.channel_multipliers=[1,1]",
+            "training.architecture.num_res_blocks=1", "training.architecture.norm_groups=2",
+            "training.architecture.attention_resolutions=[]", "training.preview_samples=4", "training.preview_steps=2",
+            f"training.output_dir={tmp_path}"]
+    assert main(["train-unet", *tiny]) == 0
+    assert "for 1 epochs (2 steps" in capsys.readouterr().out
+    assert {"checkpoint.pt", "config.yaml", "loss.png", "samples.png", "training.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert main(["train-unet", *tiny, "training.epochs=2"]) == 0  # resumes, trains one more epoch
+    assert "for 2 epochs (4 steps" in capsys.readouterr().out
+    assert main(["train-unet", *tiny, "training.architecture.base_chanels=8"]) == 2
+    assert "did you mean 'training.architecture.base_channels'" in capsys.readouterr().err
