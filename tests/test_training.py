@@ -16,14 +16,14 @@ from unet_helpers import TINY, tiny_training, toy_store
 
 from analytic_diffusion.errors import StudioError
 from analytic_diffusion.unet import load_unet, read_checkpoint
-from analytic_diffusion.unet.training import train
+from analytic_diffusion.unet.training import learning_rate, train
 
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     sys.path[:0] = sys.argv[1:3]
     from unet_helpers import tiny_training, toy_store
-    from analytic_diffusion.unet.training import train
+    from analytic_diffusion.unet.training import learning_rate, train
 
     def kill(step):
         if step == 11:  # in the third epoch, after the checkpoint of epoch 2 (4 steps per epoch)
@@ -68,6 +68,28 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
     assert checkpoint.dataset["fingerprint"] == toy_store().fingerprint
 
 
+def test_cosine_schedule_warms_up_then_anneals_to_zero():
+    config = tiny_training(learning_rate=1.0, warmup_steps=10, lr_schedule="cosine")
+    assert learning_rate(config, 0, 100) == pytest.approx(0.1 * 1.0)
+    assert learning_rate(config, 50, 100) == pytest.approx(0.5)
+    assert learning_rate(config, 100, 100) == pytest.approx(0.0)
+    assert learning_rate(dataclasses.replace(config, lr_schedule="constant"), 100, 100) == 1.0
+
+
+def test_killed_cosine_run_resumes_with_identical_losses(tmp_path):
+    """The schedule is a function of the step, so a resumed annealed run matches an uninterrupted one."""
+    config = tiny_training(lr_schedule="cosine")
+    whole = train(config, toy_store(), tmp_path / "whole", progress_bar=False)
+
+    def interrupt(step):
+        if step == 11:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, toy_store(), tmp_path / "cut", progress_bar=False, on_step=interrupt)
+    assert train(config, toy_store(), tmp_path / "cut", progress_bar=False).losses == whole.losses
+
+
 def test_finished_run_trains_further_when_epochs_grow(tmp_path):
     train(tiny_training(epochs=2), toy_store(), tmp_path, progress_bar=False)
     longer = train(tiny_training(epochs=4), toy_store(), tmp_path, progress_bar=False)
@@ -85,7 +107,7 @@ def test_resume_refuses_another_architecture_or_dataset(tmp_path):
         train(tiny_training(resume=False), toy_store(), tmp_path, progress_bar=False)
 
 
-@pytest.mark.parametrize(("key", "value"), [("epochs", 0), ("learning_rate", 0.0), ("mixed_precision", "fp8")])
+@pytest.mark.parametrize(("key", "value"), [("epochs", 0), ("learning_rate", 0.0), ("mixed_precision", "fp8"), ("lr_schedule", "linear")])
 def test_bad_training_values_are_refused(tmp_path, key, value):
     with pytest.raises(StudioError, match=key):
         train(tiny_training(**{key: value}), toy_store(), tmp_path, progress_bar=False)

@@ -33,6 +33,7 @@ from .schedule import NoiseSchedule
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TrainingConfig:
     learning_rate: float = 2e-4  # AdamW step size after warm-up
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_steps: int = 1000  # linear learning-rate warm-up from 0 over this many steps
+    lr_schedule: str = "constant"  # constant | cosine: anneal to 0 by the last step of `epochs` (short runs)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     ema_decay: float = 0.9999  # decay of the exponential moving average of the weights
     ema_warmup: bool = True  # use min(ema_decay, (1 + n) / (10 + n)) after n updates, so short runs get a useful EMA
@@ -83,8 +85,18 @@ def check_training_config(config: TrainingConfig) -> None:
         raise StudioError(f"training.ema_decay must be in [0, 1), got {config.ema_decay}")
     if config.mixed_precision not in PRECISIONS:
         raise StudioError(f"training.mixed_precision must be one of {', '.join(PRECISIONS)}, not '{config.mixed_precision}'")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise StudioError(f"training.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not '{config.lr_schedule}'")
     if config.preview_steps < 1:
         raise StudioError(f"training.preview_steps must be at least 1, got {config.preview_steps}")
+
+
+def learning_rate(config: TrainingConfig, step: int, total_steps: int) -> float:
+    """The step size of optimizer step `step` (0-based): linear warm-up, then constant or cosine-annealed to 0."""
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.lr_schedule == "cosine":
+        return config.learning_rate * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+    return config.learning_rate * warmup
 
 
 def autocast_dtype(option: str, device: torch.device) -> torch.dtype | None:
@@ -347,7 +359,7 @@ def train(
                 trainer.scaler.unscale_(trainer.optimizer)
                 torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)
             for group in trainer.optimizer.param_groups:
-                group["lr"] = config.learning_rate * min(1.0, (progress.step + 1) / max(1, config.warmup_steps))
+                group["lr"] = learning_rate(config, progress.step, steps_per_epoch * config.epochs)
             trainer.scaler.step(trainer.optimizer)
             trainer.scaler.update()
             trainer.ema.update(network)
