@@ -1,0 +1,149 @@
+"""The PCA-locality denoiser (arXiv 2509.09672; DESIGN.md §3): a per-pixel softmax over the whole dataset, where
+output pixel q compares x_t with sqrt(a) y_i only on the pixels of its mask.
+
+    R[p, q] = P_t[p, q] / P_t[p, p],   Mask = |R| >= mask_threshold * max|R|    (P_t: the Wiener projection)
+    d_iq = sum_p Mask[p, q] (x_t[p] - sqrt(a) y_i[p])^2,   w_iq = softmax_i(-d_iq / (2 (1 - a) tau))
+    x0_hat[q] = sum_i w_iq y_i[q]
+
+The softmax runs over all N images with the shared streaming log-sum-exp, so the result does not depend on the
+chunk size. Per timestep the mask is built once and compiled into a plan: pixels constant across the dataset are
+dropped (they shift every logit equally), output pixels with small masks sum their squared differences with a
+gather (`embedding_bag`), the others with one matrix product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data.store import DatasetStore
+from ..search.softmax import StreamingSoftmax
+from ..statistics import dataset_statistics
+from .base import Denoised, Denoiser, NoiseLevel, register_denoiser
+from .wiener import GaussianModel
+
+GATHER_COST = 16  # one gathered addition costs about this many multiply-adds of a dense matrix product
+CHUNK_BYTES = 32 << 20  # size of one chunk's [pixels, B, K] squared-difference tensor
+
+
+@dataclass
+class PcaLocalityParams:
+    temperature: float = 1.0  # tau: logits are -d / (2 (1 - ab_t) tau)
+    mask_threshold: float = 0.005  # p joins pixel q's mask when |R[p, q]| >= mask_threshold * max|R|; 0 = all pixels
+    robust_mask: bool = True  # flat pixels neither set max|R| nor join other masks; every pixel is in its own mask
+    flat_fraction: float = 1e-3  # robust_mask: pixel p is flat when P_t[p, p] <= flat_fraction * max_p P_t[p, p]
+    chunk_size: int | None = None  # dataset images per chunk; None = chosen from memory
+
+
+def locality_mask(
+    projection: torch.Tensor, threshold: float, robust: bool = True, flat_fraction: float = 1e-3
+) -> torch.Tensor:
+    """The binary mask [n, n] (column q = the pixels output q looks at) from P_t; overwrites `projection`.
+
+    Plain (robust=False): the formula as written, 0/0 counted as 0. Robust: rows of flat pixels (P_t[p, p]
+    near 0, where the ratio is round-off over round-off) are set to 0 before taking max|R|, and the diagonal is
+    always kept, so no mask is empty (DESIGN.md §3, the degenerate case).
+    """
+    diagonal = projection.diagonal().clone()
+    ratio = projection.div_(diagonal[:, None]).abs_().nan_to_num_(nan=0.0)
+    if robust:
+        ratio[diagonal <= flat_fraction * diagonal.max()] = 0.0
+    mask = ratio >= threshold * ratio.max()
+    if robust:
+        mask.fill_diagonal_(True)
+    return mask
+
+
+@dataclass
+class MaskPlan:
+    """One timestep's mask compiled for the distance computation (indices refer to `active`)."""
+
+    active: torch.Tensor  # long [n_a]: pixels that vary across the dataset (the others never change a softmax)
+    outputs: torch.Tensor  # long [n_out]: active pixels in computation order, gathered columns first
+    bag_indices: torch.Tensor  # long [nnz]: mask rows (positions in `active`) of the gathered columns, concatenated
+    bag_offsets: torch.Tensor  # long [n_bag]: where each gathered column starts in bag_indices
+    dense_mask: torch.Tensor  # bool [n_out - n_bag, n_a]: mask of the remaining columns, one row per column
+    mask_sizes: torch.Tensor  # long [n]: |mask of q| over all pixels (diagnostics, empty-mask checks)
+
+
+def compile_mask(mask: torch.Tensor, active: torch.Tensor) -> MaskPlan:
+    """Split the active columns of `mask` into gathered ones (small masks) and dense ones (one matrix product)."""
+    sub = mask[active][:, active]
+    sizes = sub.sum(0)
+    gathered = sizes * GATHER_COST < sub.shape[0]
+    bag_cols, dense_cols = gathered.nonzero().squeeze(1), (~gathered).nonzero().squeeze(1)
+    bag_rows = sub[:, bag_cols].T.nonzero()  # (column, row) pairs, sorted by column
+    offsets = torch.cumsum(sizes[bag_cols], 0) - sizes[bag_cols]
+    return MaskPlan(
+        active=active,
+        outputs=active[torch.cat([bag_cols, dense_cols])],
+        bag_indices=bag_rows[:, 1].contiguous(),
+        bag_offsets=offsets,
+        dense_mask=sub[:, dense_cols].T.contiguous(),
+        mask_sizes=mask.sum(0),
+    )
+
+
+@register_denoiser("pca_locality")
+class PcaLocality(Denoiser):
+    """Per-pixel softmax over the dataset on data-derived local masks (Wiener projection, thresholded)."""
+
+    Params = PcaLocalityParams
+
+    def fit(self, store: DatasetStore) -> PcaLocality:
+        if self.params.temperature <= 0:
+            raise ValueError(f"pca_locality temperature must be positive, got {self.params.temperature}")
+        self.store = store
+        self.model = GaussianModel(dataset_statistics(store, self.cache_dir, self.device), self.device)
+        self.active = (self.model.stats.pixel_variance > 0).nonzero().squeeze(1).to(self.device)
+        self._plans: dict[float, MaskPlan] = {}
+        return self
+
+    def mask(self, level: NoiseLevel) -> torch.Tensor:
+        """Mask[p, q] at this noise level, bool [n, n]: column q holds the pixels output pixel q compares."""
+        p = self.params
+        return locality_mask(self.model.projection(level.alpha_bar), p.mask_threshold, p.robust_mask, p.flat_fraction)
+
+    def plan(self, level: NoiseLevel) -> MaskPlan:
+        """The compiled mask of this noise level, built on first use and kept for later batches."""
+        if level.alpha_bar not in self._plans:
+            self._plans[level.alpha_bar] = compile_mask(self.mask(level), self.active)
+        return self._plans[level.alpha_bar]
+
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
+        plan, batch, dtype = self.plan(level), x_t.shape[0], x_t.dtype
+        flat = x_t.reshape(batch, -1)
+        x0_hat = self.model.mean.to(dtype).expand(batch, -1).clone()  # constant pixels: their one value
+        if plan.outputs.numel():
+            x0_hat[:, plan.outputs] = self._softmax_average(flat[:, plan.active].T, plan, level).T
+        sizes = plan.mask_sizes.to(dtype)
+        diagnostics = {
+            "mask_mean_size": sizes.mean().expand(batch),
+            "mask_empty_pixels": (plan.mask_sizes == 0).sum().expand(batch),
+        }
+        return Denoised(x0_hat.reshape(x_t.shape), diagnostics)
+
+    def _softmax_average(self, x_active: torch.Tensor, plan: MaskPlan, level: NoiseLevel) -> torch.Tensor:
+        """sum_i w_iq y_i[q] for the plan's output pixels, [n_out, B], streamed over dataset chunks."""
+        n_active, batch = x_active.shape
+        n_bag, dtype = plan.bag_offsets.numel(), x_active.dtype
+        dense = plan.dense_mask.to(dtype)
+        scale = -1.0 / (2.0 * level.noise_variance * self.params.temperature)
+        chunk = self.params.chunk_size or max(1, CHUNK_BYTES // (x_active.element_size() * n_active * batch))
+        softmax = StreamingSoftmax()
+        for start in range(0, self.store.num_images, chunk):
+            images = self.store.model_space(start, start + chunk, x_active.device, dtype).flatten(1)
+            size = images.shape[0]
+            squared = (x_active[:, :, None] - level.signal_scale * images[:, plan.active].T[:, None, :]).square_()
+            squared = squared.view(n_active, batch * size)
+            distances = torch.empty(plan.outputs.numel(), batch * size, dtype=dtype, device=x_active.device)
+            if n_bag:
+                distances[:n_bag] = F.embedding_bag(plan.bag_indices, squared, plan.bag_offsets, mode="sum")
+            if n_bag < plan.outputs.numel():
+                torch.mm(dense, squared, out=distances[n_bag:])
+            values = images[:, plan.outputs].T.unsqueeze(-1)  # [n_out, K, 1]
+            logits = distances.view(-1, batch, size).mul_(scale)
+            softmax.update(logits, lambda weights: torch.bmm(weights, values).squeeze(-1))
+        return softmax.mean()
