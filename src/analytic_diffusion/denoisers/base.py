@@ -11,7 +11,6 @@ import dataclasses
 import math
 from pathlib import Path
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -64,7 +63,6 @@ class Denoiser:
     def __init__(self, params: Any = None, device: torch.device | str = "cpu"):
         self.params = params if params is not None else self.Params()
         self.device = torch.device(device)
-        self.cache_dir: Path | None = None  # where fit() may cache dataset statistics; None = no disk cache
 
     def fit(self, store: DatasetStore) -> Denoiser:
         """Compute whatever the method needs from the dataset; returns self."""
