@@ -7,8 +7,9 @@ output pixel q compares x_t with sqrt(a) y_i only on the pixels of its mask.
 
 The softmax runs over all N images with the shared streaming log-sum-exp, so the result does not depend on the
 chunk size. Per timestep the mask is built once and compiled into a plan: pixels constant across the dataset are
-dropped (they shift every logit equally), output pixels with small masks sum their squared differences with a
-gather (`embedding_bag`), the others with one matrix product.
+dropped (they shift every logit equally), the others are ordered by (row, column, channel) so that a local mask
+is a band a few image rows high, and each image row of output pixels sums its squared differences either with a
+gather (`embedding_bag`, for small masks) or with one matrix product over the band of rows its masks span.
 """
 
 from __future__ import annotations
@@ -57,31 +58,64 @@ def locality_mask(
 
 
 @dataclass
-class MaskPlan:
-    """One timestep's mask compiled for the distance computation (indices refer to `active`)."""
+class Band:
+    """Output pixels whose masks lie within one contiguous run of rows: one matrix product over that run."""
 
-    active: torch.Tensor  # long [n_a]: pixels that vary across the dataset (the others never change a softmax)
-    outputs: torch.Tensor  # long [n_out]: active pixels in computation order, gathered columns first
-    bag_indices: torch.Tensor  # long [nnz]: mask rows (positions in `active`) of the gathered columns, concatenated
-    bag_offsets: torch.Tensor  # long [n_bag]: where each gathered column starts in bag_indices
-    dense_mask: torch.Tensor  # bool [n_out - n_bag, n_a]: mask of the remaining columns, one row per column
+    start: int  # first row (position in the plan's `active` order) any of these masks uses
+    stop: int  # one past the last
+    mask: torch.Tensor  # bool [pixels of the band, stop - start]
+
+
+@dataclass
+class MaskPlan:
+    """One timestep's mask compiled for the distance computation; rows and columns are positions in `active`."""
+
+    active: torch.Tensor  # long [n_a]: pixels that vary across the dataset, ordered by (row, column, channel)
+    outputs: torch.Tensor  # long [n_out]: the pixel each row of the logits belongs to (gathered groups first)
+    bag_indices: torch.Tensor  # long [nnz]: mask rows of the gathered pixels, concatenated
+    bag_offsets: torch.Tensor  # long [n_bag]: where each gathered pixel starts in bag_indices
+    bands: list[Band]  # the other pixels, in `outputs` order after the gathered ones
     mask_sizes: torch.Tensor  # long [n]: |mask of q| over all pixels (diagnostics, empty-mask checks)
 
 
-def compile_mask(mask: torch.Tensor, active: torch.Tensor) -> MaskPlan:
-    """Split the active columns of `mask` into gathered ones (small masks) and dense ones (one matrix product)."""
+def spatial_order(pixels: torch.Tensor, sample_shape: tuple[int, int, int]) -> torch.Tensor:
+    """`pixels` (flat indices into [C, H, W]) sorted by (row, column, channel), so that a local mask covers a
+    contiguous band of positions a few image rows high."""
+    channels, height, width = sample_shape
+    plane = pixels % (height * width)
+    return pixels[torch.argsort(plane * channels + pixels // (height * width))]
+
+
+def compile_mask(mask: torch.Tensor, active: torch.Tensor, group_size: int) -> MaskPlan:
+    """Compile `mask` for the `active` pixels: consecutive groups of `group_size` output pixels are summed either by
+    gathering (embedding_bag) or by one matrix product over the band of rows their masks span, whichever is
+    cheaper (GATHER_COST gathered additions per multiply-add)."""
     sub = mask[active][:, active]
+    n_active = sub.shape[0]
     sizes = sub.sum(0)
-    gathered = sizes * GATHER_COST < sub.shape[0]
-    bag_cols, dense_cols = gathered.nonzero().squeeze(1), (~gathered).nonzero().squeeze(1)
+    first, last = sizes, sizes  # first / last row in each mask (argmax returns the first maximum)
+    if n_active:
+        as_bytes = sub.to(torch.uint8)
+        first = torch.where(sizes > 0, as_bytes.argmax(0), n_active)
+        last = torch.where(sizes > 0, n_active - 1 - as_bytes.flip(0).argmax(0), -1)
+    gathered, bands, band_cols = [], [], []
+    for start in range(0, n_active, group_size):
+        cols = torch.arange(start, min(start + group_size, n_active), device=sub.device)
+        lo, hi = int(first[cols].min()), int(last[cols].max()) + 1
+        if GATHER_COST * int(sizes[cols].sum()) <= cols.numel() * max(hi - lo, 0):
+            gathered.append(cols)
+        else:
+            bands.append(Band(lo, hi, sub[lo:hi, cols].T.contiguous()))
+            band_cols.append(cols)
+    bag_cols = torch.cat(gathered) if gathered else torch.zeros(0, dtype=torch.long, device=sub.device)
     bag_rows = sub[:, bag_cols].T.nonzero()  # (column, row) pairs, sorted by column
     offsets = torch.cumsum(sizes[bag_cols], 0) - sizes[bag_cols]
     return MaskPlan(
         active=active,
-        outputs=active[torch.cat([bag_cols, dense_cols])],
+        outputs=active[torch.cat([bag_cols, *band_cols])],
         bag_indices=bag_rows[:, 1].contiguous(),
         bag_offsets=offsets,
-        dense_mask=sub[:, dense_cols].T.contiguous(),
+        bands=bands,
         mask_sizes=mask.sum(0),
     )
 
@@ -97,7 +131,8 @@ class PcaLocality(Denoiser):
             raise ValueError(f"pca_locality temperature must be positive, got {self.params.temperature}")
         self.store = store
         self.model = GaussianModel(dataset_statistics(store, self.cache_dir, self.device), self.device)
-        self.active = (self.model.stats.pixel_variance > 0).nonzero().squeeze(1).to(self.device)
+        varying = (self.model.stats.pixel_variance > 0).nonzero().squeeze(1).to(self.device)
+        self.active = spatial_order(varying, store.sample_shape)
         self._plans: dict[float, MaskPlan] = {}
         return self
 
@@ -109,7 +144,8 @@ class PcaLocality(Denoiser):
     def plan(self, level: NoiseLevel) -> MaskPlan:
         """The compiled mask of this noise level, built on first use and kept for later batches."""
         if level.alpha_bar not in self._plans:
-            self._plans[level.alpha_bar] = compile_mask(self.mask(level), self.active)
+            channels, _, width = self.store.sample_shape
+            self._plans[level.alpha_bar] = compile_mask(self.mask(level), self.active, channels * width)
         return self._plans[level.alpha_bar]
 
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
@@ -117,7 +153,8 @@ class PcaLocality(Denoiser):
         flat = x_t.reshape(batch, -1)
         x0_hat = self.model.mean.to(dtype).expand(batch, -1).clone()  # constant pixels: their one value
         if plan.outputs.numel():
-            x0_hat[:, plan.outputs] = self._softmax_average(flat[:, plan.active].T, plan, level).T
+            x_active = flat[:, plan.active].T.contiguous()  # [n_a, B]: pixel-major, like every tensor below
+            x0_hat[:, plan.outputs] = self._softmax_average(x_active, plan, level).T
         sizes = plan.mask_sizes.to(dtype)
         diagnostics = {
             "mask_mean_size": sizes.mean().expand(batch),
@@ -128,22 +165,27 @@ class PcaLocality(Denoiser):
     def _softmax_average(self, x_active: torch.Tensor, plan: MaskPlan, level: NoiseLevel) -> torch.Tensor:
         """sum_i w_iq y_i[q] for the plan's output pixels, [n_out, B], streamed over dataset chunks."""
         n_active, batch = x_active.shape
-        n_bag, dtype = plan.bag_offsets.numel(), x_active.dtype
-        dense = plan.dense_mask.to(dtype)
+        n_bag, dtype, device = plan.bag_offsets.numel(), x_active.dtype, x_active.device
+        # the logit scale -1 / (2 (1 - a) tau) is folded into the mask values, so sums come out as logits
         scale = -1.0 / (2.0 * level.noise_variance * self.params.temperature)
+        bands = [band.mask.to(dtype).mul_(scale) for band in plan.bands]
+        bag_weights = torch.full(plan.bag_indices.shape, scale, dtype=dtype, device=device)
         chunk = self.params.chunk_size or max(1, CHUNK_BYTES // (x_active.element_size() * n_active * batch))
         softmax = StreamingSoftmax()
         for start in range(0, self.store.num_images, chunk):
             images = self.store.model_space(start, start + chunk, x_active.device, dtype).flatten(1)
             size = images.shape[0]
-            squared = (x_active[:, :, None] - level.signal_scale * images[:, plan.active].T[:, None, :]).square_()
-            squared = squared.view(n_active, batch * size)
-            distances = torch.empty(plan.outputs.numel(), batch * size, dtype=dtype, device=x_active.device)
+            scaled = (level.signal_scale * images[:, plan.active]).T.contiguous()  # [n_a, K]
+            squared = (x_active[:, :, None] - scaled[:, None, :]).square_().view(n_active, batch * size)
+            logits = torch.empty(plan.outputs.numel(), batch * size, dtype=dtype, device=device)
             if n_bag:
-                distances[:n_bag] = F.embedding_bag(plan.bag_indices, squared, plan.bag_offsets, mode="sum")
-            if n_bag < plan.outputs.numel():
-                torch.mm(dense, squared, out=distances[n_bag:])
+                logits[:n_bag] = F.embedding_bag(
+                    plan.bag_indices, squared, plan.bag_offsets, mode="sum", per_sample_weights=bag_weights
+                )
+            row = n_bag
+            for band, weights in zip(plan.bands, bands):
+                torch.mm(weights, squared[band.start : band.stop], out=logits[row : row + weights.shape[0]])
+                row += weights.shape[0]
             values = images[:, plan.outputs].T.unsqueeze(-1)  # [n_out, K, 1]
-            logits = distances.view(-1, batch, size).mul_(scale)
-            softmax.update(logits, lambda weights: torch.bmm(weights, values).squeeze(-1))
+            softmax.update(logits.view(-1, batch, size), lambda weights: torch.bmm(weights, values).squeeze(-1))
         return softmax.mean()
