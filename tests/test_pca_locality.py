@@ -79,6 +79,7 @@ def test_gathered_and_matrix_product_paths_agree(monkeypatch, gather_cost):
     x_t = _noisy(store, 0.9)
     denoiser = _fit(store, mask_threshold=0.1, chunk_size=13)
     plan = denoiser.plan(level)
+    assert denoiser.plan(level) is plan  # compiled once per timestep, reused by later batches
     assert (plan.bag_offsets.numel() == 0) == (gather_cost > 0)
     expected = _brute_force(x_t, store, 0.9, denoiser.mask(level))
     assert (denoiser(x_t, level).x0_hat - expected).abs().max() < 1e-10

@@ -27,6 +27,7 @@ from .wiener import GaussianModel
 
 GATHER_COST = 16  # one gathered addition costs about this many multiply-adds of a dense matrix product
 CHUNK_BYTES = 32 << 20  # size of one chunk's [pixels, B, K] squared-difference tensor
+PLAN_CACHE_BYTES = 2 << 30  # compiled masks kept across batches up to this size; later ones are rebuilt per call
 
 
 @dataclass
@@ -76,6 +77,11 @@ class MaskPlan:
     bag_offsets: torch.Tensor  # long [n_bag]: where each gathered pixel starts in bag_indices
     bands: list[Band]  # the other pixels, in `outputs` order after the gathered ones
     mask_sizes: torch.Tensor  # long [n]: |mask of q| over all pixels (diagnostics, empty-mask checks)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.active, self.outputs, self.bag_indices, self.bag_offsets, self.mask_sizes]
+        return sum(t.nbytes for t in tensors) + sum(band.mask.nbytes for band in self.bands)
 
 
 def spatial_order(pixels: torch.Tensor, sample_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -142,11 +148,15 @@ class PcaLocality(Denoiser):
         return locality_mask(self.model.projection(level.alpha_bar), p.mask_threshold, p.robust_mask, p.flat_fraction)
 
     def plan(self, level: NoiseLevel) -> MaskPlan:
-        """The compiled mask of this noise level, built on first use and kept for later batches."""
-        if level.alpha_bar not in self._plans:
-            channels, _, width = self.store.sample_shape
-            self._plans[level.alpha_bar] = compile_mask(self.mask(level), self.active, channels * width)
-        return self._plans[level.alpha_bar]
+        """The compiled mask of this noise level, built on first use and kept for later batches (within
+        PLAN_CACHE_BYTES)."""
+        if level.alpha_bar in self._plans:
+            return self._plans[level.alpha_bar]
+        channels, _, width = self.store.sample_shape
+        plan = compile_mask(self.mask(level), self.active, channels * width)
+        if sum(p.nbytes for p in self._plans.values()) + plan.nbytes <= PLAN_CACHE_BYTES:
+            self._plans[level.alpha_bar] = plan
+        return plan
 
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
         plan, batch, dtype = self.plan(level), x_t.shape[0], x_t.dtype
