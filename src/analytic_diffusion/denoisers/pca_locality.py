@@ -8,8 +8,8 @@ output pixel q compares x_t with sqrt(a) y_i only on the pixels of its mask.
 The softmax runs over all N images with the shared streaming log-sum-exp, so the result does not depend on the
 chunk size. Per timestep the mask is built once and compiled into a plan: pixels constant across the dataset are
 dropped (they shift every logit equally), the others are ordered by (row, column, channel) so that a local mask
-is a band a few image rows high, and each image row of output pixels sums its squared differences either with a
-gather (`embedding_bag`, for small masks) or with one matrix product over the band of rows its masks span.
+is a band a few image rows high; each group of output pixels sums its squared differences with one matrix product
+over the run of rows its masks use densely, and gathers the remaining mask entries (`embedding_bag`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .wiener import GaussianModel
 
 GATHER_COST = 16  # one gathered addition costs about this many multiply-adds of a dense matrix product
 CHUNK_BYTES = 32 << 20  # size of one chunk's [pixels, B, K] squared-difference tensor
+MIN_GROUP = 256  # output pixels per band group: at least this many, in whole image rows
 PLAN_CACHE_BYTES = 2 << 30  # compiled masks kept across batches up to this size; later ones are rebuilt per call
 
 
@@ -60,27 +61,30 @@ def locality_mask(
 
 @dataclass
 class Band:
-    """Output pixels whose masks lie within one contiguous run of rows: one matrix product over that run."""
+    """A group of consecutive output pixels and the run of rows that one matrix product covers for them."""
 
-    start: int  # first row (position in the plan's `active` order) any of these masks uses
-    stop: int  # one past the last
-    mask: torch.Tensor  # bool [pixels of the band, stop - start]
+    first_output: int  # positions in the plan's `active` order: outputs [first_output, first_output + len(mask))
+    start: int  # rows [start, stop) of the squared differences
+    stop: int
+    mask: torch.Tensor  # bool [outputs of the group, stop - start]
 
 
 @dataclass
 class MaskPlan:
-    """One timestep's mask compiled for the distance computation; rows and columns are positions in `active`."""
+    """One timestep's mask compiled for the distance computation; rows and outputs are positions in `active`.
+
+    The masked sum of output j is embedding_bag(bag rows of j) + (band product of j's group, if any).
+    """
 
     active: torch.Tensor  # long [n_a]: pixels that vary across the dataset, ordered by (row, column, channel)
-    outputs: torch.Tensor  # long [n_out]: the pixel each row of the logits belongs to (gathered groups first)
-    bag_indices: torch.Tensor  # long [nnz]: mask rows of the gathered pixels, concatenated
-    bag_offsets: torch.Tensor  # long [n_bag]: where each gathered pixel starts in bag_indices
-    bands: list[Band]  # the other pixels, in `outputs` order after the gathered ones
+    bag_indices: torch.Tensor  # long [nnz]: per output, the mask rows no band covers, concatenated
+    bag_offsets: torch.Tensor  # long [n_a]: where each output starts in bag_indices
+    bands: list[Band]
     mask_sizes: torch.Tensor  # long [n]: |mask of q| over all pixels (diagnostics, empty-mask checks)
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.active, self.outputs, self.bag_indices, self.bag_offsets, self.mask_sizes]
+        tensors = [self.active, self.bag_indices, self.bag_offsets, self.mask_sizes]
         return sum(t.nbytes for t in tensors) + sum(band.mask.nbytes for band in self.bands)
 
 
@@ -92,35 +96,34 @@ def spatial_order(pixels: torch.Tensor, sample_shape: tuple[int, int, int]) -> t
     return pixels[torch.argsort(plane * channels + pixels // (height * width))]
 
 
+def best_run(gain: torch.Tensor) -> tuple[int, int]:
+    """[lo, hi) maximising gain[lo:hi].sum() (empty when no run has a positive sum): Kadane via prefix sums."""
+    prefix = torch.cat([gain.new_zeros(1), gain.cumsum(0)])
+    lowest, where = torch.cummin(prefix, 0)
+    score = prefix[1:] - lowest[:-1]
+    end = int(score.argmax())
+    return (int(where[end]), end + 1) if score[end] > 0 else (0, 0)
+
+
 def compile_mask(mask: torch.Tensor, active: torch.Tensor, group_size: int) -> MaskPlan:
-    """Compile `mask` for the `active` pixels: consecutive groups of `group_size` output pixels are summed either by
-    gathering (embedding_bag) or by one matrix product over the band of rows their masks span, whichever is
-    cheaper (GATHER_COST gathered additions per multiply-add)."""
+    """Compile `mask` for the `active` pixels. Each group of `group_size` consecutive outputs gets the run of rows
+    where a matrix product is cheaper than gathering (a row used by h of the group's g outputs saves
+    GATHER_COST * h - g); mask entries outside the run are gathered with embedding_bag."""
     sub = mask[active][:, active]
     n_active = sub.shape[0]
-    sizes = sub.sum(0)
-    first, last = sizes, sizes  # first / last row in each mask (argmax returns the first maximum)
-    if n_active:
-        as_bytes = sub.to(torch.uint8)
-        first = torch.where(sizes > 0, as_bytes.argmax(0), n_active)
-        last = torch.where(sizes > 0, n_active - 1 - as_bytes.flip(0).argmax(0), -1)
-    gathered, bands, band_cols = [], [], []
-    for start in range(0, n_active, group_size):
-        cols = torch.arange(start, min(start + group_size, n_active), device=sub.device)
-        lo, hi = int(first[cols].min()), int(last[cols].max()) + 1
-        if GATHER_COST * int(sizes[cols].sum()) <= cols.numel() * max(hi - lo, 0):
-            gathered.append(cols)
-        else:
-            bands.append(Band(lo, hi, sub[lo:hi, cols].T.contiguous()))
-            band_cols.append(cols)
-    bag_cols = torch.cat(gathered) if gathered else torch.zeros(0, dtype=torch.long, device=sub.device)
-    bag_rows = sub[:, bag_cols].T.nonzero()  # (column, row) pairs, sorted by column
-    offsets = torch.cumsum(sizes[bag_cols], 0) - sizes[bag_cols]
+    rest, bands = sub.clone(), []
+    for first in range(0, n_active, group_size):
+        columns = slice(first, min(first + group_size, n_active))
+        users = sub[:, columns].sum(1)
+        start, stop = best_run(GATHER_COST * users - (columns.stop - first))
+        if stop > start:
+            bands.append(Band(first, start, stop, sub[start:stop, columns].T.contiguous()))
+            rest[start:stop, columns] = False
+    sizes = rest.sum(0)
     return MaskPlan(
         active=active,
-        outputs=active[torch.cat([bag_cols, *band_cols])],
-        bag_indices=bag_rows[:, 1].contiguous(),
-        bag_offsets=offsets,
+        bag_indices=rest.T.nonzero()[:, 1].contiguous(),  # (output, row) pairs sorted by output
+        bag_offsets=torch.cumsum(sizes, 0) - sizes,
         bands=bands,
         mask_sizes=mask.sum(0),
     )
@@ -153,7 +156,8 @@ class PcaLocality(Denoiser):
         if level.alpha_bar in self._plans:
             return self._plans[level.alpha_bar]
         channels, _, width = self.store.sample_shape
-        plan = compile_mask(self.mask(level), self.active, channels * width)
+        group = channels * width * -(-MIN_GROUP // (channels * width))
+        plan = compile_mask(self.mask(level), self.active, group)
         if sum(p.nbytes for p in self._plans.values()) + plan.nbytes <= PLAN_CACHE_BYTES:
             self._plans[level.alpha_bar] = plan
         return plan
@@ -162,9 +166,9 @@ class PcaLocality(Denoiser):
         plan, batch, dtype = self.plan(level), x_t.shape[0], x_t.dtype
         flat = x_t.reshape(batch, -1)
         x0_hat = self.model.mean.to(dtype).expand(batch, -1).clone()  # constant pixels: their one value
-        if plan.outputs.numel():
+        if plan.active.numel():
             x_active = flat[:, plan.active].T.contiguous()  # [n_a, B]: pixel-major, like every tensor below
-            x0_hat[:, plan.outputs] = self._softmax_average(x_active, plan, level).T
+            x0_hat[:, plan.active] = self._softmax_average(x_active, plan, level).T
         sizes = plan.mask_sizes.to(dtype)
         diagnostics = {
             "mask_mean_size": sizes.mean().expand(batch),
@@ -173,9 +177,9 @@ class PcaLocality(Denoiser):
         return Denoised(x0_hat.reshape(x_t.shape), diagnostics)
 
     def _softmax_average(self, x_active: torch.Tensor, plan: MaskPlan, level: NoiseLevel) -> torch.Tensor:
-        """sum_i w_iq y_i[q] for the plan's output pixels, [n_out, B], streamed over dataset chunks."""
+        """sum_i w_iq y_i[q] for the active pixels, [n_a, B], streamed over dataset chunks."""
         n_active, batch = x_active.shape
-        n_bag, dtype, device = plan.bag_offsets.numel(), x_active.dtype, x_active.device
+        dtype, device = x_active.dtype, x_active.device
         # the logit scale -1 / (2 (1 - a) tau) is folded into the mask values, so sums come out as logits
         scale = -1.0 / (2.0 * level.noise_variance * self.params.temperature)
         bands = [band.mask.to(dtype).mul_(scale) for band in plan.bands]
@@ -183,19 +187,14 @@ class PcaLocality(Denoiser):
         chunk = self.params.chunk_size or max(1, CHUNK_BYTES // (x_active.element_size() * n_active * batch))
         softmax = StreamingSoftmax()
         for start in range(0, self.store.num_images, chunk):
-            images = self.store.model_space(start, start + chunk, x_active.device, dtype).flatten(1)
-            size = images.shape[0]
-            scaled = (level.signal_scale * images[:, plan.active]).T.contiguous()  # [n_a, K]
+            images = self.store.model_space(start, start + chunk, device, dtype).flatten(1)[:, plan.active].T
+            size = images.shape[1]
+            scaled = (level.signal_scale * images).contiguous()  # [n_a, K]
             squared = (x_active[:, :, None] - scaled[:, None, :]).square_().view(n_active, batch * size)
-            logits = torch.empty(plan.outputs.numel(), batch * size, dtype=dtype, device=device)
-            if n_bag:
-                logits[:n_bag] = F.embedding_bag(
-                    plan.bag_indices, squared, plan.bag_offsets, mode="sum", per_sample_weights=bag_weights
-                )
-            row = n_bag
+            logits = F.embedding_bag(plan.bag_indices, squared, plan.bag_offsets, mode="sum", per_sample_weights=bag_weights)
             for band, weights in zip(plan.bands, bands):
-                torch.mm(weights, squared[band.start : band.stop], out=logits[row : row + weights.shape[0]])
-                row += weights.shape[0]
-            values = images[:, plan.outputs].T.unsqueeze(-1)  # [n_out, K, 1]
-            softmax.update(logits.view(-1, batch, size), lambda weights: torch.bmm(weights, values).squeeze(-1))
+                rows = logits[band.first_output : band.first_output + weights.shape[0]]
+                rows.addmm_(weights, squared[band.start : band.stop])
+            values = images.unsqueeze(-1)  # [n_a, K, 1]
+            softmax.update(logits.view(n_active, batch, size), lambda weights: torch.bmm(weights, values).squeeze(-1))
         return softmax.mean()
