@@ -43,7 +43,8 @@ def test_one_image_has_zero_covariance_and_its_own_mean():
 def test_statistics_are_computed_once_per_fingerprint_and_a_changed_subset_recomputes(monkeypatch, tmp_path):
     calls = []
     real = statistics.compute_statistics
-    monkeypatch.setattr(statistics, "compute_statistics", lambda store, device="cpu": calls.append(1) or real(store, device))
+    counted = lambda store, device="cpu": calls.append(1) or real(store, device)  # noqa: E731
+    monkeypatch.setattr(statistics, "compute_statistics", counted)
     store = _store(count=40)
     first = dataset_statistics(store, tmp_path)
     second = dataset_statistics(store, tmp_path)

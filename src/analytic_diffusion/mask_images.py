@@ -1,8 +1,8 @@
 """Pictures of locality masks: for a few output pixels and noise levels, which pixels each one compares.
 
 Works with any fitted denoiser that has `mask(level) -> bool [n, n]` (column q = the pixels output q uses) and
-`store` (its dataset), such as pca_locality. One row per noise level, one column per pixel; the mask is white (per channel for colour images)
-and the output pixel itself is red.
+`store` (its dataset), such as pca_locality. One row per noise level, one column per pixel; the mask is white
+(per channel for colour images) and the output pixel itself is red.
 """
 
 from __future__ import annotations

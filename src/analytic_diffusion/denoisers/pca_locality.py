@@ -187,14 +187,17 @@ class PcaLocality(Denoiser):
         chunk = self.params.chunk_size or max(1, CHUNK_BYTES // (x_active.element_size() * n_active * batch))
         softmax = StreamingSoftmax()
         for start in range(0, self.store.num_images, chunk):
-            images = self.store.model_space(start, start + chunk, device, dtype).flatten(1)[:, plan.active].T
+            images = self.store.model_space(start, start + chunk, device, dtype).flatten(1)
+            images = images[:, plan.active].T.contiguous()  # [n_a, K]
             size = images.shape[1]
-            scaled = (level.signal_scale * images).contiguous()  # [n_a, K]
-            squared = (x_active[:, :, None] - scaled[:, None, :]).square_().view(n_active, batch * size)
-            logits = F.embedding_bag(plan.bag_indices, squared, plan.bag_offsets, mode="sum", per_sample_weights=bag_weights)
-            for band, weights in zip(plan.bands, bands):
-                rows = logits[band.first_output : band.first_output + weights.shape[0]]
-                rows.addmm_(weights, squared[band.start : band.stop])
+            squared = (x_active[:, :, None] - level.signal_scale * images[:, None, :]).square_()
+            squared = squared.view(n_active, batch * size)
+            logits = F.embedding_bag(
+                plan.bag_indices, squared, plan.bag_offsets, mode="sum", per_sample_weights=bag_weights
+            )
+            for band, band_weights in zip(plan.bands, bands):
+                rows = logits[band.first_output : band.first_output + band_weights.shape[0]]
+                rows.addmm_(band_weights, squared[band.start : band.stop])
             values = images.unsqueeze(-1)  # [n_a, K, 1]
-            softmax.update(logits.view(n_active, batch, size), lambda weights: torch.bmm(weights, values).squeeze(-1))
+            softmax.update(logits.view(n_active, batch, size), lambda p: torch.bmm(p, values).squeeze(-1))
         return softmax.mean()

@@ -26,7 +26,7 @@ class GaussianModel:
         self.mean = stats.mean.to(device)  # float64 [n]
         self.eigenvalues = stats.eigenvalues[:rank].to(device)  # float64 [r]
         self.eigenvectors = stats.eigenvectors[:, :rank].to(device)  # float64 [n, r]
-        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {torch.float64: (self.mean, self.eigenvectors)}
+        self._cast = {torch.float64: (self.mean, self.eigenvectors)}  # (mu, U) per dtype, see _in
 
     def shrinkage(self, alpha_bar: float) -> torch.Tensor:
         """g_j = a lam_j / ((1 - a) + a lam_j), float64 [r]."""
