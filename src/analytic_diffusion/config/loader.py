@@ -54,6 +54,17 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
     raise StudioError(f"config '{name}' not found in {configs_dir()}{hint}; `ads list` shows the available configs")
 
 
+def _default_entry_path(entry: str, including: Path) -> Path:
+    """A `defaults:` entry: an absolute file, a name under configs/, or else a file beside the including config."""
+    if Path(entry).is_absolute():
+        return resolve_config_path(entry)
+    beside = including.parent / entry
+    for candidate in (configs_dir() / entry, configs_dir() / f"{entry}.yaml", beside, Path(f"{beside}.yaml")):
+        if candidate.is_file():
+            return candidate
+    return resolve_config_path(entry)
+
+
 def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """A config file merged on top of the files its `defaults:` list names (in order)."""
     if path in seen:
@@ -69,8 +80,7 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     for entry in defaults:
         if str(entry) == "_self_":
             continue
-        entry_path = Path(str(entry).lstrip("/"))
-        merged = OmegaConf.merge(merged, _load_file(resolve_config_path(entry_path), (*seen, path)))
+        merged = OmegaConf.merge(merged, _load_file(_default_entry_path(str(entry), path), (*seen, path)))
     return OmegaConf.merge(merged, raw)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -57,6 +58,7 @@ class Denoiser:
 
     Params: ClassVar[type] = NoParams
     name: ClassVar[str] = ""
+    cache_dir: Path | None = None  # where fit() may cache statistics (keyed by the store's fingerprint); None = off
 
     def __init__(self, params: Any = None, device: torch.device | str = "cpu"):
         self.params = params if params is not None else self.Params()

@@ -1,0 +1,71 @@
+"""The `ads` command line: a thin layer over config loading and the jobs.
+
+Every StudioError becomes one line on stderr and exit status 2; nothing is written before the config,
+the dataset and the method have been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import StudioError
+
+DEFAULT_CONFIG = "nearest_dataset/mnist5k"
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                        help=f"config under configs/ (e.g. optimal/cifar10) or a YAML path (default: {DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. sampling.num_samples=16 experiment.device=cpu")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ads", description="Analytic Diffusion Studio: sample closed-form diffusion denoisers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _config_arguments(commands.add_parser("generate", help="sample images with a method and write a run directory"))
+    _config_arguments(commands.add_parser("config", help="print the resolved config without running anything"))
+    commands.add_parser("list", help="list methods, datasets and configs")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(message)s", stream=sys.stderr)
+    logging.getLogger("analytic_diffusion").setLevel(level.upper())
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .config import available_configs, load_config, to_yaml
+
+    if args.command == "list":
+        from .data import DATASETS
+        from .denoisers import DENOISERS, load_all
+
+        load_all()
+        print("methods: " + ", ".join(sorted(DENOISERS)))
+        print("datasets: " + ", ".join(sorted(DATASETS)))
+        print("configs: " + ", ".join(available_configs()))
+        return
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(to_yaml(cfg), end="")
+        return
+    from .generate import generate, summary
+
+    _setup_logging(cfg.logging.level)
+    print(summary(generate(cfg)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `ads` and `python -m analytic_diffusion`; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the run directory is marked INCOMPLETE", file=sys.stderr)
+        return 130
+    return 0

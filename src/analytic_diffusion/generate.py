@@ -1,0 +1,213 @@
+"""The generate job: config -> store -> denoiser.fit -> sample -> artifacts, in one direction."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import StudioConfig, to_yaml
+from .data.store import DatasetStore, StoreRequest, load_or_build_store
+from .denoisers import Denoiser, denoiser_class
+from .errors import StudioError
+from .devices import resolve_device, synchronize
+from .noise import batch_noise_sources
+from .runs import RunDirectory, save_grid, save_images, save_tensor
+from .sampling import Step, make_scheduler, sample
+from .search import knn_search
+from .tracking import log_run, wandb_module
+
+log = logging.getLogger("analytic_diffusion")
+
+
+@dataclass
+class TrajectoryRecorder:
+    """Sampler callback: per-step wall time and diagnostics, and (optionally) x_t and x0_hat of every step."""
+
+    device: torch.device
+    keep_images: bool = False
+    progress: tqdm | None = None
+    x_t: list[torch.Tensor] = field(default_factory=list)
+    x0_hat: list[torch.Tensor] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    diagnostics: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    _last: float = field(default_factory=time.perf_counter)
+
+    def restart_clock(self) -> None:
+        synchronize(self.device)
+        self._last = time.perf_counter()
+
+    def __call__(self, step: Step) -> None:
+        if not torch.isfinite(step.x0_hat).all():
+            raise StudioError(
+                f"the denoiser returned NaN or inf at timestep {step.timestep}; check the dataset for NaNs "
+                "and the method's parameters (e.g. a temperature of 0)"
+            )
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.timesteps.append(step.timestep)
+        self.seconds.append(now - self._last)
+        self.diagnostics.append({k: v.detach().cpu() for k, v in step.diagnostics.items()})
+        if self.keep_images:
+            self.x_t.append(step.x_t.detach().cpu())
+            self.x0_hat.append(step.x0_hat.detach().cpu())
+        if self.progress is not None:
+            self.progress.update(1)
+        self._last = now
+
+
+@dataclass
+class GenerateResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    samples: torch.Tensor  # [N, C, H, W] model space, on the CPU
+    metrics: dict[str, Any]
+
+
+def build_denoiser(cfg: StudioConfig, store: DatasetStore, device: torch.device) -> tuple[Denoiser, float]:
+    """Instantiate and fit the configured method; returns it and the fit time in seconds."""
+    denoiser = denoiser_class(cfg.model.name)(cfg.model.params, device)
+    denoiser.cache_dir = Path(cfg.paths.cache)
+    started = time.perf_counter()
+    denoiser.fit(store)
+    synchronize(device)
+    return denoiser, time.perf_counter() - started
+
+
+def _merge_batches(recorders: list[TrajectoryRecorder]) -> dict[str, Any]:
+    """Per-step records of all batches: seconds summed over batches, diagnostics concatenated over samples."""
+    first = recorders[0]
+    steps = []
+    for i, t in enumerate(first.timesteps):
+        diagnostics = {k: torch.cat([r.diagnostics[i][k] for r in recorders]) for k in first.diagnostics[i]}
+        steps.append({
+            "timestep": t,
+            "seconds": sum(r.seconds[i] for r in recorders),
+            "diagnostics": {k: v.tolist() for k, v in diagnostics.items()},
+        })
+    return {"steps": steps}
+
+
+def _sample_records(samples: torch.Tensor, store: DatasetStore, final: dict[str, torch.Tensor]) -> list[dict]:
+    """Per sample: the nearest training image of the final sample (provenance) and the method's final diagnostics."""
+    nearest = knn_search(samples, store, k=1)
+    records = []
+    for i in range(samples.shape[0]):
+        record = {
+            "sample": i,
+            "nearest_train_index": int(nearest.indices[i, 0]),
+            "nearest_train_distance": float(nearest.distances[i, 0]),
+        }
+        record.update({k: v[i].item() for k, v in final.items()})
+        records.append(record)
+    return records
+
+
+def _save_intermediates(recorders: list[TrajectoryRecorder], folder: Path, save_tensors: bool) -> None:
+    """One strip per sample: x_t on the top row and x0_hat below, one column per step."""
+    x_t = torch.cat([torch.stack(r.x_t, 1) for r in recorders])  # [N, S, C, H, W]
+    x0_hat = torch.cat([torch.stack(r.x0_hat, 1) for r in recorders])
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(x_t.shape[0]):
+        save_grid(torch.cat([x_t[i], x0_hat[i]]), folder / f"sample_{i:04d}.png", columns=x_t.shape[1])
+    if save_tensors:
+        save_tensor({"timesteps": recorders[0].timesteps, "x_t": x_t, "x0_hat": x0_hat}, folder / "trajectory.pt")
+
+
+def generate(cfg: StudioConfig) -> GenerateResult:
+    """Run the configured method and write the run directory; the directory stays marked incomplete on failure."""
+    device = resolve_device(cfg.experiment.device)
+    wandb = wandb_module(cfg)
+    torch.manual_seed(cfg.experiment.seed)
+    request = StoreRequest(**asdict(cfg.dataset))
+    store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+    run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
+    run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
+    handler = run.attach_log(log)
+    try:
+        result = _generate_into(run, cfg, store, store_info, device)
+        if wandb is not None:
+            log_run(wandb, cfg, run.path, result.metrics)
+    except BaseException as exc:
+        run.mark_failed(f"{type(exc).__name__}: {exc}")
+        log.error("run failed: %s: %s", type(exc).__name__, exc)
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    return result
+
+
+def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, store_info: dict, device) -> GenerateResult:
+    run.write_text("config.yaml", to_yaml(cfg))
+    log.info("run %s: %s on %s (%d images, %s) on %s", run.path, cfg.model.name, cfg.dataset.name,
+             store.num_images, "x".join(map(str, store.sample_shape)), device)
+    denoiser, fit_seconds = build_denoiser(cfg, store, device)
+    scheduler = make_scheduler(cfg.sampling)
+    sources = batch_noise_sources(cfg.experiment.seed, cfg.sampling.num_samples, cfg.sampling.batch_size,
+                                  store.sample_shape, device, cfg.sampling.per_sample_seeds)
+    recorders, batches = [], []
+    total_steps = len(sources) * len(scheduler.timesteps)
+    started = time.perf_counter()
+    with tqdm(total=total_steps, desc=f"sampling {cfg.model.name}", unit="step") as progress:
+        for noise in sources:
+            recorder = TrajectoryRecorder(device, keep_images=cfg.output.intermediates, progress=progress)
+            x_T = noise.randn()
+            recorder.restart_clock()
+            batches.append(sample(denoiser, scheduler, x_T, noise, cfg.sampling.eta, recorder))
+            recorders.append(recorder)
+    synchronize(device)
+    sampling_seconds = time.perf_counter() - started
+    samples = torch.cat([b.x0_hat.detach().cpu() for b in batches])
+    final = {k: torch.cat([b.diagnostics[k].detach().cpu() for b in batches]) for k in batches[0].diagnostics}
+
+    if cfg.output.tensors:
+        save_tensor(samples, run.path / "samples.pt")
+    if cfg.output.grid:
+        save_grid(samples, run.path / "grid.png", cfg.output.grid_columns)
+    if cfg.output.images:
+        save_images(samples, run.path / "images")
+    if cfg.output.intermediates:
+        _save_intermediates(recorders, run.path / "intermediates", cfg.output.tensors)
+    trajectory = _merge_batches(recorders)
+    metrics = {
+        "method": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "dataset_size": store.num_images,
+        "sample_shape": list(store.sample_shape),
+        "store": {"fingerprint": store_info["fingerprint"], "built": store_info["built"],
+                  "seconds": store_info["seconds"]},
+        "device": str(device),
+        "num_samples": samples.shape[0],
+        "num_inference_steps": len(scheduler.timesteps),
+        "fit_seconds": fit_seconds,
+        "sampling_seconds": sampling_seconds,
+        "seconds_per_step": sampling_seconds / len(scheduler.timesteps),
+        "samples": _sample_records(samples, store, final),
+        **trajectory,
+    }
+    run.write_json("metrics.json", metrics)
+    run.mark_complete()
+    log.info("finished: %d samples in %.2f s", samples.shape[0], sampling_seconds)
+    return GenerateResult(run.path, samples, metrics)
+
+
+def summary(result: GenerateResult) -> str:
+    """The one-paragraph report printed at the end of `ads generate`."""
+    m = result.metrics
+    store = "built and cached" if m["store"]["built"] else "loaded from cache"
+    files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in result.run_dir.iterdir()))
+    return (
+        f"Generated {m['num_samples']} samples with {m['method']} on {m['dataset']} "
+        f"({m['dataset_size']} images of {'x'.join(map(str, m['sample_shape']))}) on {m['device']}: "
+        f"sampling {m['sampling_seconds']:.2f} s ({m['num_inference_steps']} steps, "
+        f"{m['seconds_per_step']:.3f} s/step), fit {m['fit_seconds']:.2f} s, dataset {store} in "
+        f"{m['store']['seconds']:.2f} s. Outputs in {result.run_dir}: {files}."
+    )

@@ -1,0 +1,94 @@
+"""Run directories and the artifacts written into them.
+
+A run directory is created with an INCOMPLETE marker that is removed only when every artifact is written,
+so a run that fails or is interrupted part-way is always recognisable as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from .errors import StudioError
+from .fileio import atomic_write, atomic_write_json, atomic_write_text
+
+INCOMPLETE = "INCOMPLETE"
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] to displayable [0, 1], clamped."""
+    return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> None:
+    """Save model-space images [N, C, H, W] as one grid PNG, about square unless `columns` is given."""
+    columns = columns or math.ceil(math.sqrt(images.shape[0]))
+    grid = make_grid(to_unit_range(images), nrow=columns, padding=2, pad_value=1.0)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
+
+
+def save_images(images: torch.Tensor, folder: Path, prefix: str = "sample") -> None:
+    """Save each model-space image as <folder>/<prefix>_0000.png, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(to_unit_range(images)):
+        atomic_write(folder / f"{prefix}_{i:04d}.png", lambda tmp, image=image: save_image(image, tmp, format="png"))
+
+
+def save_tensor(value: Any, path: Path) -> None:
+    """torch.save, atomically."""
+    atomic_write(path, lambda tmp: torch.save(value, tmp))
+
+
+class RunDirectory:
+    """<runs>/<experiment>/<run_name>[_<timestamp>]/ holding one run's config, artifacts, metrics and log."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def create(cls, runs_root: Path, experiment: str, run_name: str, append_timestamp: bool) -> RunDirectory:
+        """Make a fresh directory (never reuse one) and mark it incomplete."""
+        name = f"{run_name}_{datetime.now():%Y%m%d-%H%M%S}" if append_timestamp else run_name
+        path = runs_root / experiment / name
+        suffix = 1
+        while path.exists():
+            if not append_timestamp:
+                raise StudioError(
+                    f"run directory {path} already exists; choose another experiment.run_name "
+                    "or set experiment.append_timestamp=true"
+                )
+            path = runs_root / experiment / f"{name}-{suffix}"
+            suffix += 1
+        path.mkdir(parents=True)
+        (path / INCOMPLETE).write_text("run started; not finished\n")
+        return cls(path)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.path / name, text)
+
+    def write_json(self, name: str, data: Any) -> None:
+        atomic_write_json(self.path / name, data)
+
+    def attach_log(self, logger: logging.Logger) -> logging.Handler:
+        """Send `logger`'s records to <run>/run.log as well."""
+        handler = logging.FileHandler(self.path / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        return handler
+
+    def mark_failed(self, reason: str) -> None:
+        """Record why the run stopped; the INCOMPLETE marker stays."""
+        (self.path / INCOMPLETE).write_text(f"run failed: {reason}\n")
+
+    def mark_complete(self) -> None:
+        (self.path / INCOMPLETE).unlink(missing_ok=True)
+
+    @property
+    def is_complete(self) -> bool:
+        return not (self.path / INCOMPLETE).exists()

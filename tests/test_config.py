@@ -1,0 +1,70 @@
+"""Config loading: inheritance through `defaults:`, dot-list overrides, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from analytic_diffusion.cli import main
+from analytic_diffusion.config import load_config
+from analytic_diffusion.errors import StudioError
+
+
+def test_method_config_inherits_defaults_and_dataset_section():
+    cfg = load_config("nearest_dataset/cifar10")
+    assert cfg.model.name == "nearest_dataset"
+    assert cfg.dataset.name == "cifar10" and cfg.dataset.resolution == 32  # from datasets/cifar10.yaml
+    assert cfg.sampling.num_inference_steps == 10 and cfg.sampling.clip_sample  # from defaults.yaml
+    assert cfg.model.params.timestep_aware is False
+
+
+def test_overrides_win_and_are_typed():
+    cfg = load_config("nearest_dataset/mnist5k.yaml", ["sampling.num_samples=16", "experiment.device=cpu",
+                                                       "model.params.timestep_aware=true"])
+    assert cfg.sampling.num_samples == 16 and cfg.experiment.device == "cpu"
+    assert cfg.model.params.timestep_aware is True
+
+
+def test_absolute_path_and_user_defaults_chain(tmp_path: Path):
+    base = tmp_path / "base.yaml"
+    base.write_text("defaults:\n  - nearest_dataset/mnist5k\nsampling:\n  num_samples: 3\n")
+    top = tmp_path / "top.yaml"
+    top.write_text(f"defaults:\n  - {base}\nsampling:\n  batch_size: 2\n")
+    cfg = load_config(str(top))
+    assert (cfg.sampling.num_samples, cfg.sampling.batch_size, cfg.model.name) == (3, 2, "nearest_dataset")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["sampling.num_sample=4"], "did you mean 'sampling.num_samples'"),
+        (["model.name=nearest_datset"], "did you mean 'nearest_dataset'"),
+        (["dataset.name=mnist5"], "did you mean 'mnist5k'"),
+        (["model.params.timestep_awar=true"], "did you mean 'timestep_aware'"),
+        (["experiment.seed=abc"], "experiment.seed"),
+        (["sampling.num_samples=0"], "at least 1"),
+        (["experiment.device=gpu"], "experiment.device"),
+        (["sampling.timestep_spacing=leadin"], "did you mean 'leading'"),
+        (["sampling.num_inference_steps=5000"], "cannot exceed"),
+        (["oops"], "key=value"),
+    ],
+)
+def test_bad_input_is_one_line_error_naming_the_fix(overrides, expected):
+    with pytest.raises(StudioError) as info:
+        load_config("nearest_dataset/mnist5k", overrides)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_config_file_suggests_closest():
+    with pytest.raises(StudioError, match="did you mean 'nearest_dataset/mnist5k'"):
+        load_config("nearest_dataset/mnist5")
+
+
+@pytest.mark.parametrize("overrides", [["sampling.num_sample=4"], ["model.name=nearest_datset"]])
+def test_cli_rejects_before_creating_anything(fresh_root: Path, capsys, overrides):
+    status = main(["generate", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert not fresh_root.exists()

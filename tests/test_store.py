@@ -1,0 +1,122 @@
+"""The dataset store: decoded once, reused by fingerprint, rebuilt when its inputs change, never half-written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from analytic_diffusion.data import store as store_module
+from analytic_diffusion.data.store import StoreRequest, load_or_build_store
+from analytic_diffusion.errors import StudioError
+
+
+def _load(root: Path, **request):
+    return load_or_build_store(StoreRequest(**request), root / "datasets", root / "cache")
+
+
+def _write_images(folder: Path, count: int, size: int = 12, mode: str = "RGB") -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        sub = folder / ("cats" if i % 2 else "dogs")
+        sub.mkdir(parents=True, exist_ok=True)
+        shape = (size, size, 3) if mode == "RGB" else (size, size)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(sub / f"{i:03d}.png")
+
+
+def test_embedded_digits_are_uint8_and_reused_without_redecoding(tmp_path, monkeypatch):
+    store, info = _load(tmp_path, name="mnist5k")
+    assert info["built"] and store.images.dtype == torch.uint8 and tuple(store.images.shape) == (5000, 1, 28, 28)
+    monkeypatch.setattr(store_module, "_build", lambda *a, **k: pytest.fail("store decoded twice"))
+    again, info = _load(tmp_path, name="mnist5k")
+    assert not info["built"] and again.fingerprint == store.fingerprint
+    assert torch.equal(again.images, store.images)
+
+
+def test_subset_and_resolution_changes_rebuild(tmp_path):
+    base, _ = _load(tmp_path, name="mnist5k", subset_size=100)
+    other_subset, info_subset = _load(tmp_path, name="mnist5k", subset_size=50)
+    other_res, info_res = _load(tmp_path, name="mnist5k", subset_size=100, resolution=16)
+    assert info_subset["built"] and info_res["built"]
+    assert len({base.fingerprint, other_subset.fingerprint, other_res.fingerprint}) == 3
+    assert other_subset.num_images == 50 and other_res.sample_shape == (1, 16, 16)
+    assert torch.equal(other_subset.images, base.images[:50])
+
+
+def test_decode_matches_totensor_then_normalize(tmp_path):
+    store, _ = _load(tmp_path, name="mnist5k", subset_size=20)
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    expected = torch.stack([reference(Image.fromarray(img[0].numpy())) for img in store.images])
+    assert torch.equal(store.model_space(), expected)
+
+
+def test_image_folder_recursive_and_edit_invalidates(tmp_path):
+    folder = tmp_path / "pics"
+    _write_images(folder, 6)
+    store, _ = _load(tmp_path, name="image_folder", path=str(folder), resolution=8)
+    assert store.sample_shape == (3, 8, 8) and store.num_images == 6
+    target = folder / "dogs" / "000.png"
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(target)
+    os.utime(target, ns=(1, 1))  # a different mtime even on coarse clocks
+    edited, info = _load(tmp_path, name="image_folder", path=str(folder), resolution=8)
+    assert info["built"] and edited.fingerprint != store.fingerprint
+
+
+def test_corrupt_image_names_the_file_and_leaves_no_trusted_cache(tmp_path):
+    folder = tmp_path / "pics"
+    _write_images(folder, 5)
+    (folder / "dogs" / "002.png").write_bytes(b"not a png at all")
+    with pytest.raises(StudioError, match="002.png") as info:
+        _load(tmp_path, name="image_folder", path=str(folder), batch_size=2)
+    assert "\n" not in str(info.value)
+    assert list((tmp_path / "cache" / "stores").iterdir()) == []  # neither a final entry nor a leftover
+
+
+def test_interrupted_build_is_not_trusted(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module, "_build", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _load(tmp_path, name="mnist5k", subset_size=10)
+    monkeypatch.undo()
+    _, info = _load(tmp_path, name="mnist5k", subset_size=10)
+    assert info["built"]
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        ("image_folder", lambda p: None, "does not exist"),
+        ("image_folder", lambda p: p.mkdir(), "contains no images"),
+        ("celeba_hq", lambda p: None, "put the CelebA-HQ images there"),
+        ("afhq", lambda p: None, "train/ and val/"),
+        ("mnist", lambda p: None, "dataset.download=true"),
+        ("array", lambda p: None, "does not exist"),
+    ],
+)
+def test_missing_or_empty_dataset_is_a_clear_error(tmp_path, name, make, message):
+    path = tmp_path / "missing"
+    make(path)
+    with pytest.raises(StudioError, match=message) as info:
+        _load(tmp_path, name=name, path=str(path) if name in ("image_folder", "array") else None)
+    assert "\n" not in str(info.value)
+
+
+def test_array_sources_uint8_and_float(tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (7, 5, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    store, _ = _load(tmp_path, name="array", path=str(tmp_path / "pixels.npy"))
+    assert store.images.dtype == torch.uint8 and torch.equal(store.images, torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    floats = np.random.default_rng(2).uniform(-1, 1, (4, 1, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "floats.npz", images=floats)
+    store, _ = _load(tmp_path, name="array", path=str(tmp_path / "floats.npz"))
+    assert torch.equal(store.model_space(), torch.from_numpy(floats))
+    np.save(tmp_path / "bad.npy", floats * 3)
+    with pytest.raises(StudioError, match=r"in \[-1, 1\]"):
+        _load(tmp_path, name="array", path=str(tmp_path / "bad.npy"))
