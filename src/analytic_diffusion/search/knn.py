@@ -58,6 +58,7 @@ class _DatasetStats:
     max_raw_l1: float  # max_i sum_j |w_ij| of the values a scorer multiplies (raw pixels, or y_i)
     max_raw_l2: float  # max_i ||w_i||_2
     decode_error: float  # uint8: max_u |decode(u) - (u / 127.5 - 1)|, what the affine model of decoding misses
+    norm_error: float  # max_i |norms_i - ||y_i||^2| of the precomputed norms
 
 
 class _IntegerScorer:
@@ -166,8 +167,8 @@ def _reduced_precision_matmul(device: torch.device) -> bool:
 
 
 def _reference_slack(x: torch.Tensor, stats: _DatasetStats, dim: int) -> torch.Tensor:
-    """Rounding of the float64 reference distance itself, so that the margin also covers it."""
-    return dim * 2.0**-52 * 4 * (x.square().sum(1) + stats.max_norm_sq)
+    """The error of the precomputed norms, and the rounding of the float64 reference distance itself."""
+    return stats.norm_error + dim * 2.0**-52 * 4 * (x.square().sum(1) + stats.max_norm_sq)
 
 
 class KnnIndex:
@@ -214,17 +215,26 @@ class KnnIndex:
         return flat.to(self.device) if placement == "device" else flat.pin_memory()
 
     def _dataset_statistics(self) -> tuple[torch.Tensor, _DatasetStats]:
-        """||y_i||^2 in float64 from the decoded images (as the reference sees them) and the bound statistics."""
+        """||y_i||^2 (float64) and the bound statistics in one pass. uint8 stores take the norms from the exact
+        integer sums S1 = sum u, S2 = sum u^2 through y = u / 127.5 - 1, whose miss of the decoded float32
+        values (at most `decode_error` per pixel) goes into `norm_error`."""
+        n, uint8 = self.store.dim, self.store.is_uint8
         norms, raw_l1, raw_l2 = [], 0.0, 0.0
-        step = max(1, (16 << 20) // (8 * self.store.dim))
+        step = max(1, (8 << 20) // (4 * n))
         for start in range(0, self.num_images, step):
             raw = self._chunk(start, start + step)
-            norms.append(self.store.decode(raw, torch.float64).square().sum(1))
-            wide = raw.to(torch.float64)
-            raw_l1 = max(raw_l1, float(wide.abs().sum(1).max()))
-            raw_l2 = max(raw_l2, float(wide.square().sum(1).max().sqrt()))
+            if uint8:
+                wide = raw.to(torch.float32)  # exact, and so are the squares (< 2^16)
+                l1, l2_sq = _exact_row_sums(wide), _exact_row_sums(wide.square_())
+            else:
+                wide = raw.to(torch.float64)
+                l1, l2_sq = wide.abs().sum(1), wide.square().sum(1)
+            norms.append(l2_sq / 127.5**2 - 2 * l1 / 127.5 + n if uint8 else l2_sq)
+            raw_l1, raw_l2 = max(raw_l1, float(l1.max())), max(raw_l2, float(l2_sq.max().sqrt()))
         norms = torch.cat(norms)
-        return norms, _DatasetStats(float(norms.max()), raw_l1, raw_l2, _decode_error(self.store))
+        max_norm_sq, decode_error = float(norms.max()), _decode_error(self.store)
+        norm_error = n * (decode_error * (2 + decode_error) + 2.0**-45 * (1 + max_norm_sq))
+        return norms, _DatasetStats(max_norm_sq, raw_l1, raw_l2, decode_error, norm_error)
 
     def _make_scorer(self, scorer: str, stats: _DatasetStats) -> _IntegerScorer | _FloatScorer:
         if scorer not in ("auto", "integer", "float"):
@@ -345,6 +355,14 @@ def _column_min(scores: torch.Tensor) -> torch.Tensor:
     if fold == 1 or chunk % fold:
         return scores.amin(dim=0)
     return scores.reshape(chunk // fold, fold * batch).amin(dim=0).reshape(fold, batch).amin(dim=0)
+
+
+def _exact_row_sums(values: torch.Tensor) -> torch.Tensor:
+    """float64 row sums of float32 [c, n] holding integers in [0, 2^16): blocks of 256 sum below 2^24, where
+    float32 adds integers exactly in any order, and the block sums are added in float64."""
+    whole = values.shape[1] // 256 * 256
+    blocks = values[:, :whole].reshape(values.shape[0], -1, 256).sum(2).to(torch.float64).sum(1)
+    return blocks + values[:, whole:].sum(1).to(torch.float64)
 
 
 def _lowest_k(distances: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
