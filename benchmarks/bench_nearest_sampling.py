@@ -97,9 +97,8 @@ def main() -> None:
             runs[backend].append(run(store, backend, args.steps, args.samples))
     summary = {}
     for backend, results in runs.items():
-        summary[backend] = {
-            key: statistics.median(r[key] for r in results) for key in ("fit_s", "sample_s", "fit_peak_extra_mib", "sample_peak_extra_mib")
-        }
+        keys = ("fit_s", "sample_s", "fit_peak_extra_mib", "sample_peak_extra_mib")
+        summary[backend] = {key: statistics.median(r[key] for r in results) for key in keys}
         summary[backend]["total_s"] = summary[backend]["fit_s"] + summary[backend]["sample_s"]
         print(backend, json.dumps(summary[backend]))
     exact, cdist = runs["exact"][0]["result"], runs["cdist"][0]["result"]

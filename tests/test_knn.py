@@ -130,7 +130,8 @@ def test_score_error_stays_within_its_bound(scorer):
 def test_memory_mapped_store_gives_identical_results(tmp_path):
     store = random_uint8_store(n=700)
     np.save(tmp_path / "images.npy", store.images.numpy())
-    mapped = DatasetStore("mapped", store.fingerprint, torch.from_numpy(np.load(tmp_path / "images.npy", mmap_mode="c")))
+    images = torch.from_numpy(np.load(tmp_path / "images.npy", mmap_mode="c"))
+    mapped = DatasetStore("mapped", store.fingerprint, images)
     queries = torch.randn(4, 1, 6, 6)
     a = KnnIndex(store, chunk_size=100).search(queries, k=5)
     b = KnnIndex(mapped, placement="mapped").search(queries, k=5)

@@ -30,7 +30,7 @@ class NearestDataset(Denoiser):
     def fit(self, store: DatasetStore) -> NearestDataset:
         params = self.params
         if params.chunk_size is not None and params.chunk_size < 1:
-            raise StudioError(f"model.params.chunk_size must be a positive number of images or null, got {params.chunk_size}")
+            raise StudioError(f"model.params.chunk_size must be a positive number or null, got {params.chunk_size}")
         if params.faiss_nprobe < 1:
             raise StudioError(f"model.params.faiss_nprobe must be at least 1, got {params.faiss_nprobe}")
         self.store = store

@@ -258,7 +258,8 @@ class KnnIndex:
         """Images per chunk (a multiple of 64): the chunk and its scores within half the memory budget and, on
         the CPU, within CPU_CHUNK_BYTES (measured best on the benchmark shapes, docs/benchmarks-knn.md)."""
         scorer = self.scorer
-        per_image = self.store.dim * (scorer.bytes_per_value + self.images.element_size()) + batch * scorer.bytes_per_score
+        per_value = scorer.bytes_per_value + self.images.element_size()
+        per_image = self.store.dim * per_value + batch * scorer.bytes_per_score
         budget = self.memory_budget // 2
         if self.device.type == "cuda":
             budget = min(budget, torch.cuda.mem_get_info(self.device)[0] // 4)
