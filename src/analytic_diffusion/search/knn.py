@@ -27,10 +27,11 @@ from ..data.store import DatasetStore
 MEMORY_BUDGET = 64 << 20  # bytes of temporaries per query batch, whatever N
 CPU_CHUNK_BYTES = 8 << 20  # CPU: bytes of one chunk and its scores (amortises per-call overheads, fits L3)
 CANDIDATE_CAPACITY = 16  # candidates kept beyond k on the first try; more only when the margin demands it
-QUERY_BLOCK = 256  # queries searched together; larger batches are split
+QUERY_BLOCK = 256  # queries searched together at most; larger batches are split
+QUERY_BYTES_PER_VALUE = 40  # temporaries per query value (float64 copy, digits), bounds the block by memory
 SAFETY = 2.0  # every rigorous error bound is doubled before use
 UNIT = 2.0**-24  # float32 unit roundoff
-DIGIT_LIMIT = 127 * 65536  # |X| of a query written as three int8 digits, X = d1 2^16 + d2 2^8 + d3
+QUERY_DIGITS = (2, 3)  # int8 digits per query value, first try and retries (about 8 bits of precision each)
 INT32_SAFE_DIM = (1 << 31) // (255 * 128)  # uint8 x int8 dot products this long cannot overflow int32
 
 
@@ -57,6 +58,7 @@ class _DatasetStats:
     max_norm_sq: float  # max_i ||y_i||^2 in model space
     max_raw_l1: float  # max_i sum_j |w_ij| of the values a scorer multiplies (raw pixels, or y_i)
     max_raw_l2: float  # max_i ||w_i||_2
+    max_centred_l2: float  # uint8: min over c in {0, 128} of max_i ||u_i - c||_2
     decode_error: float  # uint8: max_u |decode(u) - (u / 127.5 - 1)|, what the affine model of decoding misses
     norm_error: float  # max_i |norms_i - ||y_i||^2| of the precomputed norms
 
@@ -64,44 +66,54 @@ class _DatasetStats:
 class _IntegerScorer:
     """s_hat for uint8 stores: x.u_i exact in int32 from a uint8 x int8 GEMM (oneDNN, AMX/VNNI on x86).
 
-    x = s X + e with s a power of two, |X| <= 127 2^16, |e| <= s/2; X = d1 2^16 + d2 2^8 + d3 with int8 digits,
-    so x.u_i = s (2^16 d1.u_i + 2^8 d2.u_i + d3.u_i) + e.u_i. The raw uint8 chunk is the GEMM's activation (no
-    conversion pass); the digits are its weights, prepacked once per query batch; per-channel output scales
-    apply -2 s 2^(8j) / 127.5 (y = u / 127.5 - 1), so the three outputs of a query sum to its score.
+    x = s X + e with s a power of two and |e| <= s/2; X = sum_j d_j 2^(8j) with D balanced int8 digits (D = 2 on
+    the first try, 3 on retries, whose smaller margin needs fewer candidates), so x.u_i = s sum_j 2^(8j) d_j.u_i
+    + e.u_i. The raw uint8 chunk is the GEMM's activation (no conversion pass); the digits are its weights,
+    prepacked once per query batch; per-channel output scales apply -2 s 2^(8j) / 127.5 (y = u / 127.5 - 1),
+    so the D outputs of a query sum to its score.
     """
 
     bytes_per_value = 0  # the uint8 chunk is read in place
-    bytes_per_score = 3 * 4 + 4  # three float32 digit products and the score
+    bytes_per_score = max(QUERY_DIGITS) * 4 + 4  # the float32 digit products and the score
 
     def __init__(self, stats: _DatasetStats, dim: int):
         self.stats, self.dim = stats, dim
 
-    def prepare(self, x: torch.Tensor) -> _Prepared:
-        amax = x.abs().amax(dim=1)
-        scale = torch.exp2(torch.ceil(torch.log2(amax.clamp_min(1e-300) / DIGIT_LIMIT)))
-        scale = torch.where(amax / scale > DIGIT_LIMIT, scale * 2, scale)  # guard log2 rounding
-        whole = torch.round(x / scale[:, None]).long()  # exact: scale is a power of two
-        low = ((whole + 128) & 255) - 128  # balanced base-256 digits, exact in int64
-        rest = (whole - low) >> 8
-        middle = ((rest + 128) & 255) - 128
-        digits = torch.cat([(rest - middle) >> 8, middle, low]).to(torch.int8)
-        place = torch.tensor([65536.0, 256.0, 1.0], dtype=torch.float64)
-        weights = (-2 / 127.5 * place[:, None] * scale[None, :]).reshape(-1)
+    def prepare(self, x: torch.Tensor, retry: bool = False) -> _Prepared:
+        places = QUERY_DIGITS[retry]
+        limit = 127 * 256 ** (places - 1)  # |X| that balanced int8 digits can hold
+        amax = torch.linalg.vector_norm(x, ord=math.inf, dim=1)
+        scale = torch.exp2(torch.ceil(torch.log2(amax.clamp_min(1e-300) / limit)))
+        scale = torch.where(amax / scale > limit, scale * 2, scale)  # guard log2 rounding
+        whole = (x / scale[:, None]).round_()  # exact division: scale is a power of two
+        rounding = torch.linalg.vector_norm(torch.addcmul(x, whole, scale[:, None], value=-1), dim=1)  # ||e||_2
+        rest = whole.to(torch.int32)
+        del whole
+        digits = torch.empty((places, *x.shape), dtype=torch.int8, device=x.device)
+        digit_norms = torch.empty((places, x.shape[0]), dtype=torch.float64, device=x.device)
+        for place in range(places - 1, -1, -1):  # balanced base-256 digits, least significant first, exact
+            low = (rest + 128).bitwise_and_(255).sub_(128) if place else rest
+            digits[place] = low
+            digit_norms[place] = torch.linalg.vector_norm(low.to(torch.float32), dim=1, dtype=torch.float64)
+            rest.sub_(low).bitwise_right_shift_(8)
+        place_values = 256.0 ** torch.arange(places - 1, -1, -1, dtype=torch.float64, device=x.device)
+        weights = -2 / 127.5 * place_values[:, None] * scale[None, :]  # [places, B]
         stats = self.stats
-        quantisation = 2 / 127.5 * (scale / 2) * stats.max_raw_l1  # 2a |e.u_i|
-        decode = 2 * stats.decode_error * x.abs().sum(1)  # 2 |x.(y_i - a u_i - b)|
-        digit_dots = (digits.to(torch.float64).norm(dim=1) * stats.max_raw_l2).clamp_max(128 * stats.max_raw_l1)
-        terms = stats.max_norm_sq + (weights.abs() * digit_dots).reshape(3, -1).sum(0)  # >= |each summand|
-        float32_sums = 8 * UNIT * terms  # int32 -> float32, scaling, three additions, the rounded norm
-        error = SAFETY * (quantisation + decode + float32_sums + _reference_slack(x, stats, self.dim))
-        packed = torch.ops.onednn.qlinear_prepack(digits, None)
-        return _Prepared(packed, weights.to(torch.float32), error)
+        quantisation = 2 / 127.5 * torch.minimum(scale / 2 * stats.max_raw_l1, rounding * stats.max_centred_l2)
+        digit_dots = (digit_norms * stats.max_raw_l2 * (1 + 1e-6)).clamp_max(128 * stats.max_raw_l1)  # >= |d.u_i|
+        terms = stats.max_norm_sq + (weights.abs() * digit_dots).sum(0)  # >= each summand of the score
+        float32_sums = (4 + 2 * places) * UNIT * terms  # int32 -> float32, scaling, the additions, the norm
+        error = SAFETY * (quantisation + float32_sums + _common_error(x, stats, self.dim))
+        packed = torch.ops.onednn.qlinear_prepack(digits.reshape(-1, x.shape[1]), None)
+        return _Prepared(packed, weights.reshape(-1).to(torch.float32), error)
 
     def scores(self, raw: torch.Tensor, norms: torch.Tensor, prepared: _Prepared) -> torch.Tensor:
         products = _u8s8_gemm(raw, prepared.operand, prepared.weights)
         batch = prepared.error.shape[0]
         scores = torch.add(products[:, :batch], norms[:, None])
-        return scores.add_(products[:, batch : 2 * batch]).add_(products[:, 2 * batch :])
+        for start in range(batch, products.shape[1], batch):
+            scores.add_(products[:, start : start + batch])
+        return scores
 
 
 def _u8s8_gemm(activation: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -142,14 +154,13 @@ class _FloatScorer:
         self.coefficient = 2.0 / 127.5 if uint8 else 2.0
         self.input_rounding = 2.0**-8 if _reduced_precision_matmul(device) else 0.0
 
-    def prepare(self, x: torch.Tensor) -> _Prepared:
+    def prepare(self, x: torch.Tensor, retry: bool = False) -> _Prepared:
         stats, n = self.stats, self.dim
         gamma = n * UNIT / (1 - n * UNIT)
-        cross = self.coefficient * x.norm(dim=1) * stats.max_raw_l2  # >= c sum_j |x_j w_ij|
+        cross = self.coefficient * torch.linalg.vector_norm(x, dim=1) * stats.max_raw_l2  # >= c sum_j |x_j w_ij|
         gemm = (gamma + 2 * UNIT + 2 * self.input_rounding) * cross  # + rounding x and w to float32
         output = 4 * UNIT * (stats.max_norm_sq + cross)
-        decode = 2 * stats.decode_error * x.abs().sum(1)
-        error = SAFETY * (gemm + output + decode + _reference_slack(x, stats, n))
+        error = SAFETY * (gemm + output + _common_error(x, stats, n))
         return _Prepared(x.to(torch.float32).t(), None, error)
 
     def scores(self, raw: torch.Tensor, norms: torch.Tensor, prepared: _Prepared) -> torch.Tensor:
@@ -166,9 +177,12 @@ def _reduced_precision_matmul(device: torch.device) -> bool:
     return device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
 
-def _reference_slack(x: torch.Tensor, stats: _DatasetStats, dim: int) -> torch.Tensor:
-    """The error of the precomputed norms, and the rounding of the float64 reference distance itself."""
-    return stats.norm_error + dim * 2.0**-52 * 4 * (x.square().sum(1) + stats.max_norm_sq)
+def _common_error(x: torch.Tensor, stats: _DatasetStats, dim: int) -> torch.Tensor:
+    """Error terms of every scorer: uint8 decoding off the affine model, 2 |x.(y_i - u_i / 127.5 + 1)|; the
+    precomputed norms; and the rounding of the float64 reference distance itself."""
+    decode = 2 * stats.decode_error * torch.linalg.vector_norm(x, ord=1, dim=1)
+    reference = dim * 2.0**-52 * 4 * (torch.linalg.vector_norm(x, dim=1).square() + stats.max_norm_sq)
+    return decode + stats.norm_error + reference
 
 
 class KnnIndex:
@@ -219,7 +233,7 @@ class KnnIndex:
         integer sums S1 = sum u, S2 = sum u^2 through y = u / 127.5 - 1, whose miss of the decoded float32
         values (at most `decode_error` per pixel) goes into `norm_error`."""
         n, uint8 = self.store.dim, self.store.is_uint8
-        norms, raw_l1, raw_l2 = [], 0.0, 0.0
+        norms, raw_l1, raw_l2, centred_l2 = [], 0.0, 0.0, 0.0
         step = max(1, (8 << 20) // (4 * n))
         for start in range(0, self.num_images, step):
             raw = self._chunk(start, start + step)
@@ -231,10 +245,12 @@ class KnnIndex:
                 l1, l2_sq = wide.abs().sum(1), wide.square().sum(1)
             norms.append(l2_sq / 127.5**2 - 2 * l1 / 127.5 + n if uint8 else l2_sq)
             raw_l1, raw_l2 = max(raw_l1, float(l1.max())), max(raw_l2, float(l2_sq.max().sqrt()))
+            centred_l2 = max(centred_l2, float((l2_sq - 256 * l1 + 128**2 * n).max().sqrt()))
         norms = torch.cat(norms)
         max_norm_sq, decode_error = float(norms.max()), _decode_error(self.store)
         norm_error = n * (decode_error * (2 + decode_error) + 2.0**-45 * (1 + max_norm_sq))
-        return norms, _DatasetStats(max_norm_sq, raw_l1, raw_l2, decode_error, norm_error)
+        centred_l2 = min(raw_l2, centred_l2 * (1 + 1e-9))
+        return norms, _DatasetStats(max_norm_sq, raw_l1, raw_l2, centred_l2, decode_error, norm_error)
 
     def _make_scorer(self, scorer: str, stats: _DatasetStats) -> _IntegerScorer | _FloatScorer:
         if scorer not in ("auto", "integer", "float"):
@@ -281,12 +297,13 @@ class KnnIndex:
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("queries contain NaN or infinite values")
         k = min(k, self.num_images)
-        x = flat.to(self.device, torch.float64)
-        distances = torch.empty((x.shape[0], k), dtype=torch.float64, device=self.device)
-        indices = torch.empty((x.shape[0], k), dtype=torch.int64, device=self.device)
-        for start in range(0, x.shape[0], QUERY_BLOCK):
-            block = slice(start, start + QUERY_BLOCK)
-            distances[block], indices[block] = self._search_block(x[block], k, chunk_size)
+        distances = torch.empty((flat.shape[0], k), dtype=torch.float64, device=self.device)
+        indices = torch.empty((flat.shape[0], k), dtype=torch.int64, device=self.device)
+        rows = max(1, min(QUERY_BLOCK, (self.memory_budget // 2) // (QUERY_BYTES_PER_VALUE * self.store.dim)))
+        for start in range(0, flat.shape[0], rows):
+            block = slice(start, start + rows)
+            x = flat[block].to(self.device, torch.float64)
+            distances[block], indices[block] = self._search_block(x, k, chunk_size)
         return KnnResult(distances.sqrt().to(torch.float32).to(queries.device), indices.to(queries.device))
 
     def _search_block(self, x: torch.Tensor, k: int, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,18 +311,18 @@ class KnnIndex:
         distances = x.new_empty((x.shape[0], k))
         indices = torch.empty((x.shape[0], k), dtype=torch.int64, device=x.device)
         pending = torch.arange(x.shape[0], device=x.device)
-        capacity = min(self.num_images, k + CANDIDATE_CAPACITY)
+        capacity, retry = min(self.num_images, k + CANDIDATE_CAPACITY), False
         while pending.numel():
             rows = x[pending]
             chunk = chunk_size or self.chunk_size or self.auto_chunk_size(len(rows))
-            scores, candidates, threshold, dropped = self._filter(self.scorer.prepare(rows), k, capacity, chunk)
+            scores, candidates, threshold, dropped = self._filter(self.scorer.prepare(rows, retry), k, capacity, chunk)
             complete = dropped > threshold
             within = (scores.to(torch.float64) <= threshold[:, None]) & complete[:, None]
             best_d, best_i = _lowest_k(self._rescore(rows, candidates, within), candidates, k)
             done = pending[complete]
             distances[done], indices[done] = best_d[complete], best_i[complete]
             pending = pending[~complete]
-            capacity = min(self.num_images, 4 * capacity)
+            capacity, retry = min(self.num_images, 4 * capacity), True
         return distances, indices
 
     def _filter(
@@ -341,7 +358,7 @@ class KnnIndex:
         """The reference distance (float64 sum of squared differences) of the selected pairs; +inf elsewhere."""
         exact = torch.full(candidates.shape, math.inf, dtype=torch.float64, device=x.device)
         rows, cols = selected.nonzero(as_tuple=True)
-        group = max(1, (self.memory_budget // 4) // (self.store.dim * 8 * 3))
+        group = max(1, (self.memory_budget // 8) // (self.store.dim * 32))  # uint8, float32, 3 x float64
         for start in range(0, rows.numel(), group):
             r, c = rows[start : start + group], cols[start : start + group]
             picked = self.images[candidates[r, c].to(self.images.device)].to(x.device)
