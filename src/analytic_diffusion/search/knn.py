@@ -210,8 +210,8 @@ class KnnIndex:
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
         self.images = self._place(store.images.reshape(store.num_images, store.dim), placement)
-        self.norms, stats = self._dataset_statistics()
-        self.norms32 = self.norms.to(torch.float32)
+        norms, stats = self._dataset_statistics()
+        self.norms32 = norms.to(torch.float32)
         self.scorer = self._make_scorer(scorer, stats)
 
     @property
@@ -240,16 +240,17 @@ class KnnIndex:
             if uint8:
                 wide = raw.to(torch.float32)  # exact, and so are the squares (< 2^16)
                 l1, l2_sq = _exact_row_sums(wide), _exact_row_sums(wide.square_())
+                norms.append(l2_sq / 127.5**2 - 2 * l1 / 127.5 + n)
+                centred_l2 = max(centred_l2, float((l2_sq - 256 * l1 + 128**2 * n).max().sqrt()))  # ||u - 128||
             else:
                 wide = raw.to(torch.float64)
                 l1, l2_sq = wide.abs().sum(1), wide.square().sum(1)
-            norms.append(l2_sq / 127.5**2 - 2 * l1 / 127.5 + n if uint8 else l2_sq)
+                norms.append(l2_sq)
             raw_l1, raw_l2 = max(raw_l1, float(l1.max())), max(raw_l2, float(l2_sq.max().sqrt()))
-            centred_l2 = max(centred_l2, float((l2_sq - 256 * l1 + 128**2 * n).max().sqrt()))
         norms = torch.cat(norms)
         max_norm_sq, decode_error = float(norms.max()), _decode_error(self.store)
         norm_error = n * (decode_error * (2 + decode_error) + 2.0**-45 * (1 + max_norm_sq))
-        centred_l2 = min(raw_l2, centred_l2 * (1 + 1e-9))
+        centred_l2 = min(raw_l2, centred_l2 * (1 + 1e-9)) if uint8 else raw_l2
         return norms, _DatasetStats(max_norm_sq, raw_l1, raw_l2, centred_l2, decode_error, norm_error)
 
     def _make_scorer(self, scorer: str, stats: _DatasetStats) -> _IntegerScorer | _FloatScorer:
