@@ -16,23 +16,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):  # freed buffers must go back to the OS, so
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})  # peak RSS sees each call
+import faiss
+import numpy as np
+import torch
+from memory_probe import peak_extra_mib
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from analytic_diffusion.data.store import DatasetStore  # noqa: E402
-from analytic_diffusion.search.cdist_index import CdistIndex  # noqa: E402
-from analytic_diffusion.search.knn import KnnIndex, _u8s8_gemm, _u8s8_gemm_is_exact  # noqa: E402
+from analytic_diffusion.data.store import DatasetStore
+from analytic_diffusion.search.cdist_index import CdistIndex
+from analytic_diffusion.search.knn import KnnIndex, _u8s8_gemm, _u8s8_gemm_is_exact
 
 SHAPES = {"mnist": (60_000, (1, 28, 28)), "cifar": (50_000, (3, 32, 32)), "celeba": (30_000, (3, 64, 64))}
-MIB = 1 << 20
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -58,23 +53,6 @@ def interleaved_ms(methods: dict, queries, repeats: int) -> dict[str, tuple[floa
             wall[name].append(time.perf_counter() - started)
             cpu[name].append(time.process_time() - started_cpu)
     return {name: (1e3 * statistics.median(wall[name]), 1e3 * statistics.median(cpu[name])) for name in methods}
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field))
-
-
-def peak_extra_mib(fn) -> float:
-    """Peak resident memory of one call above what was resident before it (Linux: clear_refs resets VmHWM)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        return float("nan")
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) / 1024
 
 
 def roofline() -> dict[str, float]:

