@@ -25,7 +25,7 @@ from memory_probe import peak_extra_mib
 
 from analytic_diffusion.data.store import DatasetStore
 from analytic_diffusion.search.cdist_index import CdistIndex
-from analytic_diffusion.search.knn import KnnIndex, _u8s8_gemm, _u8s8_gemm_is_exact
+from analytic_diffusion.search.knn import QUERY_DIGITS, KnnIndex, _u8s8_gemm, _u8s8_gemm_is_exact
 
 SHAPES = {"mnist": (60_000, (1, 28, 28)), "cifar": (50_000, (3, 32, 32)), "celeba": (30_000, (3, 64, 64))}
 
@@ -136,7 +136,7 @@ def main() -> None:
             flops = 2 * batch * store.num_images * store.dim
             floor = {
                 "floor_ms": max(byte_floor_ms, flops / machine["fp32_gflops"] / 1e6),
-                "int8_floor_ms": max(byte_floor_ms, 3 * flops / machine["int8_gops"] / 1e6),
+                "int8_floor_ms": max(byte_floor_ms, QUERY_DIGITS[0] * flops / machine["int8_gops"] / 1e6),
             }
             rows += run_case(name, methods, store, batch, args.repeats, floor)
         del cdist, flat, methods
