@@ -185,6 +185,7 @@ def test_bad_calls_raise_clear_errors(call, message):
 
 
 def test_other_backends_agree_where_the_nearest_is_clear():
+    pytest.importorskip("faiss")
     store = random_uint8_store(n=400, seed=7)
     queries = store.gather(torch.arange(0, 400, 50)) + 0.02 * torch.randn(8, 1, 6, 6)
     exact = build_index(store, "exact").search(queries, k=3)
@@ -195,6 +196,7 @@ def test_other_backends_agree_where_the_nearest_is_clear():
 
 
 def test_nearest_dataset_backends_and_validation():
+    pytest.importorskip("faiss")
     store = random_uint8_store(n=300, seed=8)
     x_t = store.gather(torch.tensor([5, 250])) + 0.05 * torch.randn(2, 1, 6, 6)
     level = NoiseLevel(0, 0.9999)
