@@ -24,7 +24,10 @@ from .base import Denoised, Denoiser, NoiseLevel, register_denoiser
 MODES = ("exact", "topk")
 RESCORED_PER_CHUNK = 16  # nearest candidates of each chunk whose q.y is recomputed in float64
 MAX_LOGIT_SCALE = 1e30  # c beyond this is already the nearest-neighbour limit; the cap keeps c * distance finite
-CHUNK_BYTES = 256 << 20  # working memory of one streamed chunk when chunk_size is None
+WEIGHT_FLOOR = 2.0**-100  # softmax weights (relative to the largest) dropped from weighted sums: they change
+# nothing, and as float32 subnormals they would slow the matrix product down a hundredfold on CPUs
+CHUNK_BYTES = 256 << 20  # working memory of one streamed chunk when chunk_size is None ...
+CHUNK_ROWS = 16384  # ... and at most this many images: larger chunks run slower on CPUs (docs/benchmarks-optimal.md)
 
 
 @dataclass
@@ -68,11 +71,11 @@ class OptimalDenoiser(Denoiser):
         """Keep the compact images on the working device and their squared norms ||y_i||^2 in float64."""
         self.store = store
         self.images = store.images.to(self.device)
-        dtype = accurate_dtype(self.device)
-        chunk = self._chunk_rows(1)
-        self.squared_norms = torch.cat(
-            [self._decode(start, start + chunk, dtype).square().sum(-1) for start in range(0, store.num_images, chunk)]
-        )
+        dtype, chunk = accurate_dtype(self.device), self._chunk_rows(1)
+        self.squared_norms = torch.cat([
+            self._decoded(start, start + chunk, self.device, dtype).square().sum(-1)
+            for start in range(0, store.num_images, chunk)
+        ])
         return self
 
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
@@ -109,13 +112,13 @@ class OptimalDenoiser(Denoiser):
         query_norms = query.square().sum(-1, keepdim=True)
         chunk = self._chunk_rows(query.shape[0])
         for start in range(0, self.store.num_images, chunk):
-            rows = self._decode(start, start + chunk, torch.float32, query.device)
+            rows = self._decoded(start, start + chunk, query.device, torch.float32)
             row_norms = self.squared_norms[start : start + chunk].to(query.device)
             distances = query_norms + row_norms - 2 * (query_low @ rows.T).to(query.dtype)
             nearest = distances.topk(min(RESCORED_PER_CHUNK, rows.shape[0]), dim=1, largest=False).indices
             rescored = _squared_distances(query, query_norms, rows[nearest], row_norms[nearest])
             distances = distances.scatter(1, nearest, rescored)
-            top_index = _update(softmax, -scale * distances, lambda p: (p.to(rows.dtype) @ rows).to(p.dtype),
+            top_index = _update(softmax, -scale * distances, lambda p: _weighted_sum(p, rows),
                                 top_index, lambda arg: arg + start)
         return softmax, top_index
 
@@ -133,7 +136,7 @@ class OptimalDenoiser(Denoiser):
             raw = self.images[indices.to(self.images.device)].to(query.device)
             rows = self.store.decode(raw, query.dtype).reshape(*indices.shape, -1)
             distances = _squared_distances(query, query_norms, rows, self.squared_norms[indices].to(query.device))
-            top_index = _update(softmax, -scale * distances, lambda p: torch.einsum("bk,bkn->bn", p, rows),
+            top_index = _update(softmax, -scale * distances, lambda p: _weighted_sum(p[:, None, :], rows)[:, 0],
                                 top_index, lambda arg: indices.gather(1, arg[:, None])[:, 0])
         return softmax, top_index
 
@@ -141,12 +144,11 @@ class OptimalDenoiser(Denoiser):
         """Dataset images per chunk: chunk_size, else as many as fit CHUNK_BYTES (float32 rows plus logits)."""
         if self.params.chunk_size is not None:
             return self.params.chunk_size
-        return max(1, CHUNK_BYTES // (4 * self.store.dim + 32 * num_queries))
+        return max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * self.store.dim + 32 * num_queries)))
 
-    def _decode(self, start: int, stop: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
-        """Images [start, stop) flattened to [K, n] in model space, decoded from the compact copy."""
-        raw = self.images[start:stop]
-        return self.store.decode(raw.to(device or raw.device), dtype).reshape(raw.shape[0], -1)
+    def _decoded(self, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Images [start, stop) as [K, n] in model space, decoded from the compact copy on the working device."""
+        return self.store.decode(self.images[start:stop].to(device), dtype).flatten(1)
 
 
 def _squared_distances(
@@ -155,6 +157,12 @@ def _squared_distances(
     """||q_b - y_bk||^2 [B, K] in query's dtype for per-query rows [B, K, n] with norms ||y_bk||^2 [B, K]."""
     products = torch.bmm(rows.to(query.dtype), query[:, :, None])[..., 0]
     return query_norms + row_norms - 2 * products
+
+
+def _weighted_sum(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """weights @ rows in rows' precision (after dropping weights below WEIGHT_FLOOR), returned in weights' dtype."""
+    kept = weights.masked_fill(weights < WEIGHT_FLOOR, 0).to(rows.dtype)
+    return (kept @ rows).to(weights.dtype)
 
 
 def _update(
