@@ -29,10 +29,16 @@ def mnist_digits() -> torch.Tensor:
     return torch.as_tensor(images, dtype=torch.uint8).reshape(-1, 1, 28, 28)
 
 
+def squared_distances(queries: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """||q_b - y_i||^2 [B, N] in float64 from differences (no ||q||^2 - 2 q.y + ||y||^2 expansion)."""
+    flat = queries.double().flatten(1)
+    return torch.cdist(flat, images.double().flatten(1), compute_mode="donot_use_mm_for_euclid_dist") ** 2
+
+
 def reference(x_t: torch.Tensor, store: DatasetStore, level: NoiseLevel, temperature: float = 1.0):
     """The formula evaluated directly in float64: w = softmax(-||x_t - sqrt(a) y||^2 / (2 (1 - a) tau)), sum w y."""
     images = store.model_space(dtype=torch.float64).flatten(1)
-    squared = torch.cdist(x_t.double().flatten(1), level.signal_scale * images, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    squared = squared_distances(x_t, level.signal_scale * images)
     weights = torch.softmax(-squared / (2 * level.noise_variance * temperature), dim=1)
     return (weights @ images).reshape(x_t.shape), weights
 
@@ -159,7 +165,7 @@ def test_topk_is_the_softmax_over_the_nearest_neighbours_of_the_scaled_query():
     out = OptimalDenoiser(OptimalParams(mode="topk", num_neighbors=5)).fit(store)(x_t, level)
     images = store.model_space(dtype=torch.float64).flatten(1)
     query = x_t.double().flatten(1) / level.signal_scale
-    squared = torch.cdist(query, images, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    squared = squared_distances(query, images)
     nearest = squared.argsort(dim=1)[:, :5]
     weights = torch.softmax(-squared.gather(1, nearest) * level.alpha_bar / (2 * level.noise_variance), dim=1)
     expected = torch.einsum("bk,bkn->bn", weights, images[nearest])
@@ -172,11 +178,11 @@ def test_temperature_to_zero_gives_the_nearest_neighbour_of_the_scaled_query(lev
     x_t = forward_noised(held_out_digits(5), level, seed=2)
     out = OptimalDenoiser(OptimalParams(temperature=1e-9)).fit(store)(x_t, level)
     images = store.model_space(dtype=torch.float64).flatten(1)
-    squared = torch.cdist(x_t.double().flatten(1) / level.signal_scale, images, compute_mode="donot_use_mm_for_euclid_dist")
-    nearest = squared.argmin(dim=1)
+    nearest = squared_distances(x_t.double() / level.signal_scale, images).argmin(dim=1)
     assert torch.equal(out.diagnostics["top_index"], nearest)
     assert torch.equal(out.x0_hat, store.model_space()[nearest])
-    assert torch.equal(out.diagnostics["top_weight"], torch.ones(5)) and torch.equal(out.diagnostics["effective_count"], torch.ones(5))
+    assert torch.equal(out.diagnostics["top_weight"], torch.ones(5))
+    assert torch.equal(out.diagnostics["effective_count"], torch.ones(5))
 
 
 def test_first_step_of_ten_is_close_to_the_dataset_mean():
@@ -219,7 +225,7 @@ def test_finite_where_a_naive_exp_underflows(alpha_bar, mode):
     level = NoiseLevel(0, alpha_bar)
     x_t = 1e4 * torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(7))
     images = store.model_space(dtype=torch.float64).flatten(1)
-    squared = torch.cdist(x_t.double().flatten(1), level.signal_scale * images) ** 2
+    squared = squared_distances(x_t, level.signal_scale * images)
     if alpha_bar < 1:
         assert torch.exp(-squared / (2 * level.noise_variance)).max().item() == 0.0
     out = OptimalDenoiser(OptimalParams(mode=mode, num_neighbors=10, chunk_size=16)).fit(store)(x_t, level)
@@ -227,7 +233,7 @@ def test_finite_where_a_naive_exp_underflows(alpha_bar, mode):
     for value in out.diagnostics.values():
         assert torch.isfinite(value.double()).all()
     if alpha_bar > 0.5:  # the weight collapses onto the nearest image of x_t / sqrt(a)
-        nearest = torch.cdist(x_t.double().flatten(1) / level.signal_scale, images).argmin(1)
+        nearest = squared_distances(x_t.double() / level.signal_scale, images).argmin(1)
         assert torch.equal(out.diagnostics["top_index"], nearest)
         assert torch.equal(out.x0_hat, store.model_space()[nearest])
 

@@ -39,7 +39,8 @@ class OptimalParams:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise StudioError(f"model.params.mode must be one of {', '.join(MODES)}, not '{self.mode}'{closest(self.mode, MODES)}")
+            hint = closest(self.mode, MODES)
+            raise StudioError(f"model.params.mode must be one of {', '.join(MODES)}, not '{self.mode}'{hint}")
         if not self.temperature > 0:
             raise StudioError(f"model.params.temperature must be > 0, got {self.temperature}")
         if self.num_neighbors < 1:
