@@ -88,3 +88,21 @@ def test_failure_leaves_run_marked_incomplete(monkeypatch, fresh_root):
     (run_dir,) = (fresh_root / "runs" / "nearest_dataset").iterdir()
     assert "denoiser exploded" in (run_dir / "INCOMPLETE").read_text()
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_non_finite_denoiser_output_stops_the_run_with_a_clear_error(monkeypatch, fresh_root):
+    from analytic_diffusion.denoisers.nearest_dataset import NearestDataset
+    from analytic_diffusion.errors import StudioError
+
+    original = NearestDataset.denoise
+
+    def poisoned(self, x_t, level, noise=None):
+        out = original(self, x_t, level, noise)
+        out.x0_hat[0, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(NearestDataset, "denoise", poisoned)
+    with pytest.raises(StudioError, match="NaN or inf at timestep 750"):
+        _run("sampling.num_samples=2")
+    (run_dir,) = (fresh_root / "runs" / "nearest_dataset").iterdir()
+    assert (run_dir / "INCOMPLETE").exists()

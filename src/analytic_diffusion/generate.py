@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .config import StudioConfig, to_yaml
 from .data.store import DatasetStore, StoreRequest, load_or_build_store
 from .denoisers import Denoiser, denoiser_class
+from .errors import StudioError
 from .devices import resolve_device, synchronize
 from .noise import batch_noise_sources
 from .runs import RunDirectory, save_grid, save_images, save_tensor
@@ -43,6 +44,11 @@ class TrajectoryRecorder:
         self._last = time.perf_counter()
 
     def __call__(self, step: Step) -> None:
+        if not torch.isfinite(step.x0_hat).all():
+            raise StudioError(
+                f"the denoiser returned NaN or inf at timestep {step.timestep}; check the dataset for NaNs "
+                "and the method's parameters (e.g. a temperature of 0)"
+            )
         synchronize(self.device)
         now = time.perf_counter()
         self.timesteps.append(step.timestep)
