@@ -26,8 +26,9 @@ RESCORED_PER_CHUNK = 16  # nearest candidates of each chunk whose q.y is recompu
 MAX_LOGIT_SCALE = 1e30  # c beyond this is already the nearest-neighbour limit; the cap keeps c * distance finite
 WEIGHT_FLOOR = 2.0**-100  # softmax weights (relative to the largest) dropped from weighted sums: they change
 # nothing, and as float32 subnormals they would slow the matrix product down a hundredfold on CPUs
-CHUNK_BYTES = 256 << 20  # working memory of one streamed chunk when chunk_size is None ...
-CHUNK_ROWS = 16384  # ... and at most this many images: larger chunks run slower on CPUs (docs/benchmarks-optimal.md)
+CHUNK_BYTES = 256 << 20  # most working memory of one streamed chunk when chunk_size is None
+CHUNK_ROWS = 4096  # default images per chunk: a decoded chunk stays in cache (docs/benchmarks-optimal.md), and
+# chunks grow to 4 x queries x RESCORED_PER_CHUNK so that rescoring stays a small part of each chunk
 
 
 @dataclass
@@ -142,10 +143,11 @@ class OptimalDenoiser(Denoiser):
         return softmax, top_index
 
     def _chunk_rows(self, num_queries: int) -> int:
-        """Dataset images per chunk: chunk_size, else as many as fit CHUNK_BYTES (float32 rows plus logits)."""
+        """Dataset images per chunk: chunk_size, else CHUNK_ROWS or more for many queries, within CHUNK_BYTES."""
         if self.params.chunk_size is not None:
             return self.params.chunk_size
-        return max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * self.store.dim + 32 * num_queries)))
+        wanted = max(CHUNK_ROWS, 4 * num_queries * RESCORED_PER_CHUNK)
+        return max(1, min(wanted, CHUNK_BYTES // (4 * self.store.dim + 32 * num_queries)))
 
     def _decoded(self, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Images [start, stop) as [K, n] in model space, decoded from the compact copy on the working device."""
