@@ -102,6 +102,16 @@ def test_threshold_zero_is_the_optimal_denoiser(robust):
         assert (got - optimal).abs().max() < 1e-4
 
 
+def test_threshold_zero_matches_the_optimal_denoisers_exact_mode():
+    store = _store()
+    optimal = denoiser_class("optimal")().fit(store)
+    locality = _fit(store, mask_threshold=0.0)
+    for alpha_bar in (0.01, 0.6, 0.999):
+        x_t = _noisy(store, alpha_bar, seed=6).float()
+        level = NoiseLevel(0, alpha_bar)
+        assert (locality(x_t, level).x0_hat - optimal(x_t, level).x0_hat).abs().max() < 1e-4
+
+
 def test_one_image_returns_the_image():
     store = _store(count=1)
     x_t = torch.randn(3, *store.sample_shape, generator=torch.Generator().manual_seed(2))
