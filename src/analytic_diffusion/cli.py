@@ -13,11 +13,12 @@ import sys
 from .errors import StudioError
 
 DEFAULT_CONFIG = "nearest_dataset/mnist5k"
+DEFAULT_TRAINING_CONFIG = "unet_train/mnist5k_small"
 
 
-def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                        help=f"config under configs/ (e.g. optimal/cifar10) or a YAML path (default: {DEFAULT_CONFIG})")
+def _config_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_CONFIG) -> None:
+    parser.add_argument("-c", "--config", default=default,
+                        help=f"config under configs/ (e.g. optimal/cifar10) or a YAML path (default: {default})")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. sampling.num_samples=16 experiment.device=cpu")
 
 
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _config_arguments(commands.add_parser("generate", help="sample images with a method and write a run directory"))
     _config_arguments(commands.add_parser("config", help="print the resolved config without running anything"))
+    _config_arguments(commands.add_parser("train-unet", help="train the UNet baseline (rerun to resume)"),
+                      DEFAULT_TRAINING_CONFIG)
     commands.add_parser("list", help="list methods, datasets and configs")
     return parser
 
@@ -51,9 +54,14 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "config":
         print(to_yaml(cfg), end="")
         return
+    _setup_logging(cfg.logging.level)
+    if args.command == "train-unet":
+        from .train_unet import summary, train_unet
+
+        print(summary(*train_unet(cfg)))
+        return
     from .generate import generate, summary
 
-    _setup_logging(cfg.logging.level)
     print(summary(generate(cfg)))
 
 
@@ -66,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the run directory is marked INCOMPLETE", file=sys.stderr)
+        resume = "rerun the same command to resume from the last checkpoint"
+        print(f"interrupted; {resume if args.command == 'train-unet' else 'the run directory is marked INCOMPLETE'}",
+              file=sys.stderr)
         return 130
     return 0

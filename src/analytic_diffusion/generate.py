@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .compare import BaselineComparison, plot_comparison, save_side_by_side
 from .config import StudioConfig, to_yaml
 from .data.store import DatasetStore, StoreRequest, load_or_build_store
 from .denoisers import Denoiser, denoiser_class
+from .denoisers.unet import UNetDenoiser, UNetParams
 from .errors import StudioError
 from .devices import resolve_device, synchronize
 from .noise import batch_noise_sources
@@ -80,6 +83,25 @@ def build_denoiser(cfg: StudioConfig, store: DatasetStore, device: torch.device)
     denoiser.fit(store)
     synchronize(device)
     return denoiser, time.perf_counter() - started
+
+
+def build_comparison(cfg: StudioConfig, store: DatasetStore, device: torch.device, scheduler) -> BaselineComparison | None:
+    """The configured UNet baseline, loaded and checked against the dataset before sampling; None when off."""
+    if not cfg.baseline.checkpoint:
+        return None
+    baseline = UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)
+    return BaselineComparison(baseline, scheduler, cfg.sampling.eta)
+
+
+def _compared(recorder: TrajectoryRecorder, compare_step) -> Callable[[Step], None]:
+    """The method's callback with the baseline comparison added, its time kept out of the method's step timings."""
+
+    def callback(step: Step) -> None:
+        recorder(step)
+        compare_step(step)
+        recorder.restart_clock()
+
+    return callback
 
 
 def _merge_batches(recorders: list[TrajectoryRecorder]) -> dict[str, Any]:
@@ -159,20 +181,30 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
              store.num_images, "x".join(map(str, store.sample_shape)), device)
     denoiser, fit_seconds = build_denoiser(cfg, store, device)
     scheduler = make_scheduler(cfg.sampling)
+    comparison = build_comparison(cfg, store, device, scheduler)
     sources = batch_noise_sources(cfg.experiment.seed, cfg.sampling.num_samples, cfg.sampling.batch_size,
                                   store.sample_shape, device, cfg.sampling.per_sample_seeds)
+    # The baseline's own copy of the run's noise: after x_T it supplies the scheduler noise when eta > 0.
+    baseline_sources = batch_noise_sources(cfg.experiment.seed, cfg.sampling.num_samples, cfg.sampling.batch_size,
+                                           store.sample_shape, device, cfg.sampling.per_sample_seeds)
     recorders, batches = [], []
     total_steps = len(sources) * len(scheduler.timesteps)
     started = time.perf_counter()
     with tqdm(total=total_steps, desc=f"sampling {cfg.model.name}", unit="step") as progress:
-        for noise in sources:
+        for noise, baseline_noise in zip(sources, baseline_sources):
             recorder = TrajectoryRecorder(device, keep_images=cfg.output.intermediates, progress=progress)
             x_T = noise.randn()
+            callback = recorder
+            if comparison is not None:
+                baseline_noise.randn()  # the baseline's x_T is the method's; skip its copy
+                callback = _compared(recorder, comparison.start_batch(x_T, baseline_noise))
             recorder.restart_clock()
-            batches.append(sample(denoiser, scheduler, x_T, noise, cfg.sampling.eta, recorder))
+            batches.append(sample(denoiser, scheduler, x_T, noise, cfg.sampling.eta, callback))
             recorders.append(recorder)
+            if comparison is not None:
+                comparison.finish_batch(batches[-1].x0_hat)
     synchronize(device)
-    sampling_seconds = time.perf_counter() - started
+    sampling_seconds = time.perf_counter() - started - (comparison.seconds if comparison else 0.0)
     samples = torch.cat([b.x0_hat.detach().cpu() for b in batches])
     final = {k: torch.cat([b.diagnostics[k].detach().cpu() for b in batches]) for k in batches[0].diagnostics}
 
@@ -203,6 +235,12 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         "samples": _sample_records(samples, store, final),
         **trajectory,
     }
+    if comparison is not None:
+        compared = comparison.result()
+        plot_comparison(compared, run.path / "comparison.png", method=cfg.model.name)
+        save_side_by_side(compared, run.path / "side_by_side.png", cfg.model.name, columns=cfg.output.grid_columns)
+        metrics["baseline"] = {"checkpoint": cfg.baseline.checkpoint, "use_ema": cfg.baseline.use_ema,
+                               "seconds": comparison.seconds, **compared.summary()}
     run.write_json("metrics.json", metrics)
     run.mark_complete()
     log.info("finished: %d samples in %.2f s", samples.shape[0], sampling_seconds)
@@ -214,10 +252,16 @@ def summary(result: GenerateResult) -> str:
     m = result.metrics
     store = "built and cached" if m["store"]["built"] else "loaded from cache"
     files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in result.run_dir.iterdir()))
+    baseline = ""
+    if "baseline" in m:
+        final = {k: "n/a" if v is None else f"{v:.4g}" for k, v in m["baseline"]["final"].items()}
+        baseline = (f" Against the UNet baseline at the last step: R² {final['trajectory_r2']}, MSE "
+                    f"{final['trajectory_mse']} (own trajectories); R² {final['single_step_r2']}, MSE "
+                    f"{final['single_step_mse']} (single step); see comparison.png, side_by_side.png.")
     return (
         f"Generated {m['num_samples']} samples with {m['method']} on {m['dataset']} "
         f"({m['dataset_size']} images of {'x'.join(map(str, m['sample_shape']))}) on {m['device']}: "
         f"sampling {m['sampling_seconds']:.2f} s ({m['num_inference_steps']} steps, "
         f"{m['seconds_per_step']:.3f} s/step), fit {m['fit_seconds']:.2f} s, dataset {store} in "
-        f"{m['store']['seconds']:.2f} s. Outputs in {result.run_dir}: {files}."
+        f"{m['store']['seconds']:.2f} s. Outputs in {result.run_dir}: {files}.{baseline}"
     )

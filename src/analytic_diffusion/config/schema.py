@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..sampling import SchedulerOptions
+from ..unet.training import TrainingConfig
 
 
 @dataclass
@@ -73,6 +74,17 @@ class LoggingConfig:
 
 
 @dataclass
+class BaselineConfig:
+    checkpoint: Optional[str] = None  # UNet from `ads train-unet` (file or folder) to compare with; None = no comparison
+    use_ema: bool = True  # compare with the EMA weights (what the UNet samples with)
+
+
+@dataclass
+class TrainingSection(TrainingConfig):
+    output_dir: str = "${paths.root}/unet/${experiment.name}"  # `ads train-unet` writes and resumes checkpoint.pt here
+
+
+@dataclass
 class StudioConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -81,3 +93,5 @@ class StudioConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)  # generate: compare the method with a UNet
+    training: TrainingSection = field(default_factory=TrainingSection)  # train-unet only

@@ -1,0 +1,108 @@
+"""UNet training: the loss falls, a killed run resumes with bit-identical losses, files are written, bad resumes are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from unet_helpers import TINY, tiny_training, toy_store
+
+from analytic_diffusion.errors import StudioError
+from analytic_diffusion.unet import load_unet, read_checkpoint
+from analytic_diffusion.unet.training import train
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path[:0] = sys.argv[1:3]
+    from unet_helpers import tiny_training, toy_store
+    from analytic_diffusion.unet.training import train
+
+    def kill(step):
+        if step == 11:  # in the third epoch, after the checkpoint of epoch 2 (4 steps per epoch)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train(tiny_training(), toy_store(), sys.argv[3], progress_bar=False, on_step=kill)
+    """
+)
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path):
+    uninterrupted = train(tiny_training(), toy_store(), tmp_path / "whole", progress_bar=False)
+    assert uninterrupted.steps == 16 and len(uninterrupted.losses) == 16
+
+    killed = tmp_path / "killed"
+    tests_dir, src_dir = str(Path(__file__).parent), str(Path(__file__).parents[1] / "src")
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, tests_dir, src_dir, str(killed)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == -9, process.stderr
+    assert read_checkpoint(killed).training["epoch"] == 2
+
+    resumed = train(tiny_training(), toy_store(), killed, progress_bar=False)
+    assert resumed.losses == uninterrupted.losses  # bit for bit, including the 8 steps replayed after the kill
+    assert resumed.epoch_losses == uninterrupted.epoch_losses
+    for use_ema in (True, False):
+        whole = load_unet(tmp_path / "whole", use_ema=use_ema)[0].state_dict()
+        again = load_unet(killed, use_ema=use_ema)[0].state_dict()
+        assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_loss_falls_and_outputs_are_written(tmp_path):
+    result = train(tiny_training(epochs=6, preview_samples=4, preview_steps=3), toy_store(), tmp_path, progress_bar=False)
+    assert result.epoch_losses[-1] < 0.8 * result.epoch_losses[0]
+    for name in ("checkpoint.pt", "loss.png", "samples.png"):
+        assert (tmp_path / name).read_bytes()[:4] in (b"\x89PNG", b"PK\x03\x04"), name
+    summary = json.loads((tmp_path / "training.json").read_text())
+    assert summary["epochs"] == 6 and summary["steps"] == 24 and summary["parameters"] == result.parameters
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint.image_shape == (1, 8, 8) and checkpoint.architecture == TINY
+    assert checkpoint.dataset["fingerprint"] == toy_store().fingerprint
+
+
+def test_finished_run_trains_further_when_epochs_grow(tmp_path):
+    train(tiny_training(epochs=2), toy_store(), tmp_path, progress_bar=False)
+    longer = train(tiny_training(epochs=4), toy_store(), tmp_path, progress_bar=False)
+    assert longer.losses == train(tiny_training(), toy_store(), tmp_path / "direct", progress_bar=False).losses
+
+
+def test_resume_refuses_another_architecture_or_dataset(tmp_path):
+    train(tiny_training(epochs=2), toy_store(), tmp_path, progress_bar=False)
+    wider = tiny_training(architecture=dataclasses.replace(TINY, base_channels=8))
+    with pytest.raises(StudioError, match=r"another architecture: base_channels=4 \(config: 8\)"):
+        train(wider, toy_store(), tmp_path, progress_bar=False)
+    with pytest.raises(StudioError, match="was trained on dataset"):
+        train(tiny_training(), toy_store(seed=1), tmp_path, progress_bar=False)
+    with pytest.raises(StudioError, match="resume is false"):
+        train(tiny_training(resume=False), toy_store(), tmp_path, progress_bar=False)
+
+
+@pytest.mark.parametrize(("key", "value"), [("epochs", 0), ("learning_rate", 0.0), ("mixed_precision", "fp8")])
+def test_bad_training_values_are_refused(tmp_path, key, value):
+    with pytest.raises(StudioError, match=key):
+        train(tiny_training(**{key: value}), toy_store(), tmp_path, progress_bar=False)
+
+
+def test_train_unet_command_trains_and_resumes(tmp_path, capsys):
+    from analytic_diffusion.cli import main
+
+    tiny = ["experiment.device=cpu", "dataset.subset_size=64", "training.batch_size=32", "training.epochs=1",
+            "training.architecture.base_channels=4", "training.architecture.channel_multipliers=[1,1]",
+            "training.architecture.num_res_blocks=1", "training.architecture.norm_groups=2",
+            "training.architecture.attention_resolutions=[]", "training.preview_samples=4", "training.preview_steps=2",
+            f"training.output_dir={tmp_path}"]
+    assert main(["train-unet", *tiny]) == 0
+    assert "for 1 epochs (2 steps" in capsys.readouterr().out
+    assert {"checkpoint.pt", "config.yaml", "loss.png", "samples.png", "training.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert main(["train-unet", *tiny, "training.epochs=2"]) == 0  # resumes, trains one more epoch
+    assert "for 2 epochs (4 steps" in capsys.readouterr().out
+    assert main(["train-unet", *tiny, "training.architecture.base_chanels=8"]) == 2
+    assert "did you mean 'training.architecture.base_channels'" in capsys.readouterr().err
