@@ -42,7 +42,7 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
         (UNetConfig(base_channels=8, channel_multipliers=[1, 2, 2], num_res_blocks=2, attention_resolutions=[14],
                     norm_groups=4, attention_heads=2), 1, 28),
         (UNetConfig(base_channels=8, channel_multipliers=[1, 2, 2, 2], num_res_blocks=1, attention_resolutions=[8],
-                    norm_groups=8), 3, 32),
+                    norm_groups=8, scale_shift_norm=False), 3, 32),
     ],
 )
 def test_unet_predicts_noise_of_the_input_shape(config, channels, size):
@@ -55,6 +55,16 @@ def test_fresh_unet_predicts_zero_noise():
     """Output layers start at zero (DDPM), so an untrained network returns exactly eps = 0."""
     network = UNet(TINY, 1, 8)
     assert torch.count_nonzero(network(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))) == 0
+
+
+@pytest.mark.parametrize("scale_shift_norm", [True, False])
+def test_timestep_reaches_the_output_with_one_channel_per_group(scale_shift_norm):
+    """A bias added before a one-channel GroupNorm is erased by it: the DDPM form then ignores t, the ADM form does not."""
+    config = dataclasses.replace(TINY, norm_groups=64, dropout=0.0, scale_shift_norm=scale_shift_norm)
+    network = random_unet(config=config)
+    x = torch.randn(1, 1, 8, 8)
+    difference = (network(x, torch.tensor([10])) - network(x, torch.tensor([900]))).abs().max()
+    assert (difference > 0.01) if scale_shift_norm else (difference < 1e-5)
 
 
 def test_resolution_must_survive_every_downsampling():

@@ -1,4 +1,4 @@
-"""A tiny UNet (about 4,600 parameters) and toy 8x8 datasets, so that UNet tests run in seconds."""
+"""A tiny UNet (about 5,000 parameters) and toy 8x8 datasets, so that UNet tests run in seconds."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ def tiny_training(**overrides) -> TrainingConfig:
     return TrainingConfig(**values)
 
 
-def random_unet(channels: int = 1, size: int = 8, seed: int = 0) -> UNet:
-    """A tiny UNet whose zero-initialised output layers are randomised, so it predicts non-trivial noise."""
+def random_unet(channels: int = 1, size: int = 8, seed: int = 0, config: UNetConfig = TINY) -> UNet:
+    """A UNet (tiny by default) whose zero-initialised output layers are randomised, so it predicts non-trivial noise."""
     torch.manual_seed(seed)
-    network = UNet(TINY, channels, size)
+    network = UNet(config, channels, size)
     with torch.no_grad():
         for name, parameter in network.named_parameters():
             if torch.count_nonzero(parameter) == 0 and parameter.ndim > 1:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler
 
 from .denoisers.base import Denoiser
 from .fileio import atomic_write
@@ -26,6 +27,7 @@ R2_DEFINITION = (
     "per sample: R2 = 1 - sum((x - y)^2) / (n * var(y)), y the baseline's x0_hat, x the method's, n = C*H*W, "
     "var the population variance of y's n values (so n * var(y) = sum((y - mean(y))^2)); averaged over samples"
 )
+METRICS = ("trajectory_r2", "trajectory_mse", "single_step_r2", "single_step_mse")
 R2_PLOT_FLOOR = -1.0  # the R^2 axis stops here: far-off early steps would otherwise flatten the rest
 
 
@@ -62,12 +64,8 @@ class ComparisonResult:
     baseline_images: torch.Tensor  # [N, C, H, W] the baseline's final x0_hat from the same x_T
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        return {
-            "trajectory_r2": self.trajectory_r2,
-            "trajectory_mse": self.trajectory_mse,
-            "single_step_r2": self.single_step_r2,
-            "single_step_mse": self.single_step_mse,
-        }
+        """The four [S, N] tables by name."""
+        return {name: getattr(self, name) for name in METRICS}
 
     def summary(self) -> dict:
         """JSON-ready: the definition, the final-step means, and per-step means and per-sample values."""
@@ -75,13 +73,11 @@ class ComparisonResult:
         def rounded(values: torch.Tensor) -> list:
             return [None if math.isnan(v) else float(f"{v:.6g}") for v in values.tolist()]
 
-        def nanmean(values: torch.Tensor) -> torch.Tensor:
-            return values.nanmean(dim=-1)
-
         result: dict = {"r2_definition": R2_DEFINITION, "timesteps": self.timesteps, "final": {}, "per_step": {}}
         for name, values in self.metrics().items():
-            result["final"][name] = rounded(nanmean(values[-1:]))[0]
-            result["per_step"][name] = {"mean": rounded(nanmean(values)), "per_sample": [rounded(row) for row in values]}
+            means = rounded(values.nanmean(dim=1))  # samples without an R^2 (constant reference) are left out
+            result["final"][name] = means[-1]
+            result["per_step"][name] = {"mean": means, "per_sample": [rounded(row) for row in values]}
         return result
 
 
@@ -95,7 +91,7 @@ class BaselineComparison:
     """
 
     baseline: Denoiser
-    scheduler: object  # the DDIM scheduler the method samples with
+    scheduler: DDIMScheduler  # the scheduler the method samples with
     eta: float = 0.0
     seconds: float = 0.0  # wall time spent on the baseline and the metrics (kept out of the method's timings)
     _rows: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
@@ -108,8 +104,7 @@ class BaselineComparison:
         trajectory: list[torch.Tensor] = []
         final = sample(self.baseline, self.scheduler, x_T, noise, self.eta, callback=lambda s: trajectory.append(s.x0_hat))
         self._baseline_images.append(final.x0_hat.cpu())
-        metrics: dict[str, list[torch.Tensor]] = {name: [] for name in
-                                                   ("trajectory_r2", "trajectory_mse", "single_step_r2", "single_step_mse")}
+        metrics: dict[str, list[torch.Tensor]] = {name: [] for name in METRICS}
 
         def compare_step(step: Step) -> None:
             started = time.perf_counter()
@@ -151,22 +146,25 @@ def _pyplot():
 
 
 def plot_comparison(result: ComparisonResult, path: Path, method: str = "method", baseline: str = "UNet") -> None:
-    """One PNG: R^2 and MSE against the timestep (sampling order, left to right), mean and per-sample range."""
+    """One PNG: R^2 and MSE (log scale) against the timestep (sampling order, left to right), mean and per-sample range."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    t = result.timesteps
+    tables = result.metrics()
+    kinds = {"trajectory": "own trajectories", "single_step": f"{baseline} at {method}'s x_t"}
     for axis, metric in zip(axes, ("r2", "mse")):
-        for kind, label in (("trajectory", "own trajectories"), ("single_step", f"{baseline} at {method}'s x_t")):
-            values = result.metrics()[f"{kind}_{metric}"]
-            line = axis.plot(t, values.nanmean(1), marker="o", ms=3, label=label)[0]
-            finite = torch.where(values.isnan(), values.nanmean(1, keepdim=True), values)
-            axis.fill_between(t, finite.min(1).values, finite.max(1).values, color=line.get_color(), alpha=0.15)
-        axis.set(xlabel="timestep t", ylabel="R²" if metric == "r2" else "MSE", title=f"{method} vs {baseline}: "
-                 + ("R² (1 = identical)" if metric == "r2" else "MSE"))
+        for kind, label in kinds.items():
+            values = tables[f"{kind}_{metric}"]
+            line = axis.plot(result.timesteps, values.nanmean(1), marker="o", ms=3, label=label)[0]
+            filled = torch.where(values.isnan(), values.nanmean(1, keepdim=True), values)
+            axis.fill_between(result.timesteps, filled.min(1).values, filled.max(1).values, color=line.get_color(), alpha=0.15)
+        title = "R² (1 = identical)" if metric == "r2" else "MSE"
+        axis.set(xlabel="timestep t", ylabel=title.split()[0], title=f"{method} vs {baseline}: {title}")
         axis.invert_xaxis()
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    lowest = min(float(torch.nan_to_num(v, nan=1.0).min()) for k, v in result.metrics().items() if k.endswith("r2"))
+    if all(bool((tables[f"{kind}_mse"] > 0).all()) for kind in kinds):
+        axes[1].set_yscale("log")  # the first steps' errors are orders of magnitude above the last ones'
+    lowest = min(float(torch.nan_to_num(tables[f"{kind}_r2"], nan=1.0).min()) for kind in kinds)
     if lowest < R2_PLOT_FLOOR:
         axes[0].set_ylim(R2_PLOT_FLOOR, 1.05)
         axes[0].text(0.02, 0.02, f"values below {R2_PLOT_FLOOR} not shown", transform=axes[0].transAxes, fontsize=8)

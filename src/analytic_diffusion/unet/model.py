@@ -1,8 +1,10 @@
 """A standard DDPM UNet (Ho et al. 2020, arXiv 2006.11239, Appendix B) that predicts the noise eps(x_t, t).
 
-Residual blocks (GroupNorm, SiLU, dropout) with the sinusoidal embedding of the training timestep t in
-[0, 1000) added after their first convolution; channel widths `base_channels * multiplier` per resolution level;
-self-attention at the resolutions listed in `attention_resolutions` and in the middle block.
+Residual blocks (GroupNorm, SiLU, dropout) conditioned on the sinusoidal embedding of the training timestep t in
+[0, 1000); channel widths `base_channels * multiplier` per resolution level; self-attention at the resolutions
+listed in `attention_resolutions` and in the middle block. The embedding enters each block either as a scale and
+shift after its second GroupNorm (Dhariwal & Nichol 2021, "use_scale_shift_norm"; the default) or, as in the original
+DDPM, as a bias before it, which a GroupNorm with one channel per group removes entirely.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class UNetConfig:
     middle_attention: bool = True  # self-attention between the two residual blocks of the bottleneck
     attention_heads: int = 1  # heads of every self-attention block (DDPM uses one)
     norm_groups: int = 32  # GroupNorm groups (reduced to gcd(norm_groups, channels) for narrow layers)
+    scale_shift_norm: bool = True  # time embedding as GroupNorm scale/shift (ADM); False: added before it (DDPM)
 
 
 def check_architecture(config: UNetConfig, channels: int, resolution: int) -> None:
@@ -73,13 +76,16 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResidualBlock(nn.Module):
-    """norm-SiLU-conv, + time embedding, norm-SiLU-dropout-conv, plus a (1x1-projected) skip."""
+    """norm-SiLU-conv, norm conditioned on t, SiLU-dropout-conv, plus a (1x1-projected) skip."""
 
-    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float, groups: int):
+    def __init__(
+        self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float, groups: int, scale_shift: bool
+    ):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time = nn.Linear(embedding_dim, out_channels)
+        self.time = nn.Linear(embedding_dim, 2 * out_channels if scale_shift else out_channels)
         self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
@@ -87,8 +93,13 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time(F.silu(embedding))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        condition = self.time(F.silu(embedding))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = condition.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + condition)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -145,6 +156,9 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(base, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
         self.conv_in = nn.Conv2d(channels, base, 3, padding=1)
 
+        def residual(in_width: int, out_width: int) -> ResidualBlock:
+            return ResidualBlock(in_width, out_width, embedding_dim, dropout, groups, config.scale_shift_norm)
+
         def attention(width: int, size: int) -> list[nn.Module]:
             return [SelfAttention(width, config.attention_heads, groups)] if size in config.attention_resolutions else []
 
@@ -152,7 +166,7 @@ class UNet(nn.Module):
         skip_widths, width, size = [base], base, resolution
         for level, multiplier in enumerate(config.channel_multipliers):
             for _ in range(config.num_res_blocks):
-                block = [ResidualBlock(width, base * multiplier, embedding_dim, dropout, groups)]
+                block = [residual(width, base * multiplier)]
                 width = base * multiplier
                 self.down.append(nn.ModuleList(block + attention(width, size)))
                 skip_widths.append(width)
@@ -161,16 +175,16 @@ class UNet(nn.Module):
                 skip_widths.append(width)
                 size //= 2
 
-        middle = [ResidualBlock(width, width, embedding_dim, dropout, groups)]
+        middle = [residual(width, width)]
         if config.middle_attention:
             middle.append(SelfAttention(width, config.attention_heads, groups))
-        middle.append(ResidualBlock(width, width, embedding_dim, dropout, groups))
+        middle.append(residual(width, width))
         self.middle = nn.ModuleList(middle)
 
         self.up = nn.ModuleList()
         for level, multiplier in reversed(list(enumerate(config.channel_multipliers))):
             for _ in range(config.num_res_blocks + 1):
-                block = [ResidualBlock(width + skip_widths.pop(), base * multiplier, embedding_dim, dropout, groups)]
+                block = [residual(width + skip_widths.pop(), base * multiplier)]
                 width = base * multiplier
                 self.up.append(nn.ModuleList(block + attention(width, size)))
             if level > 0:
