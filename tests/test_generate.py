@@ -106,3 +106,11 @@ def test_non_finite_denoiser_output_stops_the_run_with_a_clear_error(monkeypatch
         _run("sampling.num_samples=2")
     (run_dir,) = (fresh_root / "runs" / "nearest_dataset").iterdir()
     assert (run_dir / "INCOMPLETE").exists()
+
+
+def test_locality_masks_are_drawn_next_to_the_samples():
+    small = [*FAST, "sampling.num_samples=2", "sampling.num_inference_steps=2", "dataset.subset_size=200"]
+    result = generate(load_config("pca_locality/mnist5k", small))
+    assert (result.run_dir / "masks.png").is_file()
+    no_masks = generate(load_config("pca_locality/mnist5k", [*small, "output.masks=false"]))
+    assert not (no_masks.run_dir / "masks.png").exists()

@@ -21,7 +21,8 @@ from .errors import StudioError
 from .devices import resolve_device, synchronize
 from .noise import batch_noise_sources
 from .runs import RunDirectory, save_grid, save_images, save_tensor
-from .sampling import Step, make_scheduler, sample
+from .mask_images import save_mask_images
+from .sampling import Step, make_scheduler, noise_level, sample
 from .search import knn_search
 from .tracking import log_run, wandb_module
 
@@ -143,6 +144,13 @@ def _save_intermediates(recorders: list[TrajectoryRecorder], folder: Path, save_
         save_tensor({"timesteps": recorders[0].timesteps, "x_t": x_t, "x0_hat": x0_hat}, folder / "trajectory.pt")
 
 
+def _save_masks(denoiser: Denoiser, scheduler, path: Path, count: int = 5) -> None:
+    """The locality masks of a few pixels at up to `count` timesteps of the schedule, spread evenly."""
+    timesteps = scheduler.timesteps.tolist()
+    picked = sorted({timesteps[round(i * (len(timesteps) - 1) / max(1, count - 1))] for i in range(count)}, reverse=True)
+    save_mask_images(denoiser, [noise_level(scheduler, t) for t in picked], None, path)
+
+
 def generate(cfg: StudioConfig) -> GenerateResult:
     """Run the configured method and write the run directory; the directory stays marked incomplete on failure."""
     device = resolve_device(cfg.experiment.device)
@@ -206,6 +214,8 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         save_grid(samples, run.path / "grid.png", cfg.output.grid_columns)
     if cfg.output.images:
         save_images(samples, run.path / "images")
+    if cfg.output.masks and hasattr(denoiser, "mask"):
+        _save_masks(denoiser, scheduler, run.path / "masks.png")
     if cfg.output.intermediates:
         _save_intermediates(recorders, run.path / "intermediates", cfg.output.tensors)
     trajectory = _merge_batches(recorders)

