@@ -78,7 +78,8 @@ def read_checkpoint(path: str | Path) -> UNetCheckpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        reason = text.splitlines()[0].split(". ")[0][:120] if text else type(exc).__name__  # its first sentence
         raise StudioError(f"cannot read UNet checkpoint {path}: the file is corrupt or truncated ({reason}); retrain it") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise StudioError(f"{path} is not a UNet checkpoint written by `ads train-unet`")
