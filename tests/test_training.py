@@ -16,7 +16,7 @@ from unet_helpers import TINY, tiny_training, toy_store
 
 from analytic_diffusion.errors import StudioError
 from analytic_diffusion.unet import load_unet, read_checkpoint
-from analytic_diffusion.unet.training import learning_rate, train
+from analytic_diffusion.unet.training import learning_rate, min_snr_loss, train
 
 KILL_SCRIPT = textwrap.dedent(
     """
@@ -108,10 +108,24 @@ def test_resume_refuses_another_architecture_or_dataset(tmp_path):
         train(tiny_training(resume=False), toy_store(), tmp_path, progress_bar=False)
 
 
-@pytest.mark.parametrize(("key", "value"), [("epochs", 0), ("learning_rate", 0.0), ("mixed_precision", "fp8"), ("lr_schedule", "linear")])
+@pytest.mark.parametrize(("key", "value"), [("epochs", 0), ("learning_rate", 0.0), ("mixed_precision", "fp8"), ("lr_schedule", "linear"), ("loss_weighting", "snr"), ("min_snr_gamma", 0.0)])
 def test_bad_training_values_are_refused(tmp_path, key, value):
     with pytest.raises(StudioError, match=key):
         train(tiny_training(**{key: value}), toy_store(), tmp_path, progress_bar=False)
+
+
+def test_min_snr_loss_weights_each_sample_by_min_snr_over_snr():
+    prediction, eps = torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    alpha_bar = torch.tensor([0.5, 0.9])  # SNR 1 (kept whole) and 9 (weighted 5 / 9)
+    assert min_snr_loss(prediction, eps, alpha_bar, gamma=5.0).item() == pytest.approx((1.0 + 4.0 * 5 / 9) / 2)
+    assert min_snr_loss(prediction, eps, alpha_bar, gamma=100.0).item() == pytest.approx(((prediction - eps) ** 2).mean().item())
+
+
+def test_min_snr_training_records_the_unweighted_loss(tmp_path):
+    uniform = train(tiny_training(epochs=1), toy_store(), tmp_path / "uniform", progress_bar=False)
+    weighted = train(tiny_training(epochs=1, loss_weighting="min_snr"), toy_store(), tmp_path / "min_snr", progress_bar=False)
+    assert weighted.losses[0] == uniform.losses[0]  # same weights and batch at step 1: the same eps MSE is recorded
+    assert weighted.losses[1:] != uniform.losses[1:]  # but the weighted objective took a different step
 
 
 def test_train_unet_command_trains_and_resumes(tmp_path, capsys):

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 LR_SCHEDULES = ("constant", "cosine")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 @dataclass
@@ -47,6 +48,8 @@ class TrainingConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_steps: int = 1000  # linear learning-rate warm-up from 0 over this many steps
     lr_schedule: str = "constant"  # constant | cosine: anneal to 0 by the last step of `epochs` (short runs)
+    loss_weighting: str = "uniform"  # uniform: the eps MSE of DDPM | min_snr: weighted by min(SNR_t, gamma) / SNR_t
+    min_snr_gamma: float = 5.0  # gamma of min_snr (Hang et al. 2023, arXiv 2303.09556): SNR_t = ab_t / (1 - ab_t)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     ema_decay: float = 0.9999  # decay of the exponential moving average of the weights
     ema_warmup: bool = True  # use min(ema_decay, (1 + n) / (10 + n)) after n updates, so short runs get a useful EMA
@@ -55,6 +58,7 @@ class TrainingConfig:
     checkpoint_every: int = 10  # write a checkpoint every this many epochs (and always after the last)
     preview_samples: int = 64  # images in samples.png, sampled with the EMA weights at each checkpoint; 0 = none
     preview_steps: int = 50  # DDIM steps used for samples.png
+    preview_eta: float = 0.0  # DDIM eta of samples.png (1 = ancestral, DDPM-like: kinder to an undertrained network)
     resume: bool = True  # continue from <output>/checkpoint.pt if it exists (False: refuse to overwrite it)
 
 
@@ -87,8 +91,14 @@ def check_training_config(config: TrainingConfig) -> None:
         raise StudioError(f"training.mixed_precision must be one of {', '.join(PRECISIONS)}, not '{config.mixed_precision}'")
     if config.lr_schedule not in LR_SCHEDULES:
         raise StudioError(f"training.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not '{config.lr_schedule}'")
+    if config.loss_weighting not in LOSS_WEIGHTINGS:
+        raise StudioError(f"training.loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, not '{config.loss_weighting}'")
+    if config.min_snr_gamma <= 0:
+        raise StudioError(f"training.min_snr_gamma must be positive, got {config.min_snr_gamma}")
     if config.preview_steps < 1:
         raise StudioError(f"training.preview_steps must be at least 1, got {config.preview_steps}")
+    if config.preview_eta < 0:
+        raise StudioError(f"training.preview_eta must not be negative, got {config.preview_eta}")
 
 
 def learning_rate(config: TrainingConfig, step: int, total_steps: int) -> float:
@@ -259,11 +269,14 @@ def save_loss_plot(path: Path, losses: list[float], epoch_losses: list[float], s
 
 
 @torch.no_grad()
-def save_preview(path: Path, network: UNet, schedule: NoiseSchedule, count: int, steps: int, seed: int) -> None:
+def save_preview(
+    path: Path, network: UNet, schedule: NoiseSchedule, count: int, steps: int, seed: int, eta: float = 0.0
+) -> None:
     """samples.png: `count` DDIM samples of the network from a fixed seed, without touching the training RNGs."""
     from torchvision.utils import make_grid, save_image
 
     from ..denoisers.unet import UNetDenoiser
+    from ..noise import SharedNoise
     from ..sampling import SchedulerOptions, make_scheduler, sample
 
     device = next(network.parameters()).device
@@ -276,9 +289,18 @@ def save_preview(path: Path, network: UNet, schedule: NoiseSchedule, count: int,
     denoiser = UNetDenoiser(device=device).use_network(network, schedule)
     generator = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn((count, network.channels, network.resolution, network.resolution), generator=generator, device=device)
-    images = sample(denoiser, make_scheduler(options), x_T).x0_hat
+    noise = SharedNoise(generator, count, tuple(x_T.shape[1:]))  # the scheduler's variance noise when eta > 0
+    images = sample(denoiser, make_scheduler(options), x_T, noise, eta).x0_hat
     grid = make_grid(((images + 1) / 2).clamp(0, 1).cpu(), nrow=max(1, round(math.sqrt(count))), padding=2)
     atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
+
+
+def min_snr_loss(prediction: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weighted eps MSE (Hang et al. 2023, eq. 6 for eps prediction): each sample's MSE times
+    min(SNR_t, gamma) / SNR_t, so the nearly clean timesteps no longer dominate the gradient; mean over the batch."""
+    snr = alpha_bar / (1 - alpha_bar)
+    per_sample = (prediction - eps).square().flatten(1).mean(1)
+    return (per_sample * snr.clamp(max=gamma) / snr).mean()
 
 
 def _diffuse(
@@ -353,8 +375,9 @@ def train(
             with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
                 prediction = network(x_t, t)
             loss = F.mse_loss(prediction.float(), eps)
+            objective = loss if config.loss_weighting == "uniform" else min_snr_loss(prediction.float(), eps, alphas_cumprod[t], config.min_snr_gamma)
             trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.scaler.scale(loss).backward()
+            trainer.scaler.scale(objective).backward()
             if config.grad_clip > 0:
                 trainer.scaler.unscale_(trainer.optimizer)
                 torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)
@@ -378,7 +401,7 @@ def train(
             _save(trainer, path, config, store, schedule)
             save_loss_plot(output_dir / "loss.png", progress.losses, progress.epoch_losses, steps_per_epoch)
             if config.preview_samples:
-                save_preview(output_dir / "samples.png", trainer.ema.network, schedule, config.preview_samples, config.preview_steps, seed)
+                save_preview(output_dir / "samples.png", trainer.ema.network, schedule, config.preview_samples, config.preview_steps, seed, config.preview_eta)
     bar.close()
     result = TrainingResult(
         path, progress.epoch, progress.step, progress.losses, progress.epoch_losses, progress.seconds, count_parameters(network)
