@@ -6,7 +6,7 @@ the dense [n, n] mask by einsum (O(B N n^2)); its softmax is the same streaming 
 Ours runs with the mask plan of each timestep already built (as from the second sampling batch on); the plan's
 one-off cost is reported separately.
 
-    PYTHONPATH=src python benchmarks/bench_pca_locality.py --dataset mnist --repeats 3
+    PYTHONPATH=src python benchmarks/bench_pca_locality.py --dataset mnist --repeats 3 --threads 1
     PYTHONPATH=src python benchmarks/bench_pca_locality.py --dataset cifar --num-images 2000
 """
 
@@ -92,7 +92,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps (timesteps benchmarked)")
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs per timestep")
     parser.add_argument("--baseline-chunk", type=int, default=500, help="images per chunk of the dense baseline")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.dataset == "mnist":
         store, threshold = mnist_store(args.num_images or 5000), 0.005
