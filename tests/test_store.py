@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 from analytic_diffusion.data import store as store_module
-from analytic_diffusion.data.store import StoreRequest, load_or_build_store
+from analytic_diffusion.data.store import DatasetStore, StoreRequest, load_or_build_store
 from analytic_diffusion.errors import StudioError
 
 
@@ -87,6 +89,29 @@ def test_interrupted_build_is_not_trusted(tmp_path, monkeypatch):
     monkeypatch.undo()
     _, info = _load(tmp_path, name="mnist5k", subset_size=10)
     assert info["built"]
+
+
+def test_leftovers_of_killed_builds_are_removed_once_stale(tmp_path):
+    """SIGKILL skips the build's own cleanup; the next build of that entry removes leftovers older than
+    STALE_BUILD_SECONDS and keeps younger ones (they may be a build running in another process)."""
+    _, info = _load(tmp_path, name="mnist5k", subset_size=10)
+    final = Path(info["path"])
+    stale, fresh = final.parent / f".building-{final.name}-dead0001", final.parent / f".building-{final.name}-live0001"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "images.npy").write_bytes(b"partial")
+    old = time.time() - store_module.STALE_BUILD_SECONDS - 60
+    os.utime(stale, (old, old))
+    shutil.rmtree(final)  # force a rebuild of the same entry
+    _, info = _load(tmp_path, name="mnist5k", subset_size=10)
+    assert info["built"] and not stale.exists() and fresh.exists()
+
+
+def test_in_memory_float_images_must_lie_in_model_space():
+    DatasetStore.from_tensor(torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4))
+    for bad in (torch.full((1, 1, 4, 4), 1.5), torch.full((1, 1, 4, 4), float("nan"))):
+        with pytest.raises(StudioError, match="finite and in \\[-1, 1\\]"):
+            DatasetStore.from_tensor(bad)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from ..fileio import atomic_write_json
 from .sources import ImageSource, SourceRequest, dataset_source
 
 STORE_FORMAT = 1  # bump when preprocessing changes, so old cache entries are never reused
+STALE_BUILD_SECONDS = 6 * 3600  # a killed build's temporary folder older than this is removed by the next build
 
 
 @dataclass
@@ -41,6 +42,8 @@ class DatasetStore:
     def from_tensor(cls, images: torch.Tensor, name: str = "memory") -> DatasetStore:
         """An in-memory store (tests, notebooks): uint8 pixels or float images already in [-1, 1]."""
         images = images.contiguous()
+        if images.is_floating_point() and not (images.isfinite().all() and images.abs().max() <= 1.0 + 1e-6):
+            raise StudioError("float images of an in-memory store must be finite and in [-1, 1]; rescale them or pass uint8")
         digest = hashlib.sha256(images.numpy().tobytes() + str(tuple(images.shape)).encode()).hexdigest()
         return cls(name, digest[:16], images)
 
@@ -218,6 +221,17 @@ def _source_kind(source: ImageSource) -> bool:
     return False
 
 
+def _remove_stale_builds(final: Path) -> None:
+    """Delete leftovers of builds of this entry that were killed (SIGKILL, power cut) more than
+    STALE_BUILD_SECONDS ago; younger ones may belong to a build still running in another process."""
+    for leftover in final.parent.glob(f".building-{final.name}-*"):
+        try:
+            if time.time() - leftover.stat().st_mtime > STALE_BUILD_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except FileNotFoundError:  # removed meanwhile by its own process
+            pass
+
+
 def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: Path) -> tuple[DatasetStore, dict]:
     """Return the store for `request`, decoding it only if no complete cache entry for its fingerprint exists."""
     started = time.perf_counter()
@@ -234,6 +248,7 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     built = not (final / "images.npy").is_file()
     if built:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(final)
         tmp = final.parent / f".building-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
