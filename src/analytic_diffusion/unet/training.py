@@ -373,9 +373,11 @@ def train(
         for index, batch in enumerate(order.view(steps_per_epoch, batch_size)):
             x_t, t, eps = _diffuse(store.decode(images[batch.to(device)]), alphas_cumprod, trainer.noise_rng, config.random_flip)
             with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
-                prediction = network(x_t, t)
-            loss = F.mse_loss(prediction.float(), eps)
-            objective = loss if config.loss_weighting == "uniform" else min_snr_loss(prediction.float(), eps, alphas_cumprod[t], config.min_snr_gamma)
+                prediction = network(x_t, t).float()
+            loss = F.mse_loss(prediction, eps)  # recorded and plotted: the plain eps MSE whatever the weighting
+            objective = loss
+            if config.loss_weighting == "min_snr":
+                objective = min_snr_loss(prediction, eps, alphas_cumprod[t], config.min_snr_gamma)
             trainer.optimizer.zero_grad(set_to_none=True)
             trainer.scaler.scale(objective).backward()
             if config.grad_clip > 0:
@@ -401,7 +403,10 @@ def train(
             _save(trainer, path, config, store, schedule)
             save_loss_plot(output_dir / "loss.png", progress.losses, progress.epoch_losses, steps_per_epoch)
             if config.preview_samples:
-                save_preview(output_dir / "samples.png", trainer.ema.network, schedule, config.preview_samples, config.preview_steps, seed, config.preview_eta)
+                save_preview(
+                    output_dir / "samples.png", trainer.ema.network, schedule,
+                    config.preview_samples, config.preview_steps, seed, config.preview_eta,
+                )
     bar.close()
     result = TrainingResult(
         path, progress.epoch, progress.step, progress.losses, progress.epoch_losses, progress.seconds, count_parameters(network)
