@@ -88,7 +88,3 @@ class RunDirectory:
 
     def mark_complete(self) -> None:
         (self.path / INCOMPLETE).unlink(missing_ok=True)
-
-    @property
-    def is_complete(self) -> bool:
-        return not (self.path / INCOMPLETE).exists()

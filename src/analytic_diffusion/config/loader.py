@@ -87,7 +87,7 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 def _schema_error(exc: OmegaConfBaseException) -> StudioError:
     key = getattr(exc, "full_key", None) or "?"
     if isinstance(exc, ConfigKeyError):
-        parent, _, leaf = key.rpartition(".")
+        parent = key.rpartition(".")[0]
         node = OmegaConf.structured(StudioConfig)
         valid = list(OmegaConf.select(node, parent).keys()) if parent else list(node.keys())
         where = f"in section '{parent}'" if parent else "at the top level"
