@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 class StreamingSoftmax:
@@ -31,16 +32,19 @@ class StreamingSoftmax:
         chunk_max = logits.amax(dim=-1)
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
         # weights near the underflow limit (exp(-87) in float32) make the CPU exp and the products that follow
-        # 20-50x slower (subnormal numbers); flooring the exponent at log(tiny) / 2 (e^-43.7 in float32) changes
+        # 20-50x slower (subnormal numbers); zeroing those below log(tiny) / 2 (e^-43.7 in float32) changes
         # a sum whose largest term is 1 by at most K * e^-43.7, far below float precision
         floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
-        weights = torch.exp((logits - new_max.unsqueeze(-1)).clamp_(min=floor))
+        # rows whose logits are all -inf so far hold nothing yet: shift them by 0, not by -inf (-inf - -inf = NaN
+        # would poison every later chunk); -inf logits get weight exactly 0, an all -inf row a NaN mean
+        shift = new_max.masked_fill(new_max == -math.inf, 0.0)
+        weights = torch.exp(F.threshold_(logits - shift.unsqueeze(-1), floor, -math.inf))
         chunk_sum = weighted_sum(weights)
         if self.max is None:
             self.total, self.numerator = weights.sum(-1), chunk_sum
             self.squares = weights.square().sum(-1) if self.track_concentration else None
         else:
-            rescale = torch.exp(self.max - new_max)
+            rescale = torch.exp(self.max - shift)
             self.total = self.total * rescale + weights.sum(-1)
             self.numerator = self.numerator * _trailing(rescale, self.numerator) + chunk_sum
             if self.track_concentration:
