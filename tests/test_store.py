@@ -114,6 +114,13 @@ def test_in_memory_float_images_must_lie_in_model_space():
             DatasetStore.from_tensor(bad)
 
 
+def test_in_memory_integer_images_other_than_uint8_are_rejected():
+    """int64 pixels (torch.randint's default) would otherwise be taken as model-space values 0..255."""
+    for dtype in (torch.int64, torch.int16, torch.bool):
+        with pytest.raises(StudioError, match="uint8 pixels or floats"):
+            DatasetStore.from_tensor(torch.zeros(2, 1, 4, 4, dtype=dtype))
+
+
 @pytest.mark.parametrize(
     ("name", "make", "message"),
     [

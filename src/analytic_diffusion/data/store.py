@@ -42,6 +42,8 @@ class DatasetStore:
     def from_tensor(cls, images: torch.Tensor, name: str = "memory") -> DatasetStore:
         """An in-memory store (tests, notebooks): uint8 pixels or float images already in [-1, 1]."""
         images = images.contiguous()
+        if not (images.dtype == torch.uint8 or images.is_floating_point()):
+            raise StudioError(f"images of an in-memory store must be uint8 pixels or floats in [-1, 1], not {images.dtype}")
         if images.is_floating_point() and not (images.isfinite().all() and images.abs().max() <= 1.0 + 1e-6):
             raise StudioError("float images of an in-memory store must be finite and in [-1, 1]; rescale them or pass uint8")
         digest = hashlib.sha256(images.numpy().tobytes() + str(tuple(images.shape)).encode()).hexdigest()
