@@ -140,6 +140,23 @@ def test_late_timestep_split_between_two_images_matches_float64(alpha_bar):
     assert (naive_mean - expected.flatten(1)).abs().max().item() > 1e-2
 
 
+@pytest.mark.parametrize("timestep", [0, 5, 20])
+def test_many_near_duplicates_at_late_steps_match_float64(timestep):
+    """40 copies of one image, each one grey level off in one pixel, share the weight at late steps: more near
+    ties per chunk than the float64 rescoring of the nearest few covers, so the products must be exact."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (3 * 16 * 16,), generator=g, dtype=torch.uint8)
+    copies = base.repeat(40, 1)
+    pixel = torch.randint(0, base.numel(), (40,), generator=g)
+    copies[torch.arange(40), pixel] = torch.where(base[pixel] < 255, base[pixel] + 1, base[pixel] - 1)
+    others = torch.randint(0, 256, (30, base.numel()), generator=g, dtype=torch.uint8)
+    store = DatasetStore.from_tensor(torch.cat([others[:15], copies, others[15:]]).reshape(-1, 3, 16, 16))
+    level = noise_level(make_scheduler(SchedulerOptions(num_inference_steps=1000)), timestep)
+    clean = store.decode(base.reshape(1, 3, 16, 16)).expand(2, -1, -1, -1)
+    x_t = forward_noised(clean, level, seed=timestep)
+    assert_matches_reference(OptimalDenoiser().fit(store)(x_t, level), x_t, store, level)
+
+
 def few_digits_store() -> DatasetStore:
     return DatasetStore.from_tensor(mnist_digits()[:300])
 

@@ -23,6 +23,7 @@ from .base import Denoised, Denoiser, NoiseLevel, register_denoiser
 
 MODES = ("exact", "topk")
 RESCORED_PER_CHUNK = 16  # nearest candidates of each chunk whose q.y is recomputed in float64
+FLOAT32_LOGIT_NOISE = 1e-4  # above this typical float32 logit error (c u ||q|| ||y||), every product is float64
 MAX_LOGIT_SCALE = 1e30  # c beyond this is already the nearest-neighbour limit; the cap keeps c * distance finite
 WEIGHT_FLOOR = 2.0**-100  # softmax weights (relative to the largest) dropped from weighted sums: they change
 # nothing, and as float32 subnormals they would slow the matrix product down a hundredfold on CPUs
@@ -78,6 +79,7 @@ class OptimalDenoiser(Denoiser):
             self._decoded(start, start + chunk, self.device, dtype).square().sum(-1)
             for start in range(0, store.num_images, chunk)
         ])
+        self.max_norm = self.squared_norms.max().sqrt().item()
         return self
 
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
@@ -102,24 +104,29 @@ class OptimalDenoiser(Denoiser):
         return Denoised(x0_hat, diagnostics)
 
     def _stream_exact(self, query: torch.Tensor, scale: float) -> tuple[StreamingSoftmax, torch.Tensor]:
-        """Softmax over the whole store, ||q - y||^2 = ||q||^2 - 2 q.y + ||y||^2 with q.y from a float32 product.
+        """Softmax over the whole store, ||q - y||^2 = ||q||^2 - 2 q.y + ||y||^2.
 
-        Float32 products err by ~1e-7 ||q|| ||y||, which c (5,000 at t = 0) turns into logit errors of order
-        one: the RESCORED_PER_CHUNK nearest candidates of each chunk, which carry the weight whenever c is
-        large, get their products recomputed in float64.
+        A float32 product errs by about u ||q|| ||y|| (u = 2^-24), which c (5,000 at t = 0) turns into logit
+        errors of order one. While that error stays below FLOAT32_LOGIT_NOISE, q.y comes from a float32 product
+        and only the RESCORED_PER_CHUNK nearest candidates of each chunk (those that carry the weight when c is
+        large) are recomputed in float64; beyond it (the last steps) every product is float64, so that many near
+        ties, such as near-duplicate images, are weighed right too.
         """
         softmax = StreamingSoftmax(track_concentration=True)
         top_index = torch.zeros(query.shape[0], dtype=torch.int64, device=query.device)
-        query_low = query.to(torch.float32)
         query_norms = query.square().sum(-1, keepdim=True)
-        chunk = self._chunk_rows(query.shape[0])
+        float32_noise = scale * torch.finfo(torch.float32).eps * query_norms.max().sqrt().item() * self.max_norm
+        product_dtype = query.dtype if float32_noise > FLOAT32_LOGIT_NOISE else torch.float32
+        query_low = query.to(product_dtype)
+        chunk = self._chunk_rows(query.shape[0], torch.finfo(product_dtype).bits // 8)
         for start in range(0, self.store.num_images, chunk):
-            rows = self._decoded(start, start + chunk, query.device, torch.float32)
+            rows = self._decoded(start, start + chunk, query.device, product_dtype)
             row_norms = self.squared_norms[start : start + chunk].to(query.device)
             distances = query_norms + row_norms - 2 * (query_low @ rows.T).to(query.dtype)
-            nearest = distances.topk(min(RESCORED_PER_CHUNK, rows.shape[0]), dim=1, largest=False).indices
-            rescored = _squared_distances(query, query_norms, rows[nearest], row_norms[nearest])
-            distances = distances.scatter(1, nearest, rescored)
+            if product_dtype != query.dtype:
+                nearest = distances.topk(min(RESCORED_PER_CHUNK, rows.shape[0]), dim=1, largest=False).indices
+                rescored = _squared_distances(query, query_norms, rows[nearest], row_norms[nearest])
+                distances = distances.scatter(1, nearest, rescored)
             top_index = _update(softmax, -scale * distances, lambda p: _weighted_sum(p, rows),
                                 top_index, lambda arg: arg + start)
         return softmax, top_index
@@ -142,12 +149,12 @@ class OptimalDenoiser(Denoiser):
                                 top_index, lambda arg: indices.gather(1, arg[:, None])[:, 0])
         return softmax, top_index
 
-    def _chunk_rows(self, num_queries: int) -> int:
+    def _chunk_rows(self, num_queries: int, bytes_per_value: int = 4) -> int:
         """Dataset images per chunk: chunk_size, else CHUNK_ROWS or more for many queries, within CHUNK_BYTES."""
         if self.params.chunk_size is not None:
             return self.params.chunk_size
         wanted = max(CHUNK_ROWS, 4 * num_queries * RESCORED_PER_CHUNK)
-        return max(1, min(wanted, CHUNK_BYTES // (4 * self.store.dim + 32 * num_queries)))
+        return max(1, min(wanted, CHUNK_BYTES // (bytes_per_value * self.store.dim + 32 * num_queries)))
 
     def _decoded(self, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Images [start, stop) as [K, n] in model space, decoded from the compact copy on the working device."""
