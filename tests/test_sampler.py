@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
@@ -52,3 +53,10 @@ def test_callback_sees_every_step_in_order():
            x_T, callback=lambda step: seen.append((step.index, step.timestep, step.x_t.shape)))
     assert [(i, t) for i, t, _ in seen] == [(0, 750), (1, 500), (2, 250), (3, 0)]
     assert all(shape == x_T.shape for *_, shape in seen)
+
+
+def test_eta_above_zero_without_a_noise_source_is_refused():
+    """Otherwise diffusers draws the variance noise from torch's global generator, outside the run's seed."""
+    with pytest.raises(ValueError, match="eta > 0 needs a noise source"):
+        sample(lambda x, level, noise=None: Denoised(torch.zeros_like(x)), make_scheduler(SchedulerOptions()),
+               torch.zeros(1, 1, 2, 2), eta=1.0)

@@ -84,8 +84,11 @@ def sample(
 ) -> Denoised:
     """Run DDIM from x_T over `scheduler.timesteps`; return the final step's estimate and diagnostics.
 
-    `noise` feeds stochastic denoisers and, when eta > 0, the scheduler's variance noise.
+    `noise` feeds stochastic denoisers and, when eta > 0, the scheduler's variance noise (required then: without
+    it diffusers would draw from torch's global generator and the run would not follow its seed).
     """
+    if eta > 0 and noise is None:
+        raise ValueError("sampling with eta > 0 needs a noise source (e.g. SharedNoise) for its variance noise")
     x_t = x_T
     result = Denoised(x_T)
     for index, t in enumerate(scheduler.timesteps.tolist()):
@@ -94,6 +97,6 @@ def sample(
             callback(Step(index, t, x_t, result.x0_hat, result.diagnostics))
         alpha_bar = scheduler.alphas_cumprod[t].to(x_t.device)
         eps = epsilon_from_x0(x_t, result.x0_hat, alpha_bar)
-        variance_noise = noise.randn() if eta > 0 and noise is not None else None
+        variance_noise = noise.randn() if eta > 0 else None
         x_t = scheduler.step(eps, t, x_t, eta=eta, variance_noise=variance_noise).prev_sample
     return result
