@@ -48,6 +48,8 @@ def test_absolute_path_and_user_defaults_chain(tmp_path: Path):
         (["sampling.timestep_spacing=leadin"], "did you mean 'leading'"),
         (["sampling.num_inference_steps=5000"], "cannot exceed"),
         (["oops"], "key=value"),
+        (["sampling=3"], "a section holds keys"),
+        (["model=3"], "a section holds keys"),
     ],
 )
 def test_bad_input_is_one_line_error_naming_the_fix(overrides, expected):

@@ -94,7 +94,10 @@ def _schema_error(exc: OmegaConfBaseException) -> StudioError:
         full = [f"{parent}.{name}" if parent else name for name in valid]
         return StudioError(f"unknown config key '{key}'{closest(key, full)}; valid keys {where}: {', '.join(valid)}")
     if isinstance(exc, ValidationError):
-        message = str(getattr(exc, "msg", exc)).splitlines()[0]
+        message = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+        if key == "?":  # a whole section replaced by a value, e.g. `sampling=3`
+            return StudioError(f"invalid config: {message}; a section holds keys, set one of them "
+                               "(e.g. sampling.num_samples=16, not sampling=16)")
         return StudioError(f"bad value for config key '{key}': {message}")
     return StudioError(f"invalid config: {str(exc).splitlines()[0]}")
 
