@@ -50,6 +50,8 @@ def test_absolute_path_and_user_defaults_chain(tmp_path: Path):
         (["oops"], "key=value"),
         (["sampling=3"], "a section holds keys"),
         (["model=3"], "a section holds keys"),
+        (["model.params=3"], "model.params must be a mapping"),
+        (["model.params=[1,2]"], "not a list"),
     ],
 )
 def test_bad_input_is_one_line_error_naming_the_fix(overrides, expected):

@@ -113,6 +113,9 @@ def method_params(name: str, given: Any) -> Any:
     """The method's Params dataclass filled from `given`, rejecting unknown keys and wrong types."""
     cls = denoiser_class(name).Params
     valid = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(given, (DictConfig, dict)) and given is not None:
+        raise StudioError(f"model.params must be a mapping of the method's parameters (e.g. model.params.<name>=value), "
+                          f"not {given!r}; parameters of '{name}': {', '.join(valid) if valid else 'none'}")
     given = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given or {})
     for key in given:
         if key not in valid:
@@ -171,6 +174,9 @@ def load_config(config: str | os.PathLike | None = None, overrides: list[str] | 
         cfg: StudioConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _schema_error(exc) from None
+    except TypeError as exc:  # OmegaConf's "Cannot merge incompatible container types": a list where a mapping is
+        raise StudioError(f"invalid config: {exc}; model.params and every section take keys "
+                          "(e.g. model.params.temperature=2), not a list") from None
     cfg.model.params = method_params(cfg.model.name, cfg.model.params)
     _validate(cfg)
     return cfg
