@@ -60,6 +60,15 @@ def test_bad_input_is_one_line_error_naming_the_fix(overrides, expected):
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("defaults", ["5", "nearest_dataset/mnist5k"])
+def test_defaults_that_are_not_a_list_are_a_one_line_error(tmp_path: Path, defaults):
+    config = tmp_path / "user.yaml"
+    config.write_text(f"defaults: {defaults}\n")
+    with pytest.raises(StudioError, match="must be a list of config names") as info:
+        load_config(str(config))
+    assert "\n" not in str(info.value)
+
+
 def test_unknown_config_file_suggests_closest():
     with pytest.raises(StudioError, match="did you mean 'nearest_dataset/mnist5k'"):
         load_config("nearest_dataset/mnist5")

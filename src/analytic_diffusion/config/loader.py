@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..data.sources import DATASETS
@@ -76,6 +76,9 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(raw, DictConfig):
         raise StudioError(f"config {path} must be a mapping of sections, not a list")
     defaults = raw.pop("defaults", [])
+    if not isinstance(defaults, (ListConfig, list)):
+        raise StudioError(f"config {path}: `defaults:` must be a list of config names (e.g. [defaults, datasets/mnist5k]), "
+                          f"not {defaults!r}")
     merged = OmegaConf.create()
     for entry in defaults:
         if str(entry) == "_self_":
