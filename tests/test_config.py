@@ -43,6 +43,8 @@ def test_absolute_path_and_user_defaults_chain(tmp_path: Path):
         (["dataset.name=mnist5"], "did you mean 'mnist5k'"),
         (["model.params.timestep_awar=true"], "did you mean 'timestep_aware'"),
         (["experiment.seed=abc"], "experiment.seed"),
+        (["experiment.seed=-1", "sampling.per_sample_seeds=true"], "experiment.seed must be in"),
+        (["experiment.seed=18446744073709551616"], "experiment.seed must be in"),
         (["sampling.num_samples=0"], "at least 1"),
         (["experiment.device=gpu"], "experiment.device"),
         (["sampling.timestep_spacing=leadin"], "did you mean 'leading'"),

@@ -157,6 +157,8 @@ def _validate(cfg: StudioConfig) -> None:
             f"sampling.num_inference_steps ({cfg.sampling.num_inference_steps}) cannot exceed "
             f"sampling.num_train_timesteps ({cfg.sampling.num_train_timesteps})"
         )
+    if not 0 <= cfg.experiment.seed < 2**64:  # what torch.Generator.manual_seed and the per-sample seeds accept
+        raise StudioError(f"experiment.seed must be in [0, 2**64), got {cfg.experiment.seed}")
     if cfg.sampling.eta < 0:
         raise StudioError(f"sampling.eta must be >= 0, got {cfg.sampling.eta}")
     if cfg.dataset.num_workers < 0:
