@@ -72,6 +72,23 @@ def test_defaults_that_are_not_a_list_are_a_one_line_error(tmp_path: Path, defau
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.params.temperature=0", "temperature must be > 0"),
+        ("model.params.temperature=-1", "temperature must be > 0"),
+        ("model.params.mask_threshold=-0.5", "mask_threshold must be in [0, 1]"),
+        ("model.params.mask_threshold=2", "mask_threshold must be in [0, 1]"),
+        ("model.params.flat_fraction=-1", "flat_fraction must be in [0, 1]"),
+        ("model.params.chunk_size=-1", "chunk_size must be at least 1"),
+    ],
+)
+def test_pca_locality_parameters_are_checked_with_the_config(override, expected):
+    with pytest.raises(StudioError) as info:
+        load_config("pca_locality/mnist5k", [override])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
 def test_unknown_config_file_suggests_closest():
     with pytest.raises(StudioError, match="did you mean 'nearest_dataset/mnist5k'"):
         load_config("nearest_dataset/mnist5")
