@@ -145,3 +145,14 @@ def test_array_sources_uint8_and_float(tmp_path):
     np.save(tmp_path / "bad.npy", floats * 3)
     with pytest.raises(StudioError, match=r"in \[-1, 1\]"):
         _load(tmp_path, name="array", path=str(tmp_path / "bad.npy"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3.0])
+def test_every_float_image_is_checked_not_only_the_first(tmp_path, bad):
+    floats = np.random.default_rng(3).uniform(-1, 1, (6, 1, 5, 5)).astype(np.float32)
+    floats[4, 0, 2, 2] = bad
+    np.save(tmp_path / "late.npy", floats)
+    with pytest.raises(StudioError, match=r"image 4 of .*finite and in \[-1, 1\]") as info:
+        _load(tmp_path, name="array", path=str(tmp_path / "late.npy"))
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "cache" / "stores").glob("array-*"))

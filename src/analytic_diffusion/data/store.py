@@ -114,6 +114,8 @@ def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channe
 def _to_chw_float(item: np.ndarray, resolution: int | None, channels: int) -> np.ndarray:
     """One float image [C, H, W] in model space, resized bilinearly and channel-converted like the uint8 path."""
     tensor = torch.as_tensor(np.asarray(item, dtype=np.float32))
+    if not (tensor.isfinite().all() and tensor.abs().max() <= 1.0 + 1e-6):
+        raise ValueError("float images must be finite and in [-1, 1]; rescale them or save uint8")
     if tensor.ndim == 2:
         tensor = tensor[None]
     if tensor.shape[0] != channels:
