@@ -147,6 +147,22 @@ def test_array_sources_uint8_and_float(tmp_path):
         _load(tmp_path, name="array", path=str(tmp_path / "bad.npy"))
 
 
+@pytest.mark.parametrize(
+    ("save", "message"),
+    [
+        (lambda p: np.save(p / "a.npy", np.zeros(100, np.uint8)), r"shape \(100,\), not images"),
+        (lambda p: np.save(p / "a.npy", np.zeros((2, 1, 3, 8, 8), np.uint8)), r"shape \(2, 1, 3, 8, 8\), not images"),
+        (lambda p: np.savez(p / "a.npz"), "holds no arrays"),
+    ],
+)
+def test_array_files_that_hold_no_images_are_named(tmp_path, save, message):
+    save(tmp_path)
+    path = next(tmp_path.glob("a.np*"))
+    with pytest.raises(StudioError, match=message) as info:
+        _load(tmp_path, name="array", path=str(path))
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3.0])
 def test_every_float_image_is_checked_not_only_the_first(tmp_path, bad):
     floats = np.random.default_rng(3).uniform(-1, 1, (6, 1, 5, 5)).astype(np.float32)

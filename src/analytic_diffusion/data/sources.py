@@ -194,8 +194,14 @@ def array(request: SourceRequest) -> ImageSource:
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
+            if not loaded.files:
+                raise ValueError("the .npz file holds no arrays")
             key = "images" if "images" in loaded.files else loaded.files[0]
             loaded = loaded[key]
     except Exception as exc:
         raise StudioError(f"cannot read array file {path}: {exc}; save images with numpy.save") from None
-    return array_source("array", np.asarray(loaded), str(path))
+    images = np.asarray(loaded)
+    if images.ndim not in (3, 4):
+        raise StudioError(f"array file {path} holds an array of shape {images.shape}, not images; "
+                          "save them as [N, H, W], [N, H, W, C] or [N, C, H, W]")
+    return array_source("array", images, str(path))
