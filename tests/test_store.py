@@ -163,6 +163,14 @@ def test_array_files_that_hold_no_images_are_named(tmp_path, save, message):
     assert "\n" not in str(info.value)
 
 
+def test_four_channel_arrays_name_their_channels_and_convert_when_asked(tmp_path):
+    np.save(tmp_path / "rgba.npy", np.random.default_rng(4).integers(0, 256, (3, 6, 6, 4), dtype=np.uint8))
+    with pytest.raises(StudioError, match="have 4 channels .*set dataset.channels=1 or 3"):
+        _load(tmp_path, name="array", path=str(tmp_path / "rgba.npy"))
+    store, _ = _load(tmp_path, name="array", path=str(tmp_path / "rgba.npy"), channels=3)
+    assert store.sample_shape == (3, 6, 6)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3.0])
 def test_every_float_image_is_checked_not_only_the_first(tmp_path, bad):
     floats = np.random.default_rng(3).uniform(-1, 1, (6, 1, 5, 5)).astype(np.float32)

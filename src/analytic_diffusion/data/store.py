@@ -240,6 +240,11 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     source = dataset_source(SourceRequest(request.name, request.split, request.download, request.path, datasets_root))
     floating = _source_kind(source)
     channels = request.channels or _native_channels(source.get(0))
+    if request.channels is None and channels not in (1, 3):
+        first = source.get(0)
+        shape = f" (the first has shape {first.shape})" if isinstance(first, np.ndarray) else ""
+        raise StudioError(f"images of {source.describe} have {channels} channels{shape}; set dataset.channels=1 or 3 "
+                          "to convert them, or save arrays as [N, H, W], [N, H, W, C] or [N, C, H, W] with C 1 or 3")
     if channels not in (1, 3):
         raise StudioError(f"dataset.channels must be 1 or 3, got {channels}")
     if request.resolution is not None and request.resolution < 1:
