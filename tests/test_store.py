@@ -163,6 +163,18 @@ def test_array_files_that_hold_no_images_are_named(tmp_path, save, message):
     assert "\n" not in str(info.value)
 
 
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    pixels = np.array([[0, 257 * 100], [257 * 200, 65535]], dtype=np.uint16)
+    Image.fromarray(pixels).save(folder / "a.png")
+    assert Image.open(folder / "a.png").mode.startswith("I;16")
+    store, _ = _load(tmp_path, name="image_folder", path=str(folder))
+    assert store.images.dtype == torch.uint8 and store.images[0, 0].tolist() == [[0, 100], [200, 255]]
+    rgb, _ = _load(tmp_path, name="image_folder", path=str(folder), channels=3)
+    assert rgb.images[0, 1].tolist() == [[0, 100], [200, 255]]
+
+
 def test_four_channel_arrays_name_their_channels_and_convert_when_asked(tmp_path):
     np.save(tmp_path / "rgba.npy", np.random.default_rng(4).integers(0, 256, (3, 6, 6, 4), dtype=np.uint8))
     with pytest.raises(StudioError, match="have 4 channels .*set dataset.channels=1 or 3"):

@@ -104,6 +104,8 @@ def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channe
         if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[-1] not in (1, 3):
             item = item.transpose(1, 2, 0)
         item = Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[-1] == 1 else item)
+    if item.mode.startswith("I;16"):  # 16-bit grey PNG: convert("L") would clip at 255, so scale 0..65535 to 0..255
+        item = Image.fromarray((np.asarray(item, dtype=np.float64) / 257).round().astype(np.uint8))
     image = item.convert("L" if channels == 1 else "RGB")
     if resolution is not None and image.size != (resolution, resolution):
         image = TF.center_crop(TF.resize(image, resolution, antialias=True), [resolution, resolution])
