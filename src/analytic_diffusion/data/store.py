@@ -256,10 +256,14 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     final = cache_root / "stores" / f"{request.name}-{fingerprint}"
     built = not (final / "images.npy").is_file()
     if built:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_builds(final)
         tmp = final.parent / f".building-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_builds(final)
+            tmp.mkdir()
+        except OSError as exc:  # a file in the way, no permission, ...
+            raise StudioError(f"cannot write the dataset cache {final.parent}: {exc.strerror}; "
+                              "set paths.cache to a writable folder") from None
         try:
             _build(tmp, source, request, count, channels, floating)
             atomic_write_json(tmp / "meta.json", {"fingerprint": fingerprint, "count": count, "source": source.describe})
