@@ -133,6 +133,21 @@ def test_missing_or_empty_dataset_is_a_clear_error(tmp_path, name, make, message
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "failure", [RuntimeError("Error downloading x.gz:\nTried https://a/, got:\n<urlopen error>\n"), OSError("unreachable")]
+)
+def test_failed_download_is_one_line_error_that_does_not_say_set_download(tmp_path, monkeypatch, failure):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(StudioError, match="could not download cifar10") as info:
+        _load(tmp_path, name="cifar10", download=True)
+    assert "\n" not in str(info.value) and "set dataset.download=true" not in str(info.value)
+
+
 def test_array_sources_uint8_and_float(tmp_path):
     pixels = np.random.default_rng(1).integers(0, 256, (7, 5, 5, 3), dtype=np.uint8)
     np.save(tmp_path / "pixels.npy", pixels)

@@ -125,9 +125,15 @@ def _torchvision_source(name: str, cls_name: str, request: SourceRequest, folder
     cls = getattr(torchvision.datasets, cls_name)
     try:
         dataset = cls(root=str(root), train=request.split == "train", download=request.download)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: urllib's URLError when a download fails
+        reason = " ".join(str(exc).split())  # torchvision's download errors span several lines
+        if request.download:
+            raise StudioError(
+                f"could not download {name} into {root} ({reason}); check the network connection, or put the files "
+                f"there yourself (or set dataset.path=<folder> where they are) and set dataset.download=false"
+            ) from None
         raise StudioError(
-            f"{name} not found under {root} ({exc}); set dataset.download=true to fetch it, "
+            f"{name} not found under {root} ({reason}); set dataset.download=true to fetch it, "
             f"or dataset.path=<folder> where it already is"
         ) from None
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
