@@ -94,7 +94,9 @@ def test_unknown_config_file_suggests_closest():
         load_config("nearest_dataset/mnist5")
 
 
-@pytest.mark.parametrize("overrides", [["sampling.num_sample=4"], ["model.name=nearest_datset"]])
+@pytest.mark.parametrize("overrides", [["sampling.num_sample=4"], ["model.name=nearest_datset"],
+                                       ["model.params.backend=exactt"], ["model.params.chunk_size=0"],
+                                       ["model.params.faiss_nprobe=0"]])
 def test_cli_rejects_before_creating_anything(fresh_root: Path, capsys, overrides):
     status = main(["generate", *overrides])
     err = capsys.readouterr().err.strip()
