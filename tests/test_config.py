@@ -43,11 +43,18 @@ def test_absolute_path_and_user_defaults_chain(tmp_path: Path):
         (["dataset.name=mnist5"], "did you mean 'mnist5k'"),
         (["model.params.timestep_awar=true"], "did you mean 'timestep_aware'"),
         (["experiment.seed=abc"], "experiment.seed"),
+        (["experiment.seed=-1", "sampling.per_sample_seeds=true"], "experiment.seed must be in"),
+        (["experiment.seed=18446744073709551616"], "experiment.seed must be in"),
         (["sampling.num_samples=0"], "at least 1"),
         (["experiment.device=gpu"], "experiment.device"),
         (["sampling.timestep_spacing=leadin"], "did you mean 'leading'"),
         (["sampling.num_inference_steps=5000"], "cannot exceed"),
         (["oops"], "key=value"),
+        (["output.grid_columns=-1"], "output.grid_columns must be a positive number"),
+        (["sampling=3"], "a section holds keys"),
+        (["model=3"], "a section holds keys"),
+        (["model.params=3"], "model.params must be a mapping"),
+        (["model.params=[1,2]"], "not a list"),
     ],
 )
 def test_bad_input_is_one_line_error_naming_the_fix(overrides, expected):
@@ -56,12 +63,40 @@ def test_bad_input_is_one_line_error_naming_the_fix(overrides, expected):
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("defaults", ["5", "nearest_dataset/mnist5k"])
+def test_defaults_that_are_not_a_list_are_a_one_line_error(tmp_path: Path, defaults):
+    config = tmp_path / "user.yaml"
+    config.write_text(f"defaults: {defaults}\n")
+    with pytest.raises(StudioError, match="must be a list of config names") as info:
+        load_config(str(config))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.params.temperature=0", "temperature must be > 0"),
+        ("model.params.temperature=-1", "temperature must be > 0"),
+        ("model.params.mask_threshold=-0.5", "mask_threshold must be in [0, 1]"),
+        ("model.params.mask_threshold=2", "mask_threshold must be in [0, 1]"),
+        ("model.params.flat_fraction=-1", "flat_fraction must be in [0, 1]"),
+        ("model.params.chunk_size=-1", "chunk_size must be at least 1"),
+    ],
+)
+def test_pca_locality_parameters_are_checked_with_the_config(override, expected):
+    with pytest.raises(StudioError) as info:
+        load_config("pca_locality/mnist5k", [override])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
 def test_unknown_config_file_suggests_closest():
     with pytest.raises(StudioError, match="did you mean 'nearest_dataset/mnist5k'"):
         load_config("nearest_dataset/mnist5")
 
 
-@pytest.mark.parametrize("overrides", [["sampling.num_sample=4"], ["model.name=nearest_datset"]])
+@pytest.mark.parametrize("overrides", [["sampling.num_sample=4"], ["model.name=nearest_datset"],
+                                       ["model.params.backend=exactt"], ["model.params.chunk_size=0"],
+                                       ["model.params.faiss_nprobe=0"]])
 def test_cli_rejects_before_creating_anything(fresh_root: Path, capsys, overrides):
     status = main(["generate", *overrides])
     err = capsys.readouterr().err.strip()

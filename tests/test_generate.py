@@ -114,3 +114,20 @@ def test_locality_masks_are_drawn_next_to_the_samples():
     assert (result.run_dir / "masks.png").is_file()
     no_masks = generate(load_config("pca_locality/mnist5k", [*small, "output.masks=false"]))
     assert not (no_masks.run_dir / "masks.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "key", "message"),
+    [
+        ("generate", "paths.runs", "set paths.runs to a writable folder"),
+        ("generate", "paths.cache", "set paths.cache to a writable folder"),
+        ("train-unet", "training.output_dir", "set training.output_dir to a writable folder"),
+    ],
+)
+def test_a_file_in_the_way_of_an_output_folder_is_a_one_line_error(tmp_path, capsys, command, key, message):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("not a folder")
+    assert main([command, *FAST, "sampling.num_samples=1", "training.epochs=1", f"{key}={in_the_way / 'sub'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)

@@ -140,6 +140,21 @@ def test_missing_or_empty_dataset_is_a_clear_error(tmp_path, name, make, message
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "failure", [RuntimeError("Error downloading x.gz:\nTried https://a/, got:\n<urlopen error>\n"), OSError("unreachable")]
+)
+def test_failed_download_is_one_line_error_that_does_not_say_set_download(tmp_path, monkeypatch, failure):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(StudioError, match="could not download cifar10") as info:
+        _load(tmp_path, name="cifar10", download=True)
+    assert "\n" not in str(info.value) and "set dataset.download=true" not in str(info.value)
+
+
 def test_array_sources_uint8_and_float(tmp_path):
     pixels = np.random.default_rng(1).integers(0, 256, (7, 5, 5, 3), dtype=np.uint8)
     np.save(tmp_path / "pixels.npy", pixels)
@@ -152,3 +167,50 @@ def test_array_sources_uint8_and_float(tmp_path):
     np.save(tmp_path / "bad.npy", floats * 3)
     with pytest.raises(StudioError, match=r"in \[-1, 1\]"):
         _load(tmp_path, name="array", path=str(tmp_path / "bad.npy"))
+
+
+@pytest.mark.parametrize(
+    ("save", "message"),
+    [
+        (lambda p: np.save(p / "a.npy", np.zeros(100, np.uint8)), r"shape \(100,\), not images"),
+        (lambda p: np.save(p / "a.npy", np.zeros((2, 1, 3, 8, 8), np.uint8)), r"shape \(2, 1, 3, 8, 8\), not images"),
+        (lambda p: np.savez(p / "a.npz"), "holds no arrays"),
+    ],
+)
+def test_array_files_that_hold_no_images_are_named(tmp_path, save, message):
+    save(tmp_path)
+    path = next(tmp_path.glob("a.np*"))
+    with pytest.raises(StudioError, match=message) as info:
+        _load(tmp_path, name="array", path=str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    pixels = np.array([[0, 257 * 100], [257 * 200, 65535]], dtype=np.uint16)
+    Image.fromarray(pixels).save(folder / "a.png")
+    assert Image.open(folder / "a.png").mode.startswith("I;16")
+    store, _ = _load(tmp_path, name="image_folder", path=str(folder))
+    assert store.images.dtype == torch.uint8 and store.images[0, 0].tolist() == [[0, 100], [200, 255]]
+    rgb, _ = _load(tmp_path, name="image_folder", path=str(folder), channels=3)
+    assert rgb.images[0, 1].tolist() == [[0, 100], [200, 255]]
+
+
+def test_four_channel_arrays_name_their_channels_and_convert_when_asked(tmp_path):
+    np.save(tmp_path / "rgba.npy", np.random.default_rng(4).integers(0, 256, (3, 6, 6, 4), dtype=np.uint8))
+    with pytest.raises(StudioError, match="have 4 channels .*set dataset.channels=1 or 3"):
+        _load(tmp_path, name="array", path=str(tmp_path / "rgba.npy"))
+    store, _ = _load(tmp_path, name="array", path=str(tmp_path / "rgba.npy"), channels=3)
+    assert store.sample_shape == (3, 6, 6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3.0])
+def test_every_float_image_is_checked_not_only_the_first(tmp_path, bad):
+    floats = np.random.default_rng(3).uniform(-1, 1, (6, 1, 5, 5)).astype(np.float32)
+    floats[4, 0, 2, 2] = bad
+    np.save(tmp_path / "late.npy", floats)
+    with pytest.raises(StudioError, match=r"image 4 of .*finite and in \[-1, 1\]") as info:
+        _load(tmp_path, name="array", path=str(tmp_path / "late.npy"))
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "cache" / "stores").glob("array-*"))

@@ -65,7 +65,10 @@ class RunDirectory:
                 )
             path = runs_root / experiment / f"{name}-{suffix}"
             suffix += 1
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:  # a file in the way, no permission, ...
+            raise StudioError(f"cannot create run directory {path}: {exc.strerror}; set paths.runs to a writable folder") from None
         (path / INCOMPLETE).write_text("run started; not finished\n")
         return cls(path)
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..data.sources import DATASETS
@@ -76,6 +76,9 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(raw, DictConfig):
         raise StudioError(f"config {path} must be a mapping of sections, not a list")
     defaults = raw.pop("defaults", [])
+    if not isinstance(defaults, (ListConfig, list)):
+        raise StudioError(f"config {path}: `defaults:` must be a list of config names (e.g. [defaults, datasets/mnist5k]), "
+                          f"not {defaults!r}")
     merged = OmegaConf.create()
     for entry in defaults:
         if str(entry) == "_self_":
@@ -94,7 +97,10 @@ def _schema_error(exc: OmegaConfBaseException) -> StudioError:
         full = [f"{parent}.{name}" if parent else name for name in valid]
         return StudioError(f"unknown config key '{key}'{closest(key, full)}; valid keys {where}: {', '.join(valid)}")
     if isinstance(exc, ValidationError):
-        message = str(getattr(exc, "msg", exc)).splitlines()[0]
+        message = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+        if key == "?":  # a whole section replaced by a value, e.g. `sampling=3`
+            return StudioError(f"invalid config: {message}; a section holds keys, set one of them "
+                               "(e.g. sampling.num_samples=16, not sampling=16)")
         return StudioError(f"bad value for config key '{key}': {message}")
     return StudioError(f"invalid config: {str(exc).splitlines()[0]}")
 
@@ -110,6 +116,9 @@ def method_params(name: str, given: Any) -> Any:
     """The method's Params dataclass filled from `given`, rejecting unknown keys and wrong types."""
     cls = denoiser_class(name).Params
     valid = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(given, (DictConfig, dict)) and given is not None:
+        raise StudioError(f"model.params must be a mapping of the method's parameters (e.g. model.params.<name>=value), "
+                          f"not {given!r}; parameters of '{name}': {', '.join(valid) if valid else 'none'}")
     given = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given or {})
     for key in given:
         if key not in valid:
@@ -148,8 +157,13 @@ def _validate(cfg: StudioConfig) -> None:
             f"sampling.num_inference_steps ({cfg.sampling.num_inference_steps}) cannot exceed "
             f"sampling.num_train_timesteps ({cfg.sampling.num_train_timesteps})"
         )
+    if not 0 <= cfg.experiment.seed < 2**64:  # what torch.Generator.manual_seed and the per-sample seeds accept
+        raise StudioError(f"experiment.seed must be in [0, 2**64), got {cfg.experiment.seed}")
     if cfg.sampling.eta < 0:
         raise StudioError(f"sampling.eta must be >= 0, got {cfg.sampling.eta}")
+    if cfg.output.grid_columns is not None and cfg.output.grid_columns < 0:
+        raise StudioError(f"output.grid_columns must be a positive number of columns or null (about square), "
+                          f"got {cfg.output.grid_columns}")
     if cfg.dataset.num_workers < 0:
         raise StudioError(f"dataset.num_workers must be >= 0, got {cfg.dataset.num_workers}")
 
@@ -168,6 +182,9 @@ def load_config(config: str | os.PathLike | None = None, overrides: list[str] | 
         cfg: StudioConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _schema_error(exc) from None
+    except TypeError as exc:  # OmegaConf's "Cannot merge incompatible container types": a list where a mapping is
+        raise StudioError(f"invalid config: {exc}; model.params and every section take keys "
+                          "(e.g. model.params.temperature=2), not a list") from None
     cfg.model.params = method_params(cfg.model.name, cfg.model.params)
     _validate(cfg)
     return cfg

@@ -125,9 +125,15 @@ def _torchvision_source(name: str, cls_name: str, request: SourceRequest, folder
     cls = getattr(torchvision.datasets, cls_name)
     try:
         dataset = cls(root=str(root), train=request.split == "train", download=request.download)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: urllib's URLError when a download fails
+        reason = " ".join(str(exc).split())  # torchvision's download errors span several lines
+        if request.download:
+            raise StudioError(
+                f"could not download {name} into {root} ({reason}); check the network connection, or put the files "
+                f"there yourself (or set dataset.path=<folder> where they are) and set dataset.download=false"
+            ) from None
         raise StudioError(
-            f"{name} not found under {root} ({exc}); set dataset.download=true to fetch it, "
+            f"{name} not found under {root} ({reason}); set dataset.download=true to fetch it, "
             f"or dataset.path=<folder> where it already is"
         ) from None
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -194,8 +200,14 @@ def array(request: SourceRequest) -> ImageSource:
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
+            if not loaded.files:
+                raise ValueError("the .npz file holds no arrays")
             key = "images" if "images" in loaded.files else loaded.files[0]
             loaded = loaded[key]
     except Exception as exc:
         raise StudioError(f"cannot read array file {path}: {exc}; save images with numpy.save") from None
-    return array_source("array", np.asarray(loaded), str(path))
+    images = np.asarray(loaded)
+    if images.ndim not in (3, 4):
+        raise StudioError(f"array file {path} holds an array of shape {images.shape}, not images; "
+                          "save them as [N, H, W], [N, H, W, C] or [N, C, H, W]")
+    return array_source("array", images, str(path))

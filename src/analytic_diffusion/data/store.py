@@ -106,6 +106,8 @@ def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channe
         if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[-1] not in (1, 3):
             item = item.transpose(1, 2, 0)
         item = Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[-1] == 1 else item)
+    if item.mode.startswith("I;16"):  # 16-bit grey PNG: convert("L") would clip at 255, so scale 0..65535 to 0..255
+        item = Image.fromarray((np.asarray(item, dtype=np.float64) / 257).round().astype(np.uint8))
     image = item.convert("L" if channels == 1 else "RGB")
     if resolution is not None and image.size != (resolution, resolution):
         image = TF.center_crop(TF.resize(image, resolution, antialias=True), [resolution, resolution])
@@ -116,6 +118,8 @@ def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channe
 def _to_chw_float(item: np.ndarray, resolution: int | None, channels: int) -> np.ndarray:
     """One float image [C, H, W] in model space, resized bilinearly and channel-converted like the uint8 path."""
     tensor = torch.as_tensor(np.asarray(item, dtype=np.float32))
+    if not (tensor.isfinite().all() and tensor.abs().max() <= 1.0 + 1e-6):
+        raise ValueError("float images must be finite and in [-1, 1]; rescale them or save uint8")
     if tensor.ndim == 2:
         tensor = tensor[None]
     if tensor.shape[0] != channels:
@@ -240,6 +244,11 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     source = dataset_source(SourceRequest(request.name, request.split, request.download, request.path, datasets_root))
     floating = _source_kind(source)
     channels = request.channels or _native_channels(source.get(0))
+    if request.channels is None and channels not in (1, 3):
+        first = source.get(0)
+        shape = f" (the first has shape {first.shape})" if isinstance(first, np.ndarray) else ""
+        raise StudioError(f"images of {source.describe} have {channels} channels{shape}; set dataset.channels=1 or 3 "
+                          "to convert them, or save arrays as [N, H, W], [N, H, W, C] or [N, C, H, W] with C 1 or 3")
     if channels not in (1, 3):
         raise StudioError(f"dataset.channels must be 1 or 3, got {channels}")
     if request.resolution is not None and request.resolution < 1:
@@ -249,10 +258,14 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     final = cache_root / "stores" / f"{request.name}-{fingerprint}"
     built = not (final / "images.npy").is_file()
     if built:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_builds(final)
         tmp = final.parent / f".building-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_builds(final)
+            tmp.mkdir()
+        except OSError as exc:  # a file in the way, no permission, ...
+            raise StudioError(f"cannot write the dataset cache {final.parent}: {exc.strerror}; "
+                              "set paths.cache to a writable folder") from None
         try:
             _build(tmp, source, request, count, channels, floating)
             atomic_write_json(tmp / "meta.json", {"fingerprint": fingerprint, "count": count, "source": source.describe})

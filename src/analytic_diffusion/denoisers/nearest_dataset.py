@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..data.store import DatasetStore
-from ..errors import StudioError
-from ..search import build_index
+from ..errors import StudioError, unknown_name
+from ..search import BACKENDS, build_index
 from .base import Denoised, Denoiser, NoiseLevel, register_denoiser
 
 
@@ -19,6 +19,14 @@ class NearestDatasetParams:
     chunk_size: int | None = None  # exact backend: dataset images per search chunk; None = chosen from memory
     faiss_index: str = "Flat"  # faiss backend: index_factory string; Flat = exhaustive, e.g. IVF1024,Flat = approximate
     faiss_nprobe: int = 8  # faiss backend, IVF indexes: inverted lists visited per query
+
+    def __post_init__(self) -> None:  # checked with the config, before a run directory exists
+        if self.backend not in BACKENDS:
+            raise unknown_name("nearest-neighbour backend", self.backend, BACKENDS)
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise StudioError(f"model.params.chunk_size must be a positive number or null, got {self.chunk_size}")
+        if self.faiss_nprobe < 1:
+            raise StudioError(f"model.params.faiss_nprobe must be at least 1, got {self.faiss_nprobe}")
 
 
 @register_denoiser("nearest_dataset")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.store import DatasetStore
+from ..errors import StudioError
 from ..search.softmax import StreamingSoftmax
 from ..statistics import dataset_statistics
 from .base import Denoised, Denoiser, NoiseLevel, register_denoiser
@@ -38,6 +39,16 @@ class PcaLocalityParams:
     robust_mask: bool = True  # flat pixels neither set max|R| nor join other masks; every pixel is in its own mask
     flat_fraction: float = 1e-3  # robust_mask: pixel p is flat when P_t[p, p] <= flat_fraction * max_p P_t[p, p]
     chunk_size: int | None = None  # dataset images per chunk; None = chosen from memory
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise StudioError(f"model.params.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.mask_threshold <= 1:
+            raise StudioError(f"model.params.mask_threshold must be in [0, 1] (a fraction of max|R|), got {self.mask_threshold}")
+        if not 0 <= self.flat_fraction <= 1:
+            raise StudioError(f"model.params.flat_fraction must be in [0, 1], got {self.flat_fraction}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise StudioError(f"model.params.chunk_size must be at least 1 (or null), got {self.chunk_size}")
 
 
 def locality_mask(
