@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         resume = "rerun the same command to resume from the last checkpoint"
-        print(f"interrupted; {resume if args.command == 'train-unet' else 'the run directory is marked INCOMPLETE'}",
+        print(f"interrupted; {resume if args.command == 'train-unet' else 'a run directory, if one was created, stays marked INCOMPLETE'}",
               file=sys.stderr)
         return 130
     return 0

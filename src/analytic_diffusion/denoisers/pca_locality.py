@@ -147,8 +147,6 @@ class PcaLocality(Denoiser):
     Params = PcaLocalityParams
 
     def fit(self, store: DatasetStore) -> PcaLocality:
-        if self.params.temperature <= 0:
-            raise ValueError(f"pca_locality temperature must be positive, got {self.params.temperature}")
         self.store = store
         self.model = GaussianModel(dataset_statistics(store, self.cache_dir, self.device), self.device)
         varying = (self.model.stats.pixel_variance > 0).nonzero().squeeze(1).to(self.device)
