@@ -50,6 +50,8 @@ def test_absolute_path_and_user_defaults_chain(tmp_path: Path):
         (["sampling.timestep_spacing=leadin"], "did you mean 'leading'"),
         (["sampling.num_inference_steps=5000"], "cannot exceed"),
         (["oops"], "key=value"),
+        (["experiment.name=../../elsewhere"], "experiment.name names one folder"),
+        (["experiment.run_name=.."], "experiment.run_name names one folder"),
         (["output.grid_columns=-1"], "output.grid_columns must be a positive number"),
         (["sampling=3"], "a section holds keys"),
         (["model=3"], "a section holds keys"),

@@ -157,6 +157,9 @@ def _validate(cfg: StudioConfig) -> None:
             f"sampling.num_inference_steps ({cfg.sampling.num_inference_steps}) cannot exceed "
             f"sampling.num_train_timesteps ({cfg.sampling.num_train_timesteps})"
         )
+    for key, name in (("experiment.name", cfg.experiment.name), ("experiment.run_name", cfg.experiment.run_name)):
+        if name is not None and (not name.strip() or name in (".", "..") or "/" in name or "\\" in name):
+            raise StudioError(f"{key} names one folder under paths.runs: no '/', '\\', '.' or '..'; got '{name}'")
     if not 0 <= cfg.experiment.seed < 2**64:  # what torch.Generator.manual_seed and the per-sample seeds accept
         raise StudioError(f"experiment.seed must be in [0, 2**64), got {cfg.experiment.seed}")
     if cfg.sampling.eta < 0:
