@@ -197,6 +197,16 @@ def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
     assert rgb.images[0, 1].tolist() == [[0, 100], [200, 255]]
 
 
+@pytest.mark.parametrize("pixels", [np.array([[0, 70000]], dtype=np.int32), np.array([[0.0, 0.5]], dtype=np.float32)])
+def test_thirty_two_bit_images_are_refused_not_guessed(tmp_path, pixels):
+    """PIL's convert('L') clips mode I at 255 and turns mode F black: say so instead of caching a wrong image."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "a.tif")
+    with pytest.raises(StudioError, match=r"32-bit images \(PIL mode [IF]\)"):
+        _load(tmp_path, name="image_folder", path=str(folder))
+
+
 def test_four_channel_arrays_name_their_channels_and_convert_when_asked(tmp_path):
     np.save(tmp_path / "rgba.npy", np.random.default_rng(4).integers(0, 256, (3, 6, 6, 4), dtype=np.uint8))
     with pytest.raises(StudioError, match="have 4 channels .*set dataset.channels=1 or 3"):

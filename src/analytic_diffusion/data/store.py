@@ -108,6 +108,8 @@ def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channe
         item = Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[-1] == 1 else item)
     if item.mode.startswith("I;16"):  # 16-bit grey PNG: convert("L") would clip at 255, so scale 0..65535 to 0..255
         item = Image.fromarray((np.asarray(item, dtype=np.float64) / 257).round().astype(np.uint8))
+    if item.mode in ("I", "F"):  # 32-bit integer or float pixels: no standard range to map to 0..255
+        raise ValueError(f"32-bit images (PIL mode {item.mode}) have no standard range; save them with 8 or 16 bits")
     image = item.convert("L" if channels == 1 else "RGB")
     if resolution is not None and image.size != (resolution, resolution):
         image = TF.center_crop(TF.resize(image, resolution, antialias=True), [resolution, resolution])
@@ -159,7 +161,7 @@ class _Preprocessed(Dataset):
         except StudioError as exc:
             return str(exc)
         except Exception as exc:
-            return f"cannot preprocess image {index} of {self.source.describe}: {exc}"
+            return f"cannot preprocess image {index} of {self.source.describe}: {str(exc) or type(exc).__name__}"
 
 
 def _collate(batch: list[np.ndarray | str]) -> list[np.ndarray | str]:
