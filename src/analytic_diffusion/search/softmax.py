@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 
 class StreamingSoftmax:
@@ -32,13 +31,13 @@ class StreamingSoftmax:
         chunk_max = logits.amax(dim=-1)
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
         # weights near the underflow limit (exp(-87) in float32) make the CPU exp and the products that follow
-        # 20-50x slower (subnormal numbers); zeroing those below log(tiny) / 2 (e^-43.7 in float32) changes
-        # a sum whose largest term is 1 by at most K * e^-43.7, far below float precision
+        # 20-50x slower (subnormal numbers); flooring the exponent at log(tiny) / 2 (e^-43.7 in float32) changes
+        # a sum whose largest term is 1 by at most K * e^-43.7, far below float precision (-inf logits included)
         floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
-        # rows whose logits are all -inf so far hold nothing yet: shift them by 0, not by -inf (-inf - -inf = NaN
-        # would poison every later chunk); -inf logits get weight exactly 0, an all -inf row a NaN mean
+        # rows with only -inf logits so far are shifted by 0, not by -inf (-inf - -inf = NaN would poison every
+        # later chunk); what they add is wiped by the rescale exp(-inf) = 0 at their first finite logit
         shift = new_max.masked_fill(new_max == -math.inf, 0.0)
-        weights = torch.exp(F.threshold_(logits - shift.unsqueeze(-1), floor, -math.inf))
+        weights = torch.exp((logits - shift.unsqueeze(-1)).clamp_(min=floor))
         chunk_sum = weighted_sum(weights)
         if self.max is None:
             self.total, self.numerator = weights.sum(-1), chunk_sum
@@ -55,17 +54,21 @@ class StreamingSoftmax:
         """The softmax-weighted average sum_i softmax(l)_i v_i over everything added so far."""
         if self.numerator is None:
             raise RuntimeError("StreamingSoftmax.mean() called before any update()")
-        return self.numerator / _trailing(self.total, self.numerator)
+        return self.numerator / _trailing(self._total(), self.numerator)
 
     def top_weight(self) -> torch.Tensor:
         """The largest softmax weight: exp(max - max) / total."""
-        return 1.0 / self.total
+        return 1.0 / self._total()
 
     def effective_count(self) -> torch.Tensor:
         """1 / sum_i w_i^2: how many items effectively share the weight (1 = collapsed onto one)."""
         if self.squares is None:
             raise RuntimeError("create StreamingSoftmax(track_concentration=True) to get the effective count")
-        return self.total.square() / self.squares
+        return self._total().square() / self.squares
+
+    def _total(self) -> torch.Tensor:
+        """The normaliser, NaN for rows whose logits were all -inf (no distribution, as torch.softmax says)."""
+        return self.total.masked_fill(self.max == -math.inf, math.nan)
 
 
 def _trailing(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
