@@ -1,11 +1,13 @@
 """Every analytic method from the same initial noise, one row each: the studio's core question in one script.
 
 Run: python examples/same_noise.py [num_samples]  ->  same_noise.png (rows: nearest_dataset, optimal, scfdm,
-wiener, pca_locality; columns: samples). Uses the library directly: store -> fit -> sample, no config files.
+wiener, pca_locality; columns: samples). Uses the library directly: store -> fit -> sample, no config files; the
+dataset store and statistics are cached under $ADS_ROOT (default studio/), like those of `ads generate`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ METHODS = ["nearest_dataset", "optimal", "scfdm", "wiener", "pca_locality"]
 
 
 def main(num_samples: int = 8) -> None:
-    root = Path("studio")
+    root = Path(os.environ.get("ADS_ROOT", "studio"))
     store, _ = load_or_build_store(StoreRequest("mnist5k"), root / "datasets", root / "cache")
     scheduler = make_scheduler(SchedulerOptions(num_inference_steps=10))
     x_T = torch.randn((num_samples, *store.sample_shape), generator=torch.Generator().manual_seed(0))

@@ -215,6 +215,16 @@ def test_four_channel_arrays_name_their_channels_and_convert_when_asked(tmp_path
     assert store.sample_shape == (3, 6, 6)
 
 
+@pytest.mark.parametrize("shape", [(3, 6, 6, 3), (3, 6, 6, 1), (3, 4, 6, 6)])
+def test_float_arrays_not_channels_first_are_refused_with_their_layout(tmp_path, shape):
+    """Float arrays must be [N, C, H, W] with C 1 or 3; channels-last ones failed deep inside the resize."""
+    np.save(tmp_path / "hwc.npy", np.random.default_rng(5).uniform(-1, 1, shape).astype(np.float32))
+    with pytest.raises(StudioError, match=r"float images of shape .*\[N, C, H, W\] with C 1 or 3") as info:
+        _load(tmp_path, name="array", path=str(tmp_path / "hwc.npy"))
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "cache" / "stores").glob("array-*"))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3.0])
 def test_every_float_image_is_checked_not_only_the_first(tmp_path, bad):
     floats = np.random.default_rng(3).uniform(-1, 1, (6, 1, 5, 5)).astype(np.float32)

@@ -210,4 +210,7 @@ def array(request: SourceRequest) -> ImageSource:
     if images.ndim not in (3, 4):
         raise StudioError(f"array file {path} holds an array of shape {images.shape}, not images; "
                           "save them as [N, H, W], [N, H, W, C] or [N, C, H, W]")
+    if np.issubdtype(images.dtype, np.floating) and images.ndim == 4 and images.shape[1] not in (1, 3):
+        raise StudioError(f"array file {path} holds float images of shape {images.shape}; float arrays must be "
+                          "[N, C, H, W] with C 1 or 3 (numpy.moveaxis(images, -1, 1) for channels-last), or save uint8")
     return array_source("array", images, str(path))
