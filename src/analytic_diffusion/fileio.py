@@ -10,13 +10,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _read_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back; done once, at import)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`."""
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path` with the permissions
+    of a plain new file (mkstemp's are 0600, which would hide runs and caches from others on a shared machine)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -31,3 +43,4 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write a JSON file atomically, indented for people to read."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
