@@ -53,6 +53,7 @@ def test_absolute_path_and_user_defaults_chain(tmp_path: Path):
         (["experiment.name=../../elsewhere"], "experiment.name names one folder"),
         (["experiment.run_name=.."], "experiment.run_name names one folder"),
         (["output.grid_columns=-1"], "output.grid_columns must be a positive number"),
+        (["output.grid_columns=0"], "output.grid_columns must be a positive number"),
         (["sampling=3"], "a section holds keys"),
         (["model=3"], "a section holds keys"),
         (["model.params=3"], "model.params must be a mapping"),
