@@ -160,6 +160,15 @@ def test_generate_unet_against_itself_end_to_end(tmp_path):
     assert final == {"trajectory_r2": 1.0, "trajectory_mse": 0.0, "single_step_r2": 1.0, "single_step_mse": 0.0}
 
 
+@pytest.mark.parametrize("key", ["baseline.checkpoint", "model.params.checkpoint"])
+def test_a_missing_checkpoint_stops_generate_before_the_run_directory(fresh_root, tmp_path, capsys, key):
+    method = "unet/mnist5k" if key.startswith("model") else "nearest_dataset/mnist5k"
+    assert main(["generate", "-c", method, *FAST, f"{key}={tmp_path / 'nowhere.pt'}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "nowhere.pt not found" in error
+    assert not (fresh_root / "runs").exists()
+
+
 def test_baseline_of_another_resolution_stops_generate_with_one_line(tmp_path, capsys):
     checkpoint = _baseline_checkpoint(tmp_path, size=8)
     assert main(["generate", *FAST, f"baseline.checkpoint={checkpoint}"]) == 2

@@ -1,7 +1,7 @@
 """The `ads` command line: a thin layer over config loading and the jobs.
 
-Every StudioError becomes one line on stderr and exit status 2; nothing is written before the config,
-the dataset and the method have been validated.
+Every StudioError becomes one line on stderr and exit status 2. No run directory is created before the config,
+the dataset and any checkpoint path have been checked; a failure after that leaves the run marked INCOMPLETE.
 """
 
 from __future__ import annotations

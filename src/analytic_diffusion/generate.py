@@ -25,6 +25,7 @@ from .mask_images import save_mask_images
 from .sampling import Step, make_scheduler, noise_level, sample
 from .search import knn_search
 from .tracking import log_run, wandb_module
+from .unet.checkpoint import existing_checkpoint
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -158,6 +159,9 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     torch.manual_seed(cfg.experiment.seed)
     request = StoreRequest(**asdict(cfg.dataset))
     store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+    for checkpoint in (cfg.baseline.checkpoint, getattr(cfg.model.params, "checkpoint", None)):
+        if checkpoint:
+            existing_checkpoint(checkpoint)  # a wrong path stops the run before its directory exists
     run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
     handler = run.attach_log(log)

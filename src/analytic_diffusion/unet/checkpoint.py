@@ -70,11 +70,17 @@ def _typed(cls: type, values: Any, what: str, path: Path) -> Any:
     return cls(**values)
 
 
-def read_checkpoint(path: str | Path) -> UNetCheckpoint:
-    """Read a checkpoint file onto the CPU, checking that it is one; no network is built yet."""
+def existing_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file of `path` (see checkpoint_path); a one-line StudioError when there is none."""
     path = checkpoint_path(path)
     if not path.is_file():
         raise StudioError(f"UNet checkpoint {path} not found; train one with `ads train-unet -c unet_train/<dataset>`")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> UNetCheckpoint:
+    """Read a checkpoint file onto the CPU, checking that it is one; no network is built yet."""
+    path = existing_checkpoint(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
