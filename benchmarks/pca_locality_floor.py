@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 from bench_pca_locality import dense_einsum_step, mnist_store, timed

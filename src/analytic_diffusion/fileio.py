@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import StudioError
+
 
 def _read_umask() -> int:
     """The process's umask (reading it means setting it, so it is set straight back; done once, at import)."""
@@ -18,6 +20,15 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+def make_directory(path: Path, key: str, exist_ok: bool = True) -> None:
+    """Create `path` with its parents; a file in the way or a missing permission is a one-line StudioError that
+    names the config `key` to point elsewhere."""
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+    except OSError as exc:
+        raise StudioError(f"cannot create {path}: {exc.strerror}; set {key} to a writable folder") from None
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

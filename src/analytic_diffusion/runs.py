@@ -16,7 +16,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from .errors import StudioError
-from .fileio import atomic_write, atomic_write_json, atomic_write_text
+from .fileio import atomic_write, atomic_write_json, atomic_write_text, make_directory
 
 INCOMPLETE = "INCOMPLETE"
 
@@ -65,10 +65,7 @@ class RunDirectory:
                 )
             path = runs_root / experiment / f"{name}-{suffix}"
             suffix += 1
-        try:
-            path.mkdir(parents=True)
-        except OSError as exc:  # a file in the way, no permission, ...
-            raise StudioError(f"cannot create run directory {path}: {exc.strerror}; set paths.runs to a writable folder") from None
+        make_directory(path, "paths.runs", exist_ok=False)
         (path / INCOMPLETE).write_text("run started; not finished\n")
         return cls(path)
 

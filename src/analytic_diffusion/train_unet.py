@@ -10,8 +10,7 @@ from pathlib import Path
 from .config import StudioConfig, to_yaml
 from .data.store import StoreRequest, load_or_build_store
 from .devices import resolve_device
-from .errors import StudioError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, make_directory
 from .unet.training import TrainingResult, check_training_config, train
 
 log = logging.getLogger("analytic_diffusion")
@@ -24,10 +23,7 @@ def train_unet(cfg: StudioConfig) -> tuple[TrainingResult, float]:
     started = time.perf_counter()
     store, _ = load_or_build_store(StoreRequest(**asdict(cfg.dataset)), Path(cfg.paths.datasets), Path(cfg.paths.cache))
     output = Path(cfg.training.output_dir)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file in the way, no permission, ...
-        raise StudioError(f"cannot create {output}: {exc.strerror}; set training.output_dir to a writable folder") from None
+    make_directory(output, "training.output_dir")
     atomic_write_text(output / "config.yaml", to_yaml(cfg))
     log.info("training a UNet on %s (%d images of %s) on %s into %s", cfg.dataset.name, store.num_images,
              "x".join(map(str, store.sample_shape)), device, output)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import StudioError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, make_directory
 from .sources import ImageSource, SourceRequest, dataset_source
 
 STORE_FORMAT = 1  # bump when preprocessing changes, so old cache entries are never reused
@@ -44,7 +44,7 @@ class DatasetStore:
         images = images.contiguous()
         if not (images.dtype == torch.uint8 or images.is_floating_point()):
             raise StudioError(f"images of an in-memory store must be uint8 pixels or floats in [-1, 1], not {images.dtype}")
-        if images.is_floating_point() and not (images.isfinite().all() and images.abs().max() <= 1.0 + 1e-6):
+        if images.is_floating_point() and not _in_model_space(images):
             raise StudioError("float images of an in-memory store must be finite and in [-1, 1]; rescale them or pass uint8")
         digest = hashlib.sha256(images.numpy().tobytes() + str(tuple(images.shape)).encode()).hexdigest()
         return cls(name, digest[:16], images)
@@ -100,6 +100,11 @@ class StoreRequest:
     num_workers: int = 0
 
 
+def _in_model_space(images: torch.Tensor) -> bool:
+    """True if float images are finite and within [-1, 1] (up to float rounding of the normalisation)."""
+    return bool(images.isfinite().all() and images.abs().max() <= 1.0 + 1e-6)
+
+
 def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channels: int) -> np.ndarray:
     """One image as uint8 [C, H, W]: channel conversion, shorter side resized to `resolution`, centre crop."""
     if isinstance(item, np.ndarray):
@@ -120,7 +125,7 @@ def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channe
 def _to_chw_float(item: np.ndarray, resolution: int | None, channels: int) -> np.ndarray:
     """One float image [C, H, W] in model space, resized bilinearly and channel-converted like the uint8 path."""
     tensor = torch.as_tensor(np.asarray(item, dtype=np.float32))
-    if not (tensor.isfinite().all() and tensor.abs().max() <= 1.0 + 1e-6):
+    if not _in_model_space(tensor):
         raise ValueError("float images must be finite and in [-1, 1]; rescale them or save uint8")
     if tensor.ndim == 2:
         tensor = tensor[None]
@@ -246,12 +251,13 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     source = dataset_source(SourceRequest(request.name, request.split, request.download, request.path, datasets_root))
     floating = _source_kind(source)
     channels = request.channels or _native_channels(source.get(0))
-    if request.channels is None and channels not in (1, 3):
-        first = source.get(0)
-        shape = f" (the first has shape {first.shape})" if isinstance(first, np.ndarray) else ""
-        raise StudioError(f"images of {source.describe} have {channels} channels{shape}; set dataset.channels=1 or 3 "
-                          "to convert them, or save arrays as [N, H, W], [N, H, W, C] or [N, C, H, W] with C 1 or 3")
     if channels not in (1, 3):
+        if request.channels is None:  # only arrays have other channel counts of their own
+            raise StudioError(
+                f"images of {source.describe} have {channels} channels (the first has shape {source.get(0).shape}); "
+                "set dataset.channels=1 or 3 to convert them, or save arrays as [N, H, W], [N, H, W, C] or "
+                "[N, C, H, W] with C 1 or 3"
+            )
         raise StudioError(f"dataset.channels must be 1 or 3, got {channels}")
     if request.resolution is not None and request.resolution < 1:
         raise StudioError(f"dataset.resolution must be a positive number of pixels, got {request.resolution}")
@@ -261,13 +267,9 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     built = not (final / "images.npy").is_file()
     if built:
         tmp = final.parent / f".building-{final.name}-{uuid.uuid4().hex[:8]}"
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_builds(final)
-            tmp.mkdir()
-        except OSError as exc:  # a file in the way, no permission, ...
-            raise StudioError(f"cannot write the dataset cache {final.parent}: {exc.strerror}; "
-                              "set paths.cache to a writable folder") from None
+        make_directory(final.parent, "paths.cache")
+        _remove_stale_builds(final)
+        make_directory(tmp, "paths.cache", exist_ok=False)
         try:
             _build(tmp, source, request, count, channels, floating)
             atomic_write_json(tmp / "meta.json", {"fingerprint": fingerprint, "count": count, "source": source.describe})

@@ -15,11 +15,23 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..errors import unknown_name
+from ..errors import StudioError, unknown_name
 
 if TYPE_CHECKING:
     from ..data.store import DatasetStore
     from ..noise import NoiseSource
+
+
+def check_temperature(temperature: float) -> None:
+    """model.params.temperature divides the logits: it must be positive (NaN included in the refusal)."""
+    if not temperature > 0:
+        raise StudioError(f"model.params.temperature must be > 0, got {temperature}")
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """model.params.chunk_size: images per streamed chunk, at least 1, or None to choose it from memory."""
+    if chunk_size is not None and chunk_size < 1:
+        raise StudioError(f"model.params.chunk_size must be at least 1 (or null), got {chunk_size}")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 from ..data.store import DatasetStore
 from ..errors import StudioError, unknown_name
 from ..search import BACKENDS, build_index
-from .base import Denoised, Denoiser, NoiseLevel, register_denoiser
+from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, register_denoiser
 
 
 @dataclass
@@ -23,8 +23,7 @@ class NearestDatasetParams:
     def __post_init__(self) -> None:  # checked with the config, before a run directory exists
         if self.backend not in BACKENDS:
             raise unknown_name("nearest-neighbour backend", self.backend, BACKENDS)
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise StudioError(f"model.params.chunk_size must be a positive number or null, got {self.chunk_size}")
+        check_chunk_size(self.chunk_size)
         if self.faiss_nprobe < 1:
             raise StudioError(f"model.params.faiss_nprobe must be at least 1, got {self.faiss_nprobe}")
 
@@ -37,10 +36,6 @@ class NearestDataset(Denoiser):
 
     def fit(self, store: DatasetStore) -> NearestDataset:
         params = self.params
-        if params.chunk_size is not None and params.chunk_size < 1:
-            raise StudioError(f"model.params.chunk_size must be a positive number or null, got {params.chunk_size}")
-        if params.faiss_nprobe < 1:
-            raise StudioError(f"model.params.faiss_nprobe must be at least 1, got {params.faiss_nprobe}")
         self.store = store
         self.index = build_index(
             store, params.backend, self.device, params.chunk_size, params.faiss_index, params.faiss_nprobe

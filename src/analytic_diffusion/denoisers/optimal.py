@@ -19,7 +19,7 @@ from ..data.store import DatasetStore
 from ..errors import StudioError, closest
 from ..search import knn_search
 from ..search.softmax import StreamingSoftmax
-from .base import Denoised, Denoiser, NoiseLevel, register_denoiser
+from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, check_temperature, register_denoiser
 
 MODES = ("exact", "topk")
 RESCORED_PER_CHUNK = 16  # nearest candidates of each chunk whose q.y is recomputed in float64
@@ -43,12 +43,10 @@ class OptimalParams:
         if self.mode not in MODES:
             hint = closest(self.mode, MODES)
             raise StudioError(f"model.params.mode must be one of {', '.join(MODES)}, not '{self.mode}'{hint}")
-        if not self.temperature > 0:
-            raise StudioError(f"model.params.temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         if self.num_neighbors < 1:
             raise StudioError(f"model.params.num_neighbors must be at least 1, got {self.num_neighbors}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise StudioError(f"model.params.chunk_size must be at least 1 (or null), got {self.chunk_size}")
+        check_chunk_size(self.chunk_size)
 
 
 def logit_scale(level: NoiseLevel, temperature: float) -> float:
@@ -118,7 +116,7 @@ class OptimalDenoiser(Denoiser):
         float32_noise = scale * torch.finfo(torch.float32).eps * query_norms.max().sqrt().item() * self.max_norm
         product_dtype = query.dtype if float32_noise > FLOAT32_LOGIT_NOISE else torch.float32
         query_low = query.to(product_dtype)
-        chunk = self._chunk_rows(query.shape[0], torch.finfo(product_dtype).bits // 8)
+        chunk = self._chunk_rows(query.shape[0], query_low.element_size())
         for start in range(0, self.store.num_images, chunk):
             rows = self._decoded(start, start + chunk, query.device, product_dtype)
             row_norms = self.squared_norms[start : start + chunk].to(query.device)

@@ -23,7 +23,7 @@ from ..data.store import DatasetStore
 from ..errors import StudioError
 from ..search.softmax import StreamingSoftmax
 from ..statistics import dataset_statistics
-from .base import Denoised, Denoiser, NoiseLevel, register_denoiser
+from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, check_temperature, register_denoiser
 from .wiener import GaussianModel
 
 GATHER_COST = 16  # one gathered addition costs about this many multiply-adds of a dense matrix product
@@ -41,14 +41,12 @@ class PcaLocalityParams:
     chunk_size: int | None = None  # dataset images per chunk; None = chosen from memory
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise StudioError(f"model.params.temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         if not 0 <= self.mask_threshold <= 1:
             raise StudioError(f"model.params.mask_threshold must be in [0, 1] (a fraction of max|R|), got {self.mask_threshold}")
         if not 0 <= self.flat_fraction <= 1:
             raise StudioError(f"model.params.flat_fraction must be in [0, 1], got {self.flat_fraction}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise StudioError(f"model.params.chunk_size must be at least 1 (or null), got {self.chunk_size}")
+        check_chunk_size(self.chunk_size)
 
 
 def locality_mask(
