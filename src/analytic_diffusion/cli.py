@@ -33,8 +33,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """The one console handler `ads` installs on the root logger (replaced, never stacked, on a second `main`):
+    the studio's records as its logger's level lets them through, other libraries' from `others` on (even those
+    that set their own loggers to INFO)."""
+
+    def __init__(self, others: int):
+        super().__init__(sys.stderr)
+        self.others = others
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == "analytic_diffusion" or record.name.startswith("analytic_diffusion.")
+        return (ours or record.levelno >= self.others) and super().filter(record)
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(message)s", stream=sys.stderr)
+    """The studio's records at `level` on stderr; other libraries' (faiss's loader, PIL, urllib3...) only from WARNING
+    on, except with logging.level=debug."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:
+        root.removeHandler(handler)
+    console = _ConsoleHandler(logging.DEBUG if level == "debug" else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.getLogger("analytic_diffusion").setLevel(level.upper())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,23 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+UNSET_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def user_path(path: str | os.PathLike, key: str) -> Path:
+    """`path` with environment variables ($NAME, ${NAME}) and a leading `~` expanded, as a shell would; a variable
+    that is not set is a StudioError naming the config `key` (never a folder literally named `$NAME` or `~`)."""
+    text = os.path.expanduser(os.path.expandvars(os.fspath(path)))
+    unset = UNSET_VARIABLE.search(text)
+    if unset:
+        raise StudioError(f"{key}={os.fspath(path)} uses the environment variable {unset.group(1).strip('{}')}, "
+                          "which is not set; set it or write the path out")
+    if text.startswith("~"):
+        raise StudioError(f"{key}={os.fspath(path)}: cannot expand '{text.split('/')[0]}' (no such user); "
+                          "write the path out")
+    return Path(text)
 
 
 def make_directory(path: Path, key: str, exist_ok: bool = True) -> None:

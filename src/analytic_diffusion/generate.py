@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .compare import BaselineComparison, plot_comparison, save_side_by_side
 from .config import StudioConfig, to_yaml
-from .data.store import DatasetStore, StoreRequest, load_or_build_store
+from .data.store import DatasetStore, StoreRequest, files_sentence, load_or_build_store
 from .denoisers import Denoiser, denoiser_class
 from .denoisers.unet import UNetDenoiser, UNetParams
 from .errors import StudioError
@@ -22,7 +22,7 @@ from .devices import resolve_device, synchronize
 from .noise import batch_noise_sources
 from .runs import RunDirectory, save_grid, save_images, save_tensor
 from .mask_images import save_mask_images
-from .sampling import Step, make_scheduler, noise_level, sample
+from .sampling import Step, make_scheduler, noise_level, sample, start_warning
 from .search import knn_search
 from .tracking import log_run, wandb_module
 from .unet.checkpoint import existing_checkpoint
@@ -162,16 +162,21 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     for checkpoint in (cfg.baseline.checkpoint, getattr(cfg.model.params, "checkpoint", None)):
         if checkpoint:
             existing_checkpoint(checkpoint)  # a wrong path stops the run before its directory exists
+    # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with more
+    # lists than images, a baseline for other images) stops here and leaves nothing behind.
+    denoiser, fit_seconds = build_denoiser(cfg, store, device)
+    scheduler = make_scheduler(cfg.sampling)
+    comparison = build_comparison(cfg, store, device, scheduler)
     run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
     handler = run.attach_log(log)
     try:
-        result = _generate_into(run, cfg, store, store_info, device)
+        result = _generate_into(run, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison)
         if wandb is not None:
             log_run(wandb, cfg, run.path, result.metrics)
     except BaseException as exc:
         run.mark_failed(f"{type(exc).__name__}: {exc}")
-        log.error("run failed: %s: %s", type(exc).__name__, exc)
+        run.log_only(handler, f"run failed: {type(exc).__name__}: {exc}")  # the CLI prints the error itself, once
         raise
     finally:
         log.removeHandler(handler)
@@ -179,13 +184,16 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     return result
 
 
-def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, store_info: dict, device) -> GenerateResult:
+def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
+                   denoiser: Denoiser, fit_seconds: float, scheduler, comparison: BaselineComparison | None) -> GenerateResult:
     run.write_text("config.yaml", to_yaml(cfg))
     log.info("run %s: %s on %s (%d images, %s) on %s", run.path, cfg.model.name, cfg.dataset.name,
              store.num_images, "x".join(map(str, store.sample_shape)), device)
-    denoiser, fit_seconds = build_denoiser(cfg, store, device)
-    scheduler = make_scheduler(cfg.sampling)
-    comparison = build_comparison(cfg, store, device, scheduler)
+    if "files" in store_info:
+        log.info("%s", files_sentence(store_info["files"]))
+    warnings = [w for w in (start_warning(scheduler),) if w]
+    for warning in warnings:
+        log.warning("warning: %s", warning)
     sources = batch_noise_sources(cfg.experiment.seed, cfg.sampling.num_samples, cfg.sampling.batch_size,
                                   store.sample_shape, device, cfg.sampling.per_sample_seeds)
     # The baseline's own copy of the run's noise: after x_T it supplies the scheduler noise when eta > 0.
@@ -228,8 +236,7 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         "dataset": cfg.dataset.name,
         "dataset_size": store.num_images,
         "sample_shape": list(store.sample_shape),
-        "store": {"fingerprint": store_info["fingerprint"], "built": store_info["built"],
-                  "seconds": store_info["seconds"]},
+        "store": {key: store_info[key] for key in ("fingerprint", "built", "seconds", "files") if key in store_info},
         "device": str(device),
         "num_samples": samples.shape[0],
         "num_inference_steps": len(scheduler.timesteps),
@@ -238,6 +245,7 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         "seconds_per_step": sampling_seconds / len(scheduler.timesteps),
         "samples": _sample_records(samples, store, final),
         **trajectory,
+        "warnings": warnings,
     }
     if comparison is not None:
         compared = comparison.result()
@@ -255,17 +263,19 @@ def summary(result: GenerateResult) -> str:
     """The one-paragraph report printed at the end of `ads generate`."""
     m = result.metrics
     store = "built and cached" if m["store"]["built"] else "loaded from cache"
-    files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in result.run_dir.iterdir()))
+    outputs = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in result.run_dir.iterdir()))
     baseline = ""
     if "baseline" in m:
         final = {k: "n/a" if v is None else f"{v:.4g}" for k, v in m["baseline"]["final"].items()}
         baseline = (f" Against the UNet baseline at the last step: R² {final['trajectory_r2']}, MSE "
                     f"{final['trajectory_mse']} (own trajectories); R² {final['single_step_r2']}, MSE "
                     f"{final['single_step_mse']} (single step); see comparison.png, side_by_side.png.")
+    files = f" {files_sentence(m['store']['files'])}." if "files" in m["store"] else ""
+    warnings = "".join(f" Warning: {w}." for w in m.get("warnings", []))
     return (
         f"Generated {m['num_samples']} samples with {m['method']} on {m['dataset']} "
         f"({m['dataset_size']} images of {'x'.join(map(str, m['sample_shape']))}) on {m['device']}: "
         f"sampling {m['sampling_seconds']:.2f} s ({m['num_inference_steps']} steps, "
         f"{m['seconds_per_step']:.3f} s/step), fit {m['fit_seconds']:.2f} s, dataset {store} in "
-        f"{m['store']['seconds']:.2f} s. Outputs in {result.run_dir}: {files}.{baseline}"
+        f"{m['store']['seconds']:.2f} s.{files} Outputs in {result.run_dir}: {outputs}.{baseline}{warnings}"
     )

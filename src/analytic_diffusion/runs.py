@@ -82,6 +82,11 @@ class RunDirectory:
         logger.addHandler(handler)
         return handler
 
+    @staticmethod
+    def log_only(handler: logging.Handler, message: str) -> None:
+        """Write an ERROR record to the run's log file only (not to the console, where the caller reports it)."""
+        handler.handle(logging.LogRecord("analytic_diffusion", logging.ERROR, __file__, 0, message, None, None))
+
     def mark_failed(self, reason: str) -> None:
         """Record why the run stopped; the INCOMPLETE marker stays."""
         (self.path / INCOMPLETE).write_text(f"run failed: {reason}\n")

@@ -16,8 +16,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..data.sources import DATASETS
+from ..data.store import background_rgb
 from ..denoisers import denoiser_class
 from ..errors import StudioError, closest, unknown_name
+from ..fileio import user_path
 from .schema import StudioConfig
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -26,6 +28,10 @@ CHOICES = {
     "logging.level": ("debug", "info", "warning", "error"),
     "logging.wandb_mode": ("offline", "online"),
 }
+# Every key that names a file or folder: `~` and $VARIABLES are expanded in each (model.params: PATH_PARAMS)
+PATH_KEYS = ("paths.root", "paths.datasets", "paths.cache", "paths.runs", "dataset.path", "baseline.checkpoint",
+             "training.output_dir")
+PATH_PARAMS = ("checkpoint", "path")  # method parameters that are paths, and any ending in _path, _dir or _file
 
 
 def configs_dir() -> Path:
@@ -45,7 +51,7 @@ def available_configs() -> list[str]:
 
 def resolve_config_path(name: str | os.PathLike) -> Path:
     """An absolute path as given; a relative one under configs/ (the .yaml suffix optional), else from the cwd."""
-    path = Path(name).expanduser()
+    path = user_path(name, "--config")
     candidates = [path] if path.is_absolute() else [configs_dir() / path, configs_dir() / f"{path}.yaml", path]
     for candidate in candidates:
         if candidate.is_file():
@@ -134,6 +140,20 @@ def method_params(name: str, given: Any) -> Any:
     return OmegaConf.to_object(typed)
 
 
+def _expand_paths(cfg: StudioConfig) -> None:
+    """Expand `~` and environment variables in every path key, in place (see PATH_KEYS)."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            setattr(getattr(cfg, section), name, str(user_path(value, key)))
+    if dataclasses.is_dataclass(cfg.model.params):
+        for f in dataclasses.fields(cfg.model.params):
+            value = getattr(cfg.model.params, f.name)
+            if isinstance(value, str) and (f.name in PATH_PARAMS or f.name.endswith(("_path", "_dir", "_file"))):
+                setattr(cfg.model.params, f.name, str(user_path(value, f"model.params.{f.name}")))
+
+
 def _validate(cfg: StudioConfig) -> None:
     if cfg.dataset.name not in DATASETS:
         raise unknown_name("dataset", cfg.dataset.name, DATASETS)
@@ -167,6 +187,7 @@ def _validate(cfg: StudioConfig) -> None:
     if cfg.output.grid_columns is not None and cfg.output.grid_columns < 1:
         raise StudioError(f"output.grid_columns must be a positive number of columns or null (about square), "
                           f"got {cfg.output.grid_columns}")
+    background_rgb(cfg.dataset.background)
     if cfg.dataset.num_workers < 0:
         raise StudioError(f"dataset.num_workers must be >= 0, got {cfg.dataset.num_workers}")
 
@@ -189,6 +210,7 @@ def load_config(config: str | os.PathLike | None = None, overrides: list[str] | 
         raise StudioError(f"invalid config: {exc}; model.params and every section take keys "
                           "(e.g. model.params.temperature=2), not a list") from None
     cfg.model.params = method_params(cfg.model.name, cfg.model.params)
+    _expand_paths(cfg)
     _validate(cfg)
     return cfg
 

@@ -39,7 +39,8 @@ class DatasetConfig:
     num_workers: int = 0  # decoding processes
     subset_size: Optional[int] = None  # first N images; None = all
     resolution: Optional[int] = None  # square side in pixels; None = native
-    channels: Optional[int] = None  # 1 or 3; None = native
+    channels: Optional[int] = None  # 1 or 3; None = native (folders: colour if any file is colour)
+    background: str = "white"  # transparent pixels are composited onto this colour: white, black, #rrggbb, ...
 
 
 @dataclass

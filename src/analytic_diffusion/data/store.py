@@ -1,7 +1,8 @@
 """The dataset store: every image decoded once, kept in a compact dtype and memory-mapped from a cache.
 
 The cache entry is a directory named by a fingerprint of everything the images were computed from (dataset,
-split, resolution, channels, subset and the source's own signature), built under a temporary name and renamed
+split, resolution, channels, background where images can be transparent, subset and the source's own
+signature), built under a temporary name and renamed
 into place in one step: a later run either finds a complete entry for exactly its inputs or builds one.
 """
 
@@ -18,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageColor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import StudioError
 from ..fileio import atomic_write_json, make_directory
-from .sources import ImageSource, SourceRequest, dataset_source
+from .sources import ImageSource, SourceRequest, dataset_source, describe_skipped
 
 STORE_FORMAT = 1  # bump when preprocessing changes, so old cache entries are never reused
 STALE_BUILD_SECONDS = 6 * 3600  # a killed build's temporary folder older than this is removed by the next build
@@ -96,6 +97,7 @@ class StoreRequest:
     subset_size: int | None = None
     resolution: int | None = None
     channels: int | None = None
+    background: str = "white"
     batch_size: int = 256
     num_workers: int = 0
 
@@ -105,8 +107,30 @@ def _in_model_space(images: torch.Tensor) -> bool:
     return bool(images.isfinite().all() and images.abs().max() <= 1.0 + 1e-6)
 
 
-def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channels: int) -> np.ndarray:
-    """One image as uint8 [C, H, W]: channel conversion, shorter side resized to `resolution`, centre crop."""
+def background_rgb(colour: str) -> tuple[int, int, int]:
+    """dataset.background as 8-bit RGB: a colour name PIL knows (white, black, grey, ...) or #rrggbb."""
+    try:
+        rgb = ImageColor.getrgb(colour)
+    except ValueError:
+        raise StudioError(f"dataset.background must be a colour such as white, black or #808080, not '{colour}'") from None
+    return rgb[:3]
+
+
+def _flatten_alpha(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """A transparent image composited onto `background`, as a viewer shows it on that colour; others unchanged.
+
+    Covers alpha channels (RGBA, LA, PA, premultiplied RGBa, La) and palette or colour-key transparency (tRNS)."""
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return image
+    canvas = Image.new("RGBA", image.size, (*background, 255))
+    return Image.alpha_composite(canvas, image.convert("RGBA")).convert("RGB")
+
+
+def _to_chw_uint8(
+    item: Image.Image | np.ndarray, resolution: int | None, channels: int, background: tuple[int, int, int] = (255, 255, 255)
+) -> np.ndarray:
+    """One image as uint8 [C, H, W]: transparency composited onto `background`, channel conversion, shorter side
+    resized to `resolution`, centre crop."""
     if isinstance(item, np.ndarray):
         if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[-1] not in (1, 3):
             item = item.transpose(1, 2, 0)
@@ -115,14 +139,14 @@ def _to_chw_uint8(item: Image.Image | np.ndarray, resolution: int | None, channe
         item = Image.fromarray((np.asarray(item, dtype=np.float64) / 257).round().astype(np.uint8))
     if item.mode in ("I", "F"):  # 32-bit integer or float pixels: no standard range to map to 0..255
         raise ValueError(f"32-bit images (PIL mode {item.mode}) have no standard range; save them with 8 or 16 bits")
-    image = item.convert("L" if channels == 1 else "RGB")
+    image = _flatten_alpha(item, background).convert("L" if channels == 1 else "RGB")
     if resolution is not None and image.size != (resolution, resolution):
         image = TF.center_crop(TF.resize(image, resolution, antialias=True), [resolution, resolution])
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def _to_chw_float(item: np.ndarray, resolution: int | None, channels: int) -> np.ndarray:
+def _to_chw_float(item: np.ndarray, resolution: int | None, channels: int, background=None) -> np.ndarray:
     """One float image [C, H, W] in model space, resized bilinearly and channel-converted like the uint8 path."""
     tensor = torch.as_tensor(np.asarray(item, dtype=np.float32))
     if not _in_model_space(tensor):
@@ -153,8 +177,10 @@ def _native_channels(item: Image.Image | np.ndarray) -> int:
 class _Preprocessed(Dataset):
     """Decodes and preprocesses source images; errors come back as strings so workers cannot garble them."""
 
-    def __init__(self, source: ImageSource, count: int, resolution: int | None, channels: int, floating: bool):
+    def __init__(self, source: ImageSource, count: int, resolution: int | None, channels: int, floating: bool,
+                 background: tuple[int, int, int]):
         self.source, self.count, self.resolution, self.channels = source, count, resolution, channels
+        self.background = background
         self.convert = _to_chw_float if floating else _to_chw_uint8
 
     def __len__(self) -> int:
@@ -162,7 +188,7 @@ class _Preprocessed(Dataset):
 
     def __getitem__(self, index: int) -> np.ndarray | str:
         try:
-            return self.convert(self.source.get(index), self.resolution, self.channels)
+            return self.convert(self.source.get(index), self.resolution, self.channels, self.background)
         except StudioError as exc:
             return str(exc)
         except Exception as exc:
@@ -173,9 +199,9 @@ def _collate(batch: list[np.ndarray | str]) -> list[np.ndarray | str]:
     return batch
 
 
-def store_fingerprint(request: StoreRequest, source: ImageSource, channels: int, floating: bool) -> str:
-    """Hash of everything the stored images depend on."""
-    key = {
+def store_fingerprint(request: StoreRequest, source: ImageSource, channels: int | str, floating: bool) -> str:
+    """Hash of everything the stored images depend on (the background only where images can be transparent)."""
+    key: dict = {
         "format": STORE_FORMAT,
         "dataset": request.name,
         "split": request.split,
@@ -185,6 +211,8 @@ def store_fingerprint(request: StoreRequest, source: ImageSource, channels: int,
         "float": floating,
         "source": source.signature,
     }
+    if source.may_have_alpha:
+        key["background"] = background_rgb(request.background)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -198,7 +226,7 @@ def _check_subset(request: StoreRequest, length: int) -> int:
 
 def _build(path: Path, source: ImageSource, request: StoreRequest, count: int, channels: int, floating: bool) -> None:
     """Decode `count` images into `path/images.npy` (written in place: `path` is a private temporary folder)."""
-    dataset = _Preprocessed(source, count, request.resolution, channels, floating)
+    dataset = _Preprocessed(source, count, request.resolution, channels, floating, background_rgb(request.background))
     first = dataset[0]
     if isinstance(first, str):
         raise StudioError(first)
@@ -245,13 +273,48 @@ def _remove_stale_builds(final: Path) -> None:
             pass
 
 
+def _voted_channels(counts: dict[int, int]) -> int:
+    """Colour wins: one colour file among grey ones makes the store colour (grey files are repeated over RGB)."""
+    return 3 if counts.get(3) else 1
+
+
+def _files_report(source: ImageSource, count: int, meta: dict) -> dict:
+    """The source's used/skipped report (folders), with images beyond dataset.subset_size and the channel vote."""
+    report = {"used": count, "skipped": dict(source.report["skipped"])}
+    if count < source.report["used"]:
+        report["skipped"]["beyond dataset.subset_size"] = {"count": source.report["used"] - count, "examples": []}
+        report["skipped"] = dict(sorted(report["skipped"].items()))
+    counts = meta.get("channel_counts")
+    if counts:
+        report["channels"] = {"grey_files": counts.get("1", 0), "colour_files": counts.get("3", 0),
+                              "stored": 3 if counts.get("3") else 1}
+    return report
+
+
+def files_sentence(files: dict) -> str:
+    """'Dataset files: 5 used; left out: 2 hidden (...)', with the grey/colour vote when files were mixed."""
+    sentence = f"Dataset files: {files['used']} used"
+    if files["skipped"]:
+        sentence += f"; left out: {describe_skipped(files['skipped'])}"
+    channels = files.get("channels")
+    if channels and channels["grey_files"] and channels["colour_files"]:
+        sentence += (f"; {channels['grey_files']} grey and {channels['colour_files']} colour files, stored in colour "
+                     "(set dataset.channels=1 for grey)")
+    return sentence
+
+
 def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: Path) -> tuple[DatasetStore, dict]:
-    """Return the store for `request`, decoding it only if no complete cache entry for its fingerprint exists."""
+    """Return the store for `request`, decoding it only if no complete cache entry for its fingerprint exists.
+
+    The info dict: fingerprint, built, path, seconds and, for folders, `files` (used, skipped by reason, and the
+    grey/colour vote when dataset.channels is null)."""
     started = time.perf_counter()
     source = dataset_source(SourceRequest(request.name, request.split, request.download, request.path, datasets_root))
+    background_rgb(request.background)
     floating = _source_kind(source)
-    channels = request.channels or _native_channels(source.get(0))
-    if channels not in (1, 3):
+    vote = request.channels is None and source.channel_counts is not None
+    channels = request.channels or (None if vote else _native_channels(source.get(0)))
+    if channels not in (1, 3, None):
         if request.channels is None:  # only arrays have other channel counts of their own
             raise StudioError(
                 f"images of {source.describe} have {channels} channels (the first has shape {source.get(0).shape}); "
@@ -262,7 +325,7 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     if request.resolution is not None and request.resolution < 1:
         raise StudioError(f"dataset.resolution must be a positive number of pixels, got {request.resolution}")
     count = _check_subset(request, source.length)
-    fingerprint = store_fingerprint(request, source, channels, floating)
+    fingerprint = store_fingerprint(request, source, "vote" if vote else channels, floating)
     final = cache_root / "stores" / f"{request.name}-{fingerprint}"
     built = not (final / "images.npy").is_file()
     if built:
@@ -271,8 +334,13 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
         _remove_stale_builds(final)
         make_directory(tmp, "paths.cache", exist_ok=False)
         try:
+            meta = {"fingerprint": fingerprint, "count": count, "source": source.describe}
+            if vote:  # the files' headers decide, read only when the store is built
+                counts = source.channel_counts(count)
+                meta["channel_counts"] = {str(c): n for c, n in sorted(counts.items())}
+                channels = _voted_channels(counts)
             _build(tmp, source, request, count, channels, floating)
-            atomic_write_json(tmp / "meta.json", {"fingerprint": fingerprint, "count": count, "source": source.describe})
+            atomic_write_json(tmp / "meta.json", meta)
             try:
                 tmp.rename(final)
             except OSError:  # another process finished the same entry first; theirs is as good as ours
@@ -282,4 +350,6 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     array = np.load(final / "images.npy", mmap_mode="c")
     store = DatasetStore(request.name, fingerprint, torch.from_numpy(array))
     info = {"fingerprint": fingerprint, "built": built, "path": str(final), "seconds": time.perf_counter() - started}
+    if source.report:
+        info["files"] = _files_report(source, count, json.loads((final / "meta.json").read_text()))
     return store, info
