@@ -270,6 +270,14 @@ def test_paths_below_root_follow_an_expanded_root_and_method_paths_expand(monkey
     assert cfg.model.params.checkpoint == str(tmp_path / "unet")
 
 
+def test_config_files_and_their_defaults_entries_expand_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "base.yaml").write_text("defaults:\n  - nearest_dataset/mnist5k\nsampling:\n  num_samples: 3\n")
+    (tmp_path / "top.yaml").write_text("defaults:\n  - ~/base.yaml\nsampling:\n  batch_size: 2\n")
+    cfg = load_config("~/top.yaml")
+    assert (cfg.sampling.num_samples, cfg.sampling.batch_size) == (3, 2)
+
+
 def test_an_unset_variable_is_a_one_line_error(monkeypatch):
     monkeypatch.delenv("ADS_NOT_SET", raising=False)
     with pytest.raises(StudioError, match="dataset.path=\\$ADS_NOT_SET/faces uses the environment variable ADS_NOT_SET"):
@@ -408,6 +416,20 @@ def test_an_error_after_the_run_directory_exists_is_printed_once(tmp_path, monke
     run_dir = next((fresh_root / "runs").glob("*/*"))
     assert "run failed: StudioError: cannot write grid.png" in (run_dir / "run.log").read_text()
     assert "no space left" in (run_dir / "INCOMPLETE").read_text()
+
+
+@pytest.mark.parametrize("failure", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nSee documentation for Memory Management"),
+    MemoryError("Unable to allocate 9.3 GiB for an array")])
+def test_running_out_of_memory_is_one_line_with_what_to_lower(tmp_path, monkeypatch, capfd, fresh_root, failure):
+    def exhausted(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(generate_module, "build_denoiser", exhausted)
+    assert _ads(["generate", *FAST, "dataset.name=array", f"dataset.path={_tiny_array(tmp_path)}"]) == 2
+    lines = _lines(capfd.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory (") and "sampling.batch_size" in lines[0]
+    assert not (fresh_root / "runs").exists()
 
 
 # ---- 2. schedules that start far from pure noise ------------------------------------------------------------------

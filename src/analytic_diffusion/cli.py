@@ -95,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):  # torch's (CUDA, MPS)
+            raise
+        first = (str(exc).strip().splitlines() or ["no details"])[0]
+        print(f"error: out of memory ({first}); lower sampling.batch_size or model.params.chunk_size, use a "
+              "dataset.subset_size or a smaller dataset.resolution, or another experiment.device", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         resume = "rerun the same command to resume from the last checkpoint"
         print(f"interrupted; {resume if args.command == 'train-unet' else 'a run directory, if one was created, stays marked INCOMPLETE'}",

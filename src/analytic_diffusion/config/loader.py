@@ -62,6 +62,7 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
 
 def _default_entry_path(entry: str, including: Path) -> Path:
     """A `defaults:` entry: an absolute file, a name under configs/, or else a file beside the including config."""
+    entry = str(user_path(entry, f"the defaults list of {including}"))
     if Path(entry).is_absolute():
         return resolve_config_path(entry)
     beside = including.parent / entry
