@@ -109,9 +109,13 @@ def _pil_loader(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return ImageOps.exif_transpose(image)
     except Exception as exc:  # PIL raises many types for a bad file
         raise StudioError(f"cannot decode image {path}: {exc}; remove or replace the file") from None
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception:  # unreadable EXIF: the pixels as stored, which is what a viewer falls back to as well
+        pass
+    return image
 
 
 def _header_channels(path: Path) -> int:

@@ -1,9 +1,9 @@
 """The dataset store: every image decoded once, kept in a compact dtype and memory-mapped from a cache.
 
 The cache entry is a directory named by a fingerprint of everything the images were computed from (dataset,
-split, resolution, channels, background where images can be transparent, subset and the source's own
-signature), built under a temporary name and renamed
-into place in one step: a later run either finds a complete entry for exactly its inputs or builds one.
+split, resolution, channels, background where images can be transparent, subset and the source's own signature),
+built under a temporary name and renamed into place in one step: a later run either finds a complete entry for
+exactly its inputs or builds one.
 """
 
 from __future__ import annotations
