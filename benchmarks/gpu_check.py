@@ -118,9 +118,12 @@ class Check:
     baseline_mib: float | None = None
     note: str = ""
     failure: str | None = None  # the exception, when the check could not run
+    skipped: str | None = None  # why a method from the registry could not run here (it needs a file: a checkpoint)
 
     @property
     def passed(self) -> bool:
+        if self.skipped is not None and self.failure is None:
+            return True
         if self.failure is not None or self.error is None:  # a check that measured nothing has not passed
             return False
         judged = [(self.error, self.tolerance), (self.reference_error, self.tolerance),
@@ -289,7 +292,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _progress(row: Check) -> None:
-    print(f"  {'ok  ' if row.passed else 'FAIL'} {row.name}", file=sys.stderr, flush=True)
+    verdict = "skip" if row.skipped and row.passed else "ok  " if row.passed else "FAIL"
+    print(f"  {verdict} {row.name}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -648,12 +652,15 @@ def check_training(runner: Runner, mnist: Inputs, root: Path) -> Path | None:
     return checkpoint
 
 
-def check_registry_method(runner: Runner, name: str, mnist: Inputs) -> None:
+def check_registry_method(runner: Runner, name: str, mnist: Inputs, skipped: dict[str, str]) -> None:
     """A method with no dedicated check (added later: patch methods...): its mnist5k config's parameters (else its
-    defaults), device against CPU at TOLERANCES.get(name, DEFAULT_TOLERANCE)."""
+    defaults), device against CPU at TOLERANCES.get(name, DEFAULT_TOLERANCE). A method whose config or fit raises a
+    StudioError (it needs something the check cannot provide, such as a trained checkpoint) is skipped, with the
+    reason in the row and in `skipped` (its `generate` is skipped too); any other exception fails the row."""
     from analytic_diffusion.config import load_config
     from analytic_diffusion.config.loader import configs_dir
     from analytic_diffusion.denoisers.base import denoiser_class
+    from analytic_diffusion.errors import StudioError
 
     method = denoiser_class(name)
     try:
@@ -663,6 +670,10 @@ def check_registry_method(runner: Runner, name: str, mnist: Inputs) -> None:
         data = Inputs("mnist5k", DatasetStore.from_tensor(mnist.store.images[:count], "mnist5k"), max(2, mnist.batch // 2),
                       mnist.alphas_cumprod)
         fitted, held = runner.fit(lambda d: method(params, d).fit(data.store))
+    except StudioError as exc:
+        skipped[name] = str(exc)
+        runner.record(Check(f"{name} (from the registry)", DEFAULT_TOLERANCE, skipped=str(exc)))
+        return
     except Exception as exc:
         runner.record(Check(f"{name} (from the registry)", DEFAULT_TOLERANCE, failure=_describe(exc)))
         return
@@ -677,12 +688,16 @@ def check_registry_method(runner: Runner, name: str, mnist: Inputs) -> None:
                      note="found in the registry")
 
 
-def check_generate(runner: Runner, methods: list[str], root: Path, checkpoint: Path | None) -> None:
+def check_generate(runner: Runner, methods: list[str], root: Path, checkpoint: Path | None,
+                   skipped: dict[str, str]) -> None:
     """`ads generate` of every method on mnist5k with tiny settings, through the command line's main()."""
     from analytic_diffusion.cli import main
     from analytic_diffusion.config.loader import configs_dir
 
     for name in methods:
+        if name in skipped:
+            runner.record(Check(f"generate {name}", 0, "problems", skipped=skipped[name]))
+            continue
         config = f"{name}/mnist5k"
         if not (configs_dir() / name / "mnist5k.yaml").is_file():  # a method without a config of its own
             path = root / f"{name}.yaml"
@@ -740,7 +755,7 @@ def table(checks: list[Check]) -> str:
             c.name, _cell(c.tolerance, 2, integer), _cell(c.error, 2, integer), _cell(c.reference_error, 2, integer),
             _cell(c.tf32_error, 2, integer), _cell(c.ms), c.baseline or "", _cell(c.baseline_ms),
             f"{c.speedup:.2f}x" if c.speedup else "n/a", _cell(c.tf32_ms), _cell(c.mib), _cell(c.baseline_mib),
-            "ok" if c.passed else f"**FAIL** {c.failure or ''}".strip(),
+            f"skipped: {c.skipped}" if c.skipped and c.passed else "ok" if c.passed else f"**FAIL** {c.failure or ''}".strip(),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -805,11 +820,12 @@ def run(args: argparse.Namespace, root: Path) -> Runner:
         ("pca_locality", lambda: check_pca_locality(runner, [mnist, cifar_stats])),
         ("unet", lambda: check_unet(runner, [mnist, cifar_stats])),
     ]
-    sections += [(name, lambda name=name: check_registry_method(runner, name, mnist))
+    skipped: dict[str, str] = {}  # registry methods that need what the check cannot give them, and why
+    sections += [(name, lambda name=name: check_registry_method(runner, name, mnist, skipped))
                  for name in methods if name not in KNOWN_METHODS]
     checkpoint: list[Path | None] = [None]  # training's checkpoint, which `generate unet` samples with
     sections += [("training", lambda: checkpoint.__setitem__(0, check_training(runner, mnist, root))),
-                 ("generate", lambda: check_generate(runner, methods, root, checkpoint[0]))]
+                 ("generate", lambda: check_generate(runner, methods, root, checkpoint[0], skipped))]
     for group, section in sections:
         needed = group == "training" and runner.wants("generate") and "unet" in methods
         if runner.wants(group) or needed:
@@ -852,11 +868,14 @@ def main(argv: list[str] | None = None) -> int:
           f"({info['cpu_threads']} threads; the host may be shared), {'quick' if args.quick else 'full'} inputs, "
           f"{seconds:.0f} s\n")
     print(table(runner.checks))
+    skipped = [c.name for c in runner.checks if c.skipped]
     print(f"\n{len(runner.checks) - len(failed)} of {len(runner.checks)} checks passed" +
+          (f" ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else "") +
           (f"; FAILED: {', '.join(failed)}" if failed else ""))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {**info, "quick": args.quick, "seconds": seconds, "passed": not failed, "failed": failed,
+                  "skipped": skipped,
                   "tolerances": TOLERANCES, "default_tolerance": DEFAULT_TOLERANCE,
                   "checks": [c.as_json() for c in runner.checks]}
         args.json.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))

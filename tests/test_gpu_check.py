@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analytic_diffusion.denoisers import DENOISERS, load_all
+from analytic_diffusion.data.store import DatasetStore
+from analytic_diffusion.denoisers import DENOISERS, Denoiser, load_all
+from analytic_diffusion.errors import StudioError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -41,7 +43,11 @@ def test_quick_cpu_run_passes_every_check(tmp_path):
     report = json.loads(report_path.read_text())
     assert report["device"] == "cpu" and report["quick"] and report["passed"] and report["failed"] == []
     checks = report["checks"]
-    assert all(c["passed"] and c["failure"] is None and c["error"] is not None for c in checks)
+    known = ("nearest_dataset", "optimal", "scfdm", "wiener", "pca_locality", "unet")
+    measured = [c for c in checks if not c["skipped"]]
+    assert all(c["passed"] and c["failure"] is None and c["error"] is not None for c in measured)
+    # only a later method that needs a file (a checkpoint) may be skipped, never one of the studio's own
+    assert not [c for c in checks if c["skipped"] and c["name"].split()[-1] in known]
     names = [c["name"] for c in checks]
     load_all()
     expected = ["knn mnist5k", "knn cifar-shaped", "nearest_dataset mnist5k", "nearest_dataset cifar-shaped",
@@ -49,8 +55,7 @@ def test_quick_cpu_run_passes_every_check(tmp_path):
                 "scfdm", "statistics mnist5k", "statistics cifar-shaped", "wiener mnist5k", "wiener cifar-shaped",
                 "pca_locality mask", "pca_locality mnist5k", "pca_locality cifar-shaped", "unet eps", "unet training"]
     expected += [f"generate {method}" for method in DENOISERS]  # every method end to end, later ones included
-    expected += [method for method in DENOISERS if method not in ("nearest_dataset", "optimal", "scfdm", "wiener",
-                                                                  "pca_locality", "unet")]
+    expected += [method for method in DENOISERS if method not in known]
     missing = [prefix for prefix in expected if not any(name.startswith(prefix) for name in names)]
     assert not missing, f"no check starts with {missing}"
     # the kernels were compared with the float64 formulas, and agree with them within the stated tolerances
@@ -87,6 +92,8 @@ def test_main_exits_non_zero_when_a_kernel_disagrees(gpu_check, monkeypatch, tmp
     """A broken float64 formula (standing in for a broken kernel) fails the wiener rows, the JSON and the exit status."""
     formula = gpu_check.wiener_from_covariance
     monkeypatch.setattr(gpu_check, "wiener_from_covariance", lambda *args: formula(*args) + 1e-3)
+    digits = torch.randint(0, 256, (40, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    monkeypatch.setattr(gpu_check, "load_or_build_store", lambda *args: (DatasetStore.from_tensor(digits), {}))
     report_path = tmp_path / "report.json"
     assert gpu_check.main(["--device", "cpu", "--quick", "--only", "wiener", "--json", str(report_path)]) == 1
     report = json.loads(report_path.read_text())
@@ -100,3 +107,34 @@ def test_unknown_group_and_missing_cuda_are_refused(gpu_check, capsys):
     if not torch.cuda.is_available():
         assert gpu_check.main(["--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+class _NeedsCheckpoint(Denoiser):
+    """A registry method that cannot run without a file the check cannot provide."""
+
+    def fit(self, store):
+        raise StudioError("this method needs model.params.checkpoint")
+
+
+class _Broken(Denoiser):
+    def fit(self, store):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_registry_methods_that_need_a_file_are_skipped_and_broken_ones_fail(gpu_check, monkeypatch, tmp_path):
+    """Methods added later are checked automatically: a StudioError from their config or fit (a missing checkpoint)
+    skips them with the reason, in the registry check and in `generate`; any other exception fails the row."""
+    runner = gpu_check.Runner(torch.device("cpu"), gpu_check.QUICK)
+    images = torch.randint(0, 256, (20, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    inputs = gpu_check.Inputs("mnist5k", DatasetStore.from_tensor(images), 2, torch.linspace(0.9999, 1e-4, 1000))
+    monkeypatch.setitem(DENOISERS, "needs_checkpoint", _NeedsCheckpoint)
+    monkeypatch.setitem(DENOISERS, "broken_on_device", _Broken)
+    skipped: dict[str, str] = {}
+    gpu_check.check_registry_method(runner, "needs_checkpoint", inputs, skipped)
+    gpu_check.check_registry_method(runner, "broken_on_device", inputs, skipped)
+    gpu_check.check_generate(runner, ["needs_checkpoint"], tmp_path, None, skipped)
+    needs, broken, generate = runner.checks
+    assert needs.passed and needs.skipped == "this method needs model.params.checkpoint" and generate.skipped
+    assert skipped == {"needs_checkpoint": needs.skipped} and generate.passed
+    assert not broken.passed and broken.failure.startswith("RuntimeError: CUDA error")
+    assert "skipped: this method needs" in gpu_check.table(runner.checks)
