@@ -138,3 +138,28 @@ def test_registry_methods_that_need_a_file_are_skipped_and_broken_ones_fail(gpu_
     assert skipped == {"needs_checkpoint": needs.skipped} and generate.passed
     assert not broken.passed and broken.failure.startswith("RuntimeError: CUDA error")
     assert "skipped: this method needs" in gpu_check.table(runner.checks)
+
+
+def test_cuda_branches_of_the_runner_with_faked_memory_counters(gpu_check, monkeypatch):
+    """What CI cannot run for real: on CUDA a check reruns the method and the straightforward formulation with TF32
+    on (judging the method's TF32 result at its tolerance) and adds the GPU memory held to the peak of one call."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 6 << 20)
+    runner = gpu_check.Runner(torch.device("cpu"), gpu_check.QUICK)
+    runner.cuda = True
+    values = torch.linspace(-1, 1, 5)
+    row = runner.check("guarded", 1e-5, lambda where: values, baseline=("dense", lambda: values, 3.0), held_mib=2.0)
+    assert row.passed and row.tf32_error == 0 and row.tf32_ms is not None and row.tf32_baseline_ms is not None
+    assert row.mib == 2.0 + 5.0 and row.baseline_mib == 3.0 + 5.0
+
+    def moves_under_tf32(where: str) -> torch.Tensor:  # what an unguarded float32 product does
+        matmul = torch.backends.cuda.matmul
+        on = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+        return values + (1e-3 if on else 0.0)
+
+    judged = runner.check("judged under TF32", 1e-5, moves_under_tf32)
+    reported = runner.check("reported under TF32", 1e-5, moves_under_tf32, tf32_tolerance=None)
+    assert judged.error == 0 and judged.tf32_error == pytest.approx(1e-3, rel=0.05) and not judged.passed
+    assert reported.tf32_error == judged.tf32_error and reported.passed
