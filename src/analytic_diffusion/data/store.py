@@ -41,8 +41,9 @@ class DatasetStore:
 
     @classmethod
     def from_tensor(cls, images: torch.Tensor, name: str = "memory") -> DatasetStore:
-        """An in-memory store (tests, notebooks): uint8 pixels or float images already in [-1, 1]."""
-        images = images.contiguous()
+        """An in-memory store (tests, notebooks): uint8 pixels or float images already in [-1, 1], on any device
+        (a store lives in host memory; methods copy what they need to their own device)."""
+        images = images.detach().cpu().contiguous()
         if not (images.dtype == torch.uint8 or images.is_floating_point()):
             raise StudioError(f"images of an in-memory store must be uint8 pixels or floats in [-1, 1], not {images.dtype}")
         if images.is_floating_point() and not _in_model_space(images):

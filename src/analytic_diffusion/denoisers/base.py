@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..devices import full_precision
 from ..errors import StudioError, unknown_name
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class Denoiser:
     Params: ClassVar[type] = NoParams
     name: ClassVar[str] = ""
     cache_dir: Path | None = None  # where fit() may cache statistics (keyed by the store's fingerprint); None = off
+    exact_float32: ClassVar[bool] = True  # calls run with TF32 / bfloat16 matmul modes off (devices.full_precision)
 
     def __init__(self, params: Any = None, device: torch.device | str = "cpu"):
         self.params = params if params is not None else self.Params()
@@ -85,7 +87,11 @@ class Denoiser:
         raise NotImplementedError
 
     def __call__(self, x_t: torch.Tensor, level: NoiseLevel, noise: NoiseSource | None = None) -> Denoised:
-        return self.denoise(x_t, level, noise)
+        """denoise() under IEEE float32 products (exact_float32), whatever the process's global TF32 setting."""
+        if not self.exact_float32:
+            return self.denoise(x_t, level, noise)
+        with full_precision():
+            return self.denoise(x_t, level, noise)
 
 
 DENOISERS: dict[str, type[Denoiser]] = {}

@@ -28,6 +28,7 @@ class UNetDenoiser(Denoiser):
     """The learned baseline: epsilon prediction of a UNet conditioned on the training timestep t."""
 
     Params = UNetParams
+    exact_float32 = False  # a trained approximation: it runs at the process's precision (cuDNN TF32 convs by default)
 
     def fit(self, store: DatasetStore) -> UNetDenoiser:
         if not self.params.checkpoint:

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ..data.store import DatasetStore
+from ..devices import full_precision, reduced_precision_matmul
 
 MEMORY_BUDGET = 64 << 20  # bytes of temporaries per query batch, whatever N
 CPU_CHUNK_BYTES = 8 << 20  # CPU: bytes of one chunk and its scores (amortises per-call overheads, fits L3)
@@ -152,29 +153,20 @@ class _FloatScorer:
     def __init__(self, stats: _DatasetStats, dim: int, uint8: bool, device: torch.device):
         self.stats, self.dim = stats, dim
         self.coefficient = 2.0 / 127.5 if uint8 else 2.0
-        self.input_rounding = 2.0**-8 if _reduced_precision_matmul(device) else 0.0
+        self.device = device
 
     def prepare(self, x: torch.Tensor, retry: bool = False) -> _Prepared:
         stats, n = self.stats, self.dim
+        input_rounding = 2.0**-8 if reduced_precision_matmul(self.device) else 0.0  # the setting of this search
         gamma = n * UNIT / (1 - n * UNIT)
         cross = self.coefficient * torch.linalg.vector_norm(x, dim=1) * stats.max_raw_l2  # >= c sum_j |x_j w_ij|
-        gemm = (gamma + 2 * UNIT + 2 * self.input_rounding) * cross  # + rounding x and w to float32
+        gemm = (gamma + 2 * UNIT + 2 * input_rounding) * cross  # + rounding x and w to float32
         output = 4 * UNIT * (stats.max_norm_sq + cross)
         error = SAFETY * (gemm + output + _common_error(x, stats, n))
         return _Prepared(x.to(torch.float32).t(), None, error)
 
     def scores(self, raw: torch.Tensor, norms: torch.Tensor, prepared: _Prepared) -> torch.Tensor:
         return torch.addmm(norms[:, None], raw.to(torch.float32), prepared.operand, alpha=-self.coefficient)
-
-
-def _reduced_precision_matmul(device: torch.device) -> bool:
-    """True if float32 matrix products may round their inputs (TF32 / bfloat16 modes)."""
-    if torch.get_float32_matmul_precision() != "highest":
-        return True
-    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
-    if getattr(backend, "fp32_precision", "none") not in ("none", "ieee"):
-        return True
-    return device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
 
 def _common_error(x: torch.Tensor, stats: _DatasetStats, dim: int) -> torch.Tensor:
@@ -286,8 +278,10 @@ class KnnIndex:
         return max(1, min(self.num_images, chunk - chunk % 64 if chunk >= 64 else chunk))
 
     @torch.no_grad()
+    @full_precision()
     def search(self, queries: torch.Tensor, k: int = 1, chunk_size: int | None = None) -> KnnResult:
-        """Exact k-NN of `queries` [B, ...] (flattened to [B, n]) in model space; see the module docstring."""
+        """Exact k-NN of `queries` [B, ...] (flattened to [B, n]) in model space; see the module docstring. Float32
+        products run in full precision whatever the global TF32 setting (devices.full_precision)."""
         flat = queries.reshape(queries.shape[0], -1)
         if flat.shape[1] != self.store.dim:
             raise ValueError(f"queries have {flat.shape[1]} values each, the store's images {self.store.dim}")
