@@ -3,12 +3,16 @@
 The cache entry is a directory named by a fingerprint of everything the images were computed from (dataset,
 split, resolution, channels, subset and the source's own signature), built under a temporary name and renamed
 into place in one step: a later run either finds a complete entry for exactly its inputs or builds one.
+A subset (the first `subset_size` images) of a dataset whose full store, or a larger subset's, is already cached
+is a view of that entry's first images: nothing is decoded or copied, and it keeps its own fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -22,9 +26,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..cache import touch
 from ..errors import StudioError
 from ..fileio import atomic_write_json, make_directory
 from .sources import ImageSource, SourceRequest, dataset_source
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1  # bump when preprocessing changes, so old cache entries are never reused
 STALE_BUILD_SECONDS = 6 * 3600  # a killed build's temporary folder older than this is removed by the next build
@@ -245,8 +252,26 @@ def _remove_stale_builds(final: Path) -> None:
             pass
 
 
+def _cached_superset(stores: Path, name: str, base: str, count: int) -> Path | None:
+    """A complete cached store of the same images as `base` (the full dataset's fingerprint) holding at least
+    `count` of them, the smallest such; None when there is none. Subsets are the first images, so the first
+    `count` images of any such store are the requested subset."""
+    found = []
+    for meta_path in stores.glob(f"{name}-*/meta.json"):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        full = meta_path.parent.name == f"{name}-{base}"  # stores written before "base" was recorded
+        if (full or meta.get("base") == base) and meta.get("count", 0) >= count and (meta_path.parent / "images.npy").is_file():
+            found.append((meta["count"], meta_path.parent))
+    return min(found)[1] if found else None
+
+
 def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: Path) -> tuple[DatasetStore, dict]:
-    """Return the store for `request`, decoding it only if no complete cache entry for its fingerprint exists."""
+    """Return the store for `request`, decoding it only if no complete cache entry for its fingerprint exists
+    and, for a subset, no cached store of the same dataset holds at least as many images (then the subset is a
+    view of that store's first images)."""
     started = time.perf_counter()
     source = dataset_source(SourceRequest(request.name, request.split, request.download, request.path, datasets_root))
     floating = _source_kind(source)
@@ -263,8 +288,14 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
         raise StudioError(f"dataset.resolution must be a positive number of pixels, got {request.resolution}")
     count = _check_subset(request, source.length)
     fingerprint = store_fingerprint(request, source, channels, floating)
+    base = store_fingerprint(dataclasses.replace(request, subset_size=None), source, channels, floating)
     final = cache_root / "stores" / f"{request.name}-{fingerprint}"
-    built = not (final / "images.npy").is_file()
+    path = final
+    if not (final / "images.npy").is_file() and request.subset_size is not None:
+        path = _cached_superset(final.parent, request.name, base, count) or final
+        if path != final:
+            log.info("dataset %s: the first %d images of the cached store %s", request.name, count, path)
+    built = not (path / "images.npy").is_file()
     if built:
         tmp = final.parent / f".building-{final.name}-{uuid.uuid4().hex[:8]}"
         make_directory(final.parent, "paths.cache")
@@ -272,14 +303,16 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
         make_directory(tmp, "paths.cache", exist_ok=False)
         try:
             _build(tmp, source, request, count, channels, floating)
-            atomic_write_json(tmp / "meta.json", {"fingerprint": fingerprint, "count": count, "source": source.describe})
+            atomic_write_json(tmp / "meta.json", {"fingerprint": fingerprint, "base": base, "count": count,
+                                                  "source": source.describe})
             try:
                 tmp.rename(final)
             except OSError:  # another process finished the same entry first; theirs is as good as ours
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    array = np.load(final / "images.npy", mmap_mode="c")
+    array = np.load(path / "images.npy", mmap_mode="c")[:count]  # a view: a superset's first images, no copy
+    touch(path)
     store = DatasetStore(request.name, fingerprint, torch.from_numpy(array))
-    info = {"fingerprint": fingerprint, "built": built, "path": str(final), "seconds": time.perf_counter() - started}
+    info = {"fingerprint": fingerprint, "built": built, "path": str(path), "seconds": time.perf_counter() - started}
     return store, info
