@@ -157,6 +157,8 @@ def test_with_a_backbone_the_sweep_adds_its_row_agreement_columns_and_curves(tmp
         (["--grid", "model.params.temperature"], "is not of the form key=value1,value2"),
         (["experiment.run_name=mine"], "a sweep sets 'experiment.run_name' itself"),
         (["sampling.per_sample_seeds=false"], "a sweep always uses per-sample seeds"),
+        (["--grid", "paths.runs=a,b"], "every cell of a sweep uses the same paths"),
+        (["--grid", "sampling.num_samples=2,3", "sampling.num_samples=4"], "both a grid key and an override"),
         (["--datasets", "array"], "no config optimal/array.yaml"),
         (["--datasets", "cifar10"], "cifar10 not found under"),
         (["-c", "sweeps/nope"], "config 'sweeps/nope' not found"),

@@ -20,7 +20,7 @@ from .errors import StudioError
 
 KINDS = {"stores": "store", "statistics": "statistics", "indexes": "index"}  # folder -> kind; others: folder name
 AGE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_FINGERPRINT_PART = re.compile(r"^(v\d+|[0-9a-f]{8,})$")  # trailing parts of an entry name that are not the dataset
+_FINGERPRINT = re.compile(r"^[0-9a-f]{8,}$")  # entries are named <dataset>-<fingerprint>[-...]
 
 
 def touch(path: Path) -> None:
@@ -43,11 +43,12 @@ class CacheEntry:
 
 
 def _dataset_of(name: str) -> str:
-    """`mnist5k-1d201a0f7e` -> mnist5k; `cifar10-abc123def4-v1.pt` -> cifar10."""
+    """The name before the fingerprint: `mnist5k-1d201a0f7e` -> mnist5k, `cifar10-abc123def4-v1.pt` -> cifar10."""
     parts = name.split(".")[0].split("-")
-    while len(parts) > 1 and _FINGERPRINT_PART.match(parts[-1]):
-        parts.pop()
-    return "-".join(parts)
+    for i, part in enumerate(parts[1:], start=1):
+        if _FINGERPRINT.match(part):
+            return "-".join(parts[:i])
+    return parts[0]
 
 
 def _size(path: Path) -> int:

@@ -97,6 +97,7 @@ def _sweep(args: argparse.Namespace) -> None:
     _setup_logging("info")
     spec = load_spec(args.config, args.methods, args.datasets, args.grid, args.overrides, args.name)
     plan = plan_sweep(spec)  # every cell's config checked before anything is written
+    logging.getLogger("analytic_diffusion").setLevel(plan.cells[0].config.logging.level.upper())
     print(summary(run_sweep(plan, force=args.force)))
 
 

@@ -41,6 +41,7 @@ DEFAULT_DATASETS = ("mnist5k",)
 SPEC_KEYS = ("name", "methods", "datasets", "grid", "overrides")
 BACKBONE_METHOD = "unet"  # the denoiser that samples `baseline.checkpoint` for the backbone row
 PARAMS = "model.params."
+SEEDS = "sampling.per_sample_seeds"
 # Keys the sweep sets itself: each cell's folder, and per-sample seeds so that every cell of a dataset starts
 # from the same x_T whatever its batch size or its method's own random draws.
 SWEEP_KEYS = {
@@ -206,12 +207,11 @@ def _check_spec(spec: SweepSpec) -> None:
     for key in [*overrides, *spec.grid]:
         if key in SWEEP_KEYS:
             raise StudioError(f"a sweep sets '{key}' itself ({SWEEP_KEYS[key]}); remove it")
-        if key.startswith("paths.") and key in spec.grid:
-            raise StudioError(f"grid key '{key}': every cell of a sweep uses the same paths; set it as an override")
-    if overrides.get("sampling.per_sample_seeds", "true").lower() != "true":
-        raise StudioError("a sweep always uses per-sample seeds (every cell of a dataset from the same x_T); "
-                          "remove sampling.per_sample_seeds=false")
+    if overrides.get(SEEDS, "true").lower() != "true" or SEEDS in spec.grid:
+        raise StudioError(f"a sweep always uses per-sample seeds (every cell of a dataset from the same x_T); remove {SEEDS}")
     for key in spec.grid:
+        if key.startswith("paths."):
+            raise StudioError(f"grid key '{key}': every cell of a sweep uses the same paths; set it as an override")
         if key in overrides:
             raise StudioError(f"'{key}' is both a grid key and an override; keep one")
         if key.startswith(PARAMS):
@@ -241,7 +241,7 @@ def _forced(spec: SweepSpec, cell_name: str) -> list[str]:
     """What the sweep sets in every cell: its folder (with paths.runs, see _load_cell), no timestamp, per-sample
     seeds, samples.pt."""
     return [f"experiment.name={spec.name}", f"experiment.run_name={cell_name}", "experiment.append_timestamp=false",
-            "sampling.per_sample_seeds=true", "output.tensors=true"]
+            f"{SEEDS}=true", "output.tensors=true"]
 
 
 def _load_cell(spec: SweepSpec, method: str | None, dataset: str, grid: dict[str, str],
