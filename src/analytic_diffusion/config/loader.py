@@ -70,16 +70,23 @@ def _default_entry_path(entry: str, including: Path) -> Path:
     return resolve_config_path(entry)
 
 
+def read_mapping(path: Path, what: str, shape: str) -> DictConfig:
+    """The YAML mapping in `path`; a file that does not parse, or holds something else, is a one-line StudioError
+    ("cannot parse <what> <path>: ...", "<what> <path> must be <shape>")."""
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:
+        raise StudioError(f"cannot parse {what} {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, DictConfig):
+        raise StudioError(f"{what} {path} must be {shape}")
+    return raw
+
+
 def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """A config file merged on top of the files its `defaults:` list names (in order)."""
     if path in seen:
         raise StudioError(f"config {path} includes itself through its defaults list")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as exc:
-        raise StudioError(f"cannot parse config {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, DictConfig):
-        raise StudioError(f"config {path} must be a mapping of sections, not a list")
+    raw = read_mapping(path, "config", "a mapping of sections, not a list")
     defaults = raw.pop("defaults", [])
     if not isinstance(defaults, (ListConfig, list)):
         raise StudioError(f"config {path}: `defaults:` must be a list of config names (e.g. [defaults, datasets/mnist5k]), "

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 from ..config import StudioConfig, load_config
-from ..config.loader import SWEEPS, configs_dir, resolve_config_path
+from ..config.loader import SWEEPS, configs_dir, read_mapping, resolve_config_path
 from ..data.sources import DATASETS, SourceRequest, dataset_source
 from ..denoisers import denoiser_class
 from ..errors import StudioError, closest, unknown_name
@@ -141,13 +141,7 @@ def _read_file(config: str) -> tuple[dict[str, Any], str]:
             path = configs_dir() / SWEEPS / f"{config}.yaml"
         else:
             raise
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as exc:
-        raise StudioError(f"cannot parse sweep file {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, DictConfig):
-        raise StudioError(f"sweep file {path} must be a mapping with keys {', '.join(SPEC_KEYS)}")
-    data = OmegaConf.to_container(raw)
+    data = OmegaConf.to_container(read_mapping(path, "sweep file", f"a mapping with keys {', '.join(SPEC_KEYS)}"))
     for key in data:
         if key not in SPEC_KEYS:
             raise StudioError(f"unknown key '{key}' in sweep file {path}{closest(str(key), SPEC_KEYS)}; "
