@@ -3,6 +3,7 @@
 Run: python examples/same_noise.py [num_samples]  ->  same_noise.png (rows: nearest_dataset, optimal, scfdm,
 wiener, pca_locality; columns: samples). Uses the library directly: store -> fit -> sample, no config files; the
 dataset store and statistics are cached under $ADS_ROOT (default studio/), like those of `ads generate`.
+`ads sweep` is the same experiment as a command: labelled rows, a table of timings and metrics, resumable.
 """
 
 from __future__ import annotations

@@ -41,13 +41,51 @@ def test_embedded_digits_are_uint8_and_reused_without_redecoding(tmp_path, monke
 
 
 def test_subset_and_resolution_changes_rebuild(tmp_path):
-    base, _ = _load(tmp_path, name="mnist5k", subset_size=100)
+    base, info_base = _load(tmp_path, name="mnist5k", subset_size=100)
     other_subset, info_subset = _load(tmp_path, name="mnist5k", subset_size=50)
     other_res, info_res = _load(tmp_path, name="mnist5k", subset_size=100, resolution=16)
-    assert info_subset["built"] and info_res["built"]
+    assert info_res["built"]  # another resolution is other pixels: decoded anew
+    assert not info_subset["built"] and info_subset["path"] == info_base["path"]  # a smaller subset: a view
     assert len({base.fingerprint, other_subset.fingerprint, other_res.fingerprint}) == 3
     assert other_subset.num_images == 50 and other_res.sample_shape == (1, 16, 16)
     assert torch.equal(other_subset.images, base.images[:50])
+
+
+def _mapped_file(tensor: torch.Tensor) -> Path | None:
+    """The file whose memory mapping holds the tensor's first byte (Linux: /proc/self/maps), None if it is in RAM."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs /proc/self/maps")
+    address = tensor.data_ptr()
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, stop = (int(v, 16) for v in fields[0].split("-"))
+        if start <= address < stop:
+            return Path(fields[5]) if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
+def test_a_subset_of_a_cached_dataset_is_a_view_of_that_store_not_a_second_decode(tmp_path, monkeypatch):
+    images = np.random.default_rng(1).integers(0, 256, (40, 6, 6), dtype=np.uint8)
+    np.save(tmp_path / "digits.npy", images)
+    request = {"name": "array", "path": str(tmp_path / "digits.npy")}
+    direct = {n: _load(tmp_path / f"direct{n}", **request, subset_size=n)[0] for n in (7, 40, 100)}  # built anew
+    full, _ = _load(tmp_path, **request)
+    monkeypatch.setattr(store_module, "_build", lambda *a, **k: pytest.fail("a cached dataset decoded again"))
+    for n in (7, 40, 100):  # 100 > 40 images: all of them, like a direct build
+        view, info = _load(tmp_path, **request, subset_size=n)
+        assert not info["built"] and info["path"] == str(tmp_path / "cache" / "stores" / f"array-{full.fingerprint}")
+        assert view.fingerprint == direct[n].fingerprint != full.fingerprint  # its own key, as if built directly
+        assert torch.equal(view.images, direct[n].images) and view.num_images == min(n, 40)
+        assert _mapped_file(view.images) == tmp_path / "cache" / "stores" / f"array-{full.fingerprint}" / "images.npy"
+    # A larger cached subset serves a smaller one too (the first images of both are the same images).
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    _, built = _load(other, **request, subset_size=20)
+    assert built["built"]
+    monkeypatch.setattr(store_module, "_build", lambda *a, **k: pytest.fail("a cached subset decoded again"))
+    small, info = _load(other, **request, subset_size=5)
+    assert info["path"] == built["path"] and torch.equal(small.images, direct[7].images[:5])
 
 
 def test_decode_matches_totensor_then_normalize(tmp_path):

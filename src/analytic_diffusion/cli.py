@@ -30,6 +30,25 @@ def _parser() -> argparse.ArgumentParser:
     _config_arguments(commands.add_parser("train-unet", help="train the UNet baseline (rerun to resume)"),
                       DEFAULT_TRAINING_CONFIG)
     commands.add_parser("list", help="list methods, datasets and configs")
+    sweep = commands.add_parser("sweep", help="every method x dataset x grid from the same noise: runs, figure, table")
+    sweep.add_argument("-c", "--config", default=None,
+                       help="sweep file under configs/ (e.g. sweeps/subset_size) or a YAML path (default: sweeps/default)")
+    sweep.add_argument("--methods", help="comma-separated methods (default: the file's; every analytic method)")
+    sweep.add_argument("--datasets", help="comma-separated datasets (default: the file's; mnist5k)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a config key and its values, e.g. model.params.temperature=0.5,1,2 (repeatable)")
+    sweep.add_argument("--name", help="the sweep folder under <paths.runs>/sweeps/ (default: the file's name)")
+    sweep.add_argument("--force", action="store_true", help="rerun every cell, even those already complete")
+    sweep.add_argument("overrides", nargs="*", help="dot-list overrides for every cell, e.g. sampling.num_samples=16")
+    cache = commands.add_parser("cache", help="list cached dataset stores and statistics, or remove some")
+    actions = cache.add_subparsers(dest="action")
+    listing = actions.add_parser("list", help="every cache entry with its size, dataset and last use (the default)")
+    listing.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. paths.cache=/scratch/cache")
+    clear = actions.add_parser("clear", help="remove cache entries: those unused for a while, or of one dataset")
+    clear.add_argument("--older-than", metavar="AGE", help="last used more than AGE ago: 30d, 12h, 2w, 90m")
+    clear.add_argument("--dataset", metavar="NAME", help="computed from this dataset")
+    clear.add_argument("--all", action="store_true", help="every entry")
+    clear.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. paths.cache=/scratch/cache")
     return parser
 
 
@@ -71,6 +90,13 @@ def _run(args: argparse.Namespace) -> None:
         print("methods: " + ", ".join(sorted(DENOISERS)))
         print("datasets: " + ", ".join(sorted(DATASETS)))
         print("configs: " + ", ".join(available_configs()))
+        print("sweeps: " + ", ".join(available_configs("sweep")))
+        return
+    if args.command == "sweep":
+        _sweep(args)
+        return
+    if args.command == "cache":
+        _cache(args)
         return
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
@@ -85,6 +111,39 @@ def _run(args: argparse.Namespace) -> None:
     from .generate import generate, summary
 
     print(summary(generate(cfg)))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from .sweep import load_spec, plan_sweep, run_sweep, summary
+
+    _setup_logging("info")
+    spec = load_spec(args.config, args.methods, args.datasets, args.grid, args.overrides, args.name)
+    plan = plan_sweep(spec)  # every cell's config checked before anything is written
+    logging.getLogger("analytic_diffusion").setLevel(plan.cells[0].config.logging.level.upper())
+    print(summary(run_sweep(plan, force=args.force)))
+
+
+def _cache(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .cache import cache_entries, format_entries, human_bytes, remove_entries, select_entries
+    from .config import load_config
+    from .errors import StudioError
+
+    root = Path(load_config(None, getattr(args, "overrides", [])).paths.cache)
+    entries = cache_entries(root)
+    if args.action != "clear":
+        print(format_entries(entries, root))
+        return
+    if args.older_than is None and args.dataset is None and not args.all:
+        raise StudioError("say what to remove: --older-than 30d, --dataset NAME (both: entries matching both) or --all")
+    chosen = select_entries(entries, args.older_than, args.dataset)
+    if not chosen:
+        datasets = sorted({e.dataset for e in entries})
+        print(f"nothing to remove in {root} (datasets in the cache: {', '.join(datasets) or 'none'})")
+        return
+    print(format_entries(chosen, root))
+    print(f"removed {len(chosen)} entries, {human_bytes(remove_entries(chosen))} freed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
               "dataset.subset_size or a smaller dataset.resolution, or another experiment.device", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = "rerun the same command to resume from the last checkpoint"
-        print(f"interrupted; {resume if args.command == 'train-unet' else 'a run directory, if one was created, stays marked INCOMPLETE'}",
-              file=sys.stderr)
+        advice = {
+            "train-unet": "rerun the same command to resume from the last checkpoint",
+            "sweep": "finished cells are kept; rerun the same command to run the rest",
+        }.get(args.command, "a run directory, if one was created, stays marked INCOMPLETE")
+        print(f"interrupted; {advice}", file=sys.stderr)
         return 130
     return 0

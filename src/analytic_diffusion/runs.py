@@ -19,6 +19,7 @@ from .errors import StudioError
 from .fileio import atomic_write, atomic_write_json, atomic_write_text, make_directory
 
 INCOMPLETE = "INCOMPLETE"
+LEGIBLE_SIDE = 64  # figures show every image at least this many pixels on its shorter side
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -26,10 +27,20 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
+def legible(images: torch.Tensor, min_side: int = LEGIBLE_SIDE) -> torch.Tensor:
+    """Images [..., H, W] enlarged by the smallest whole factor that makes min(H, W) >= `min_side`, each pixel
+    repeated (nearest neighbour, no blur); images that are large enough come back unchanged."""
+    factor = math.ceil(min_side / min(images.shape[-2:]))
+    if factor <= 1:
+        return images
+    return images.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+
+
 def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> None:
-    """Save model-space images [N, C, H, W] as one grid PNG, about square unless `columns` is given."""
+    """Save model-space images [N, C, H, W] as one grid PNG, about square unless `columns` is given; small images
+    are enlarged (`legible`) so that a 28-pixel digit is not a speck."""
     columns = columns or math.ceil(math.sqrt(images.shape[0]))
-    grid = make_grid(to_unit_range(images), nrow=columns, padding=2, pad_value=1.0)
+    grid = make_grid(legible(to_unit_range(images)), nrow=columns, padding=2, pad_value=1.0)
     atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import touch
 from .data.store import DatasetStore
 from .fileio import atomic_write
 
@@ -87,6 +88,7 @@ def dataset_statistics(
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == store.fingerprint:
             log.info("statistics of %s read from %s", store.name, path)
+            touch(path)
             return DatasetStatistics(**saved)
     stats = compute_statistics(store, device)
     if path is not None:

@@ -4,12 +4,16 @@ The cache entry is a directory named by a fingerprint of everything the images w
 split, resolution, channels, background where images can be transparent, subset and the source's own signature),
 built under a temporary name and renamed into place in one step: a later run either finds a complete entry for
 exactly its inputs or builds one.
+A subset (the first `subset_size` images) of a dataset whose full store, or a larger subset's, is already cached
+is a view of that entry's first images: nothing is decoded or copied, and it keeps its own fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -23,9 +27,12 @@ from PIL import Image, ImageColor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..cache import touch
 from ..errors import StudioError
 from ..fileio import atomic_write_json, make_directory
 from .sources import ImageSource, SourceRequest, dataset_source, describe_skipped
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1  # bump when preprocessing changes, so old cache entries are never reused
 STALE_BUILD_SECONDS = 6 * 3600  # a killed build's temporary folder older than this is removed by the next build
@@ -304,11 +311,26 @@ def files_sentence(files: dict) -> str:
     return sentence
 
 
-def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: Path) -> tuple[DatasetStore, dict]:
-    """Return the store for `request`, decoding it only if no complete cache entry for its fingerprint exists.
+def _cached_superset(stores: Path, name: str, base: str, count: int) -> Path | None:
+    """A complete cached store of the same images as `base` (the full dataset's fingerprint) holding at least
+    `count` of them, the smallest such; None when there is none. Subsets are the first images, so the first
+    `count` images of any such store are the requested subset."""
+    found = []
+    for meta_path in stores.glob(f"{name}-*/meta.json"):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        full = meta_path.parent.name == f"{name}-{base}"  # stores written before "base" was recorded
+        if (full or meta.get("base") == base) and meta.get("count", 0) >= count and (meta_path.parent / "images.npy").is_file():
+            found.append((meta["count"], meta_path.parent))
+    return min(found)[1] if found else None
 
-    The info dict: fingerprint, built, path, seconds and, for folders, `files` (used, skipped by reason, and the
-    grey/colour vote when dataset.channels is null)."""
+
+def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: Path) -> tuple[DatasetStore, dict]:
+    """Return the store for `request`, decoding it only if no complete cache entry for its fingerprint exists
+    and, for a subset, no cached store of the same dataset holds at least as many images (then the subset is a
+    view of that store's first images)."""
     started = time.perf_counter()
     source = dataset_source(SourceRequest(request.name, request.split, request.download, request.path, datasets_root))
     background_rgb(request.background)
@@ -326,9 +348,16 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     if request.resolution is not None and request.resolution < 1:
         raise StudioError(f"dataset.resolution must be a positive number of pixels, got {request.resolution}")
     count = _check_subset(request, source.length)
-    fingerprint = store_fingerprint(request, source, "vote" if vote else channels, floating)
+    key_channels = "vote" if vote else channels
+    fingerprint = store_fingerprint(request, source, key_channels, floating)
+    base = store_fingerprint(dataclasses.replace(request, subset_size=None), source, key_channels, floating)
     final = cache_root / "stores" / f"{request.name}-{fingerprint}"
-    built = not (final / "images.npy").is_file()
+    path = final
+    if not (final / "images.npy").is_file() and request.subset_size is not None:
+        path = _cached_superset(final.parent, request.name, base, count) or final
+        if path != final:
+            log.info("dataset %s: the first %d images of the cached store %s", request.name, count, path)
+    built = not (path / "images.npy").is_file()
     if built:
         tmp = final.parent / f".building-{final.name}-{uuid.uuid4().hex[:8]}"
         make_directory(final.parent, "paths.cache")
@@ -341,6 +370,7 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
                 meta["channel_counts"] = {str(c): n for c, n in sorted(counts.items())}
                 channels = _voted_channels(counts)
             _build(tmp, source, request, count, channels, floating)
+            meta["base"] = base
             atomic_write_json(tmp / "meta.json", meta)
             try:
                 tmp.rename(final)
@@ -348,9 +378,10 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    array = np.load(final / "images.npy", mmap_mode="c")
+    array = np.load(path / "images.npy", mmap_mode="c")[:count]  # a view: a superset's first images, no copy
+    touch(path)
     store = DatasetStore(request.name, fingerprint, torch.from_numpy(array))
-    info = {"fingerprint": fingerprint, "built": built, "path": str(final), "seconds": time.perf_counter() - started}
+    info = {"fingerprint": fingerprint, "built": built, "path": str(path), "seconds": time.perf_counter() - started}
     if source.report:
-        info["files"] = _files_report(source, count, json.loads((final / "meta.json").read_text()))
+        info["files"] = _files_report(source, count, json.loads((path / "meta.json").read_text()))
     return store, info
