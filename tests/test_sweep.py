@@ -160,7 +160,7 @@ def test_with_a_backbone_the_sweep_adds_its_row_agreement_columns_and_curves(tmp
         (["--grid", "paths.runs=a,b"], "every cell of a sweep uses the same paths"),
         (["--grid", "sampling.num_samples=2,3", "sampling.num_samples=4"], "both a grid key and an override"),
         (["--datasets", "array"], "no config optimal/array.yaml"),
-        (["--datasets", "cifar10"], "cifar10 not found under"),
+        (["--datasets", "cifar10"], "cifar10 not found or unreadable under"),
         (["-c", "sweeps/nope"], "config 'sweeps/nope' not found"),
         (["baseline.checkpoint=/nowhere"], "not found"),
     ],
