@@ -91,7 +91,8 @@ def build_comparison(cfg: StudioConfig, store: DatasetStore, device: torch.devic
     if not cfg.baseline.checkpoint:
         return None
     baseline = UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)
-    return BaselineComparison(baseline, scheduler, cfg.sampling.eta)
+    eta = cfg.sampling.eta if cfg.baseline.eta is None else cfg.baseline.eta
+    return BaselineComparison(baseline, scheduler, eta)
 
 
 def _compared(recorder: TrajectoryRecorder, compare_step) -> Callable[[Step], None]:
@@ -244,7 +245,7 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         plot_comparison(compared, run.path / "comparison.png", method=cfg.model.name)
         save_side_by_side(compared, run.path / "side_by_side.png", cfg.model.name, columns=cfg.output.grid_columns)
         metrics["baseline"] = {"checkpoint": cfg.baseline.checkpoint, "use_ema": cfg.baseline.use_ema,
-                               "seconds": comparison.seconds, **compared.summary()}
+                               "eta": comparison.eta, "seconds": comparison.seconds, **compared.summary()}
     run.write_json("metrics.json", metrics)
     run.mark_complete()
     log.info("finished: %d samples in %.2f s", samples.shape[0], sampling_seconds)
@@ -258,10 +259,12 @@ def summary(result: GenerateResult) -> str:
     files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in result.run_dir.iterdir()))
     baseline = ""
     if "baseline" in m:
-        final = {k: "n/a" if v is None else f"{v:.4g}" for k, v in m["baseline"]["final"].items()}
-        baseline = (f" Against the UNet baseline at the last step: R² {final['trajectory_r2']}, MSE "
-                    f"{final['trajectory_mse']} (own trajectories); R² {final['single_step_r2']}, MSE "
-                    f"{final['single_step_mse']} (single step); see comparison.png, side_by_side.png.")
+        mean = {k: "n/a" if v is None else f"{v:.4g}" for k, v in m["baseline"]["final"].items()}
+        median = {k: "n/a" if v is None else f"{v:.4g}" for k, v in m["baseline"]["final_median"].items()}
+        baseline = (" Against the baseline at the last step: " + "; ".join(
+            f"r2 {mean[f'{kind}_r2']} (mean), pearson_r {median[f'{kind}_pearson_r']} (median) ({label})"
+            for kind, label in (("trajectory", "own trajectories"), ("single_step", "single step")))
+            + "; all five metrics in metrics.json, see comparison.png, side_by_side.png.")
     return (
         f"Generated {m['num_samples']} samples with {m['method']} on {m['dataset']} "
         f"({m['dataset_size']} images of {'x'.join(map(str, m['sample_shape']))}) on {m['device']}: "

@@ -77,6 +77,7 @@ class LoggingConfig:
 class BaselineConfig:
     checkpoint: Optional[str] = None  # UNet from `ads train-unet` (file or folder) to compare with; None = no comparison
     use_ema: bool = True  # compare with the EMA weights (what the UNet samples with)
+    eta: Optional[float] = None  # DDIM eta of the baseline's own trajectory; None = the run's sampling.eta
 
 
 @dataclass
