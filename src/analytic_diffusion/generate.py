@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .backbones import load_backbone, timestep_mapping
 from .compare import BaselineComparison, plot_comparison, save_side_by_side
 from .config import StudioConfig, to_yaml
 from .data.store import DatasetStore, StoreRequest, load_or_build_store
@@ -25,7 +26,6 @@ from .mask_images import save_mask_images
 from .sampling import Step, make_scheduler, noise_level, sample
 from .search import knn_search
 from .tracking import log_run, wandb_module
-from .unet.checkpoint import existing_checkpoint
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -86,11 +86,22 @@ def build_denoiser(cfg: StudioConfig, store: DatasetStore, device: torch.device)
     return denoiser, time.perf_counter() - started
 
 
-def build_comparison(cfg: StudioConfig, store: DatasetStore, device: torch.device, scheduler) -> BaselineComparison | None:
-    """The configured UNet baseline, loaded and checked against the dataset before sampling; None when off."""
+def load_baseline(cfg: StudioConfig, store: DatasetStore, device: torch.device) -> UNetDenoiser | None:
+    """The configured baseline (`baseline.checkpoint`, any backbone format), loaded and checked against the dataset;
+    None when off. Also checks `model.params.checkpoint` of a method that has one. Runs before the run directory
+    exists, so a wrong file leaves nothing behind."""
+    checkpoint = getattr(cfg.model.params, "checkpoint", None)
+    if checkpoint:
+        load_backbone(checkpoint, getattr(cfg.model.params, "use_ema", True)).check_images(store.sample_shape)
     if not cfg.baseline.checkpoint:
         return None
-    baseline = UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)
+    return UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)
+
+
+def build_comparison(cfg: StudioConfig, baseline: UNetDenoiser | None, scheduler) -> BaselineComparison | None:
+    """The comparison of the run's method with its baseline; None without one."""
+    if baseline is None:
+        return None
     eta = cfg.sampling.eta if cfg.baseline.eta is None else cfg.baseline.eta
     return BaselineComparison(baseline, scheduler, eta)
 
@@ -160,14 +171,12 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     torch.manual_seed(cfg.experiment.seed)
     request = StoreRequest(**asdict(cfg.dataset))
     store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
-    for checkpoint in (cfg.baseline.checkpoint, getattr(cfg.model.params, "checkpoint", None)):
-        if checkpoint:
-            existing_checkpoint(checkpoint)  # a wrong path stops the run before its directory exists
+    baseline = load_baseline(cfg, store, device)  # a wrong file stops the run before its directory exists
     run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
     handler = run.attach_log(log)
     try:
-        result = _generate_into(run, cfg, store, store_info, device)
+        result = _generate_into(run, cfg, store, store_info, device, baseline)
         if wandb is not None:
             log_run(wandb, cfg, run.path, result.metrics)
     except BaseException as exc:
@@ -180,13 +189,14 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     return result
 
 
-def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, store_info: dict, device) -> GenerateResult:
+def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
+                   baseline: UNetDenoiser | None) -> GenerateResult:
     run.write_text("config.yaml", to_yaml(cfg))
     log.info("run %s: %s on %s (%d images, %s) on %s", run.path, cfg.model.name, cfg.dataset.name,
              store.num_images, "x".join(map(str, store.sample_shape)), device)
     denoiser, fit_seconds = build_denoiser(cfg, store, device)
     scheduler = make_scheduler(cfg.sampling)
-    comparison = build_comparison(cfg, store, device, scheduler)
+    comparison = build_comparison(cfg, baseline, scheduler)
     sources = batch_noise_sources(cfg.experiment.seed, cfg.sampling.num_samples, cfg.sampling.batch_size,
                                   store.sample_shape, device, cfg.sampling.per_sample_seeds)
     # The baseline's own copy of the run's noise: after x_T it supplies the scheduler noise when eta > 0.
@@ -244,8 +254,12 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         compared = comparison.result()
         plot_comparison(compared, run.path / "comparison.png", method=cfg.model.name)
         save_side_by_side(compared, run.path / "side_by_side.png", cfg.model.name, columns=cfg.output.grid_columns)
+        levels = [(t, noise_level(scheduler, t).alpha_bar) for t in compared.timesteps]
         metrics["baseline"] = {"checkpoint": cfg.baseline.checkpoint, "use_ema": cfg.baseline.use_ema,
-                               "eta": comparison.eta, "seconds": comparison.seconds, **compared.summary()}
+                               "eta": comparison.eta, "seconds": comparison.seconds,
+                               "backbone": baseline.backbone.describe(),
+                               "schedule": timestep_mapping(baseline.backbone.alphas_cumprod, levels),
+                               **compared.summary()}
     run.write_json("metrics.json", metrics)
     run.mark_complete()
     log.info("finished: %d samples in %.2f s", samples.shape[0], sampling_seconds)

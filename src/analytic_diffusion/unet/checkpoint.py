@@ -87,6 +87,11 @@ def read_checkpoint(path: str | Path) -> UNetCheckpoint:
         text = str(exc).strip()
         reason = text.splitlines()[0].split(". ")[0][:120] if text else type(exc).__name__  # its first sentence
         raise StudioError(f"cannot read UNet checkpoint {path}: the file is corrupt or truncated ({reason}); retrain it") from None
+    return checkpoint_from_payload(payload, path)
+
+
+def checkpoint_from_payload(payload: Any, path: Path) -> UNetCheckpoint:
+    """The checkpoint in a loaded file's contents, checking that it is one."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise StudioError(f"{path} is not a UNet checkpoint written by `ads train-unet`")
     if payload.get("version") != VERSION:
