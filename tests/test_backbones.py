@@ -240,3 +240,32 @@ def test_bad_backbones_stop_generate_before_the_run_directory(tmp_path, capsys):
             error = capsys.readouterr().err.strip()
             assert error.count("\n") == 0 and phrase in error, (key, path, error)
             assert not runs.exists()
+
+
+def test_generate_against_a_reference_file_and_a_diffusers_folder_end_to_end(tmp_path, capsys):
+    """`ads generate -c optimal/mnist5k baseline.checkpoint=...` with a DDPM-UNet file and a diffusers pipeline on
+    the cosine schedule: all five metrics per step and sample, and the timestep mapping, in metrics.json."""
+    import json
+
+    from analytic_diffusion.compare import METRICS
+
+    torch.save({"model_state_dict": _weights(_ddpm(GREY_28))}, tmp_path / "ddpm.pt")
+    _cosine_pipeline(tmp_path / "pipeline")
+    fast = ["experiment.device=cpu", "sampling.num_inference_steps=3", "dataset.subset_size=300",
+            "sampling.num_samples=3", "sampling.batch_size=2", f"paths.runs={tmp_path / 'runs'}"]
+    for path, kind in ((tmp_path / "ddpm.pt", "ddpm_unet"), (tmp_path / "pipeline", "diffusers")):
+        assert main(["generate", "-c", "optimal/mnist5k", *fast, f"baseline.checkpoint={path}"]) == 0
+        assert "pearson_r" in capsys.readouterr().out
+        [metrics_file] = sorted((tmp_path / "runs").glob("*/*/metrics.json"), key=lambda p: p.stat().st_mtime)[-1:]
+        baseline = json.loads(metrics_file.read_text())["baseline"]
+        assert baseline["backbone"]["format"] == kind and baseline["timesteps"] == [666, 333, 0]
+        for name in METRICS:
+            per_step = baseline["per_step"][name]
+            assert len(per_step["mean"]) == len(per_step["median"]) == 3 and len(per_step["per_sample"][2]) == 3
+            assert all(v is not None for row in per_step["per_sample"] for v in row), name
+        schedule = baseline["schedule"]
+        if kind == "ddpm_unet":
+            assert schedule["same_as_sampler"] and schedule["backbone_timesteps"] == [666, 333, 0]
+        else:
+            assert not schedule["same_as_sampler"] and schedule["backbone_timesteps"][0] > 666
+        assert (metrics_file.parent / "comparison.png").is_file()
