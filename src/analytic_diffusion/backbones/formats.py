@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from ..errors import StudioError
-from ..unet.checkpoint import FILENAME, FORMAT, build_network, checkpoint_from_payload
 from .backbone import Backbone, DiffusersEps
 from .ddpm_unet import DDPMUNet, infer_config, is_ddpm_state_dict
 from .schedule import linear_alphas_cumprod, scheduler_alphas_cumprod
@@ -60,7 +59,9 @@ def load_backbone(path: str | Path, use_ema: bool = True, device: torch.device |
 
 
 def _load_folder(path: Path, use_ema: bool) -> Backbone:
-    if (path / FILENAME).is_file() and not (path / "config.json").is_file():
+    from ..unet.checkpoint import FILENAME
+
+    if (path / FILENAME).is_file():  # a training folder: its checkpoint has both weight sets and the architecture
         return _load_file(path / FILENAME, use_ema)
     if (path / "config.json").is_file():
         scheduler = path / "scheduler_config.json"
@@ -74,6 +75,8 @@ def _load_folder(path: Path, use_ema: bool) -> Backbone:
 
 
 def _load_file(path: Path, use_ema: bool) -> Backbone:
+    from ..unet.checkpoint import FORMAT, build_network, checkpoint_from_payload
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
