@@ -140,6 +140,7 @@ def test_generate_unet_against_itself_end_to_end(tmp_path):
     checkpoint = _baseline_checkpoint(tmp_path)
     result = generate(load_config("unet/mnist5k", [*FAST, f"model.params.checkpoint={checkpoint}",
                                                    f"baseline.checkpoint={checkpoint}"]))
+    assert result.metrics["backbone"]["format"] == "studio" and result.metrics["backbone"]["schedule"]["same_as_sampler"]
     for final in (result.metrics["baseline"]["final"], result.metrics["baseline"]["final_median"]):
         assert final == pytest.approx({name: 0.0 if name.endswith("mse") else 1.0 for name in METRICS}, abs=1e-6)
 

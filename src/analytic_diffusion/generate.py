@@ -250,6 +250,10 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         "samples": _sample_records(samples, store, final),
         **trajectory,
     }
+    if isinstance(denoiser, UNetDenoiser):  # the method is a backbone: which one, and how its timesteps were mapped
+        levels = [(t, noise_level(scheduler, t).alpha_bar) for t in scheduler.timesteps.tolist()]
+        metrics["backbone"] = {**denoiser.backbone.describe(),
+                               "schedule": timestep_mapping(denoiser.backbone.alphas_cumprod, levels)}
     if comparison is not None:
         compared = comparison.result()
         plot_comparison(compared, run.path / "comparison.png", method=cfg.model.name)
