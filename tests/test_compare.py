@@ -1,4 +1,5 @@
-"""Comparison with a baseline: R^2 and MSE against hand-computed values, the baseline against itself, and the files."""
+"""Comparison with a baseline: every step and sample scored by the five agreement metrics, the baseline against
+itself, the comparison leaving the method alone, and the files (the metrics themselves: test_agreement.py)."""
 
 from __future__ import annotations
 
@@ -9,49 +10,15 @@ import torch
 from unet_helpers import TINY, random_unet, toy_store
 
 from analytic_diffusion.cli import main
-from analytic_diffusion.compare import (
-    BaselineComparison,
-    mse_per_sample,
-    plot_comparison,
-    r2_per_sample,
-    save_side_by_side,
-)
+from analytic_diffusion.compare import METRICS, BaselineComparison, plot_comparison, save_side_by_side
 from analytic_diffusion.config import load_config
 from analytic_diffusion.denoisers.nearest_dataset import NearestDataset
 from analytic_diffusion.denoisers.unet import UNetDenoiser
 from analytic_diffusion.noise import batch_noise_sources
-from analytic_diffusion.generate import generate
-from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level, sample
+from analytic_diffusion.generate import generate, summary
+from analytic_diffusion.metrics import agreement
+from analytic_diffusion.sampling import SchedulerOptions, epsilon_from_x0, make_scheduler, noise_level, sample
 from analytic_diffusion.unet import NoiseSchedule, UNetCheckpoint, save_checkpoint
-
-
-def test_r2_and_mse_match_hand_computed_values():
-    reference = torch.tensor([[1.0, 2.0, 3.0, 5.0], [0.0, 2.0, 0.0, 2.0], [1.0, 1.0, 3.0, 3.0]])
-    prediction = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 4.0, 4.0]])
-    # sample 0: mean 2.75, SS_tot = 1.75^2 + 0.75^2 + 0.25^2 + 2.25^2 = 8.75, SS_res = 1 -> R^2 = 1 - 1/8.75
-    # sample 1: predicting the reference's own mean gives R^2 = 0; SS_res = 4
-    # sample 2: shifted by 1: SS_res = 4, SS_tot = 4 -> R^2 = 0
-    expected_r2 = torch.tensor([1 - 1 / 8.75, 0.0, 0.0])
-    expected_mse = torch.tensor([0.25, 1.0, 1.0])
-    torch.testing.assert_close(r2_per_sample(prediction, reference), expected_r2)
-    torch.testing.assert_close(mse_per_sample(prediction, reference), expected_mse)
-    # images: the metrics flatten C, H, W
-    images = (prediction.reshape(3, 1, 2, 2), reference.reshape(3, 1, 2, 2))
-    torch.testing.assert_close(r2_per_sample(*images), expected_r2)
-
-
-def test_r2_uses_the_population_variance_of_the_baseline():
-    """R^2 = 1 - SS_res / (n var(y)) with var over the n values (ddof = 0), i.e. the textbook 1 - SS_res / SS_tot."""
-    generator = torch.Generator().manual_seed(0)
-    y = torch.randn(5, 3, 4, 4, generator=generator)
-    x = y + 0.3 * torch.randn(5, 3, 4, 4, generator=generator)
-    n = 48
-    expected = 1 - (x - y).flatten(1).square().sum(1) / (n * y.flatten(1).var(1, correction=0))
-    torch.testing.assert_close(r2_per_sample(x, y), expected)
-
-
-def test_r2_of_a_constant_baseline_is_nan():
-    assert r2_per_sample(torch.zeros(1, 4), torch.ones(1, 4)).isnan().all()
 
 
 def _unet(seed: int = 0) -> UNetDenoiser:
@@ -75,9 +42,10 @@ def _run(method, baseline, num_samples=6, batch_size=4, steps=5, seed=0):
 
 def test_baseline_against_itself_gives_r2_one_and_mse_zero():
     images, result = _run(_unet(), _unet())
-    assert result.trajectory_r2.shape == (5, 6) and result.timesteps == [800, 600, 400, 200, 0]
+    assert result.tables["trajectory_r2"].shape == (5, 6) and result.timesteps == [800, 600, 400, 200, 0]
+    assert tuple(result.metrics()) == METRICS and len(METRICS) == 10
     for name, values in result.metrics().items():
-        assert torch.all(values == (1.0 if name.endswith("r2") else 0.0)), name
+        torch.testing.assert_close(values, torch.full((5, 6), 0.0 if name.endswith("mse") else 1.0), msg=name)
     assert torch.equal(result.method_images, images) and torch.equal(result.baseline_images, images)
 
 
@@ -102,25 +70,36 @@ def test_trajectory_and_single_step_metrics_follow_their_definitions():
     comparison = BaselineComparison(baseline, scheduler)
     comparison.finish_batch(sample(method, scheduler, x_T, callback=comparison.start_batch(x_T)).x0_hat)
     result = comparison.result()
+    tables = result.tables
     for i, (mine, theirs) in enumerate(zip(method_steps, baseline_steps)):
+        ab = scheduler.alphas_cumprod[mine.timestep]
         answer = baseline(mine.x_t, noise_level(scheduler, mine.timestep)).x0_hat
-        torch.testing.assert_close(result.trajectory_r2[i], r2_per_sample(mine.x0_hat, theirs.x0_hat))
-        torch.testing.assert_close(result.trajectory_mse[i], mse_per_sample(mine.x0_hat, theirs.x0_hat))
-        torch.testing.assert_close(result.single_step_r2[i], r2_per_sample(mine.x0_hat, answer))
-        torch.testing.assert_close(result.single_step_mse[i], mse_per_sample(mine.x0_hat, answer))
-    assert not torch.equal(result.trajectory_mse[1:], result.single_step_mse[1:])  # they differ after the first step
-    torch.testing.assert_close(result.trajectory_mse[0], result.single_step_mse[0])  # same x_T at the first step
+        my_eps = epsilon_from_x0(mine.x_t, mine.x0_hat, ab)
+        expected = {
+            "trajectory": agreement.agreement(mine.x0_hat, theirs.x0_hat, my_eps,
+                                              epsilon_from_x0(theirs.x_t, theirs.x0_hat, ab)),
+            "single_step": agreement.agreement(mine.x0_hat, answer, my_eps, epsilon_from_x0(mine.x_t, answer, ab)),
+        }
+        for kind, scores in expected.items():
+            for name, values in scores.items():
+                torch.testing.assert_close(tables[f"{kind}_{name}"][i], values, msg=f"{kind}_{name}")
+    for name in agreement.NAMES:
+        assert not torch.equal(tables[f"trajectory_{name}"][1:], tables[f"single_step_{name}"][1:])  # differ later
+        torch.testing.assert_close(tables[f"trajectory_{name}"][0], tables[f"single_step_{name}"][0])  # same x_T
 
 
 def test_summary_plot_and_side_by_side_grid(tmp_path):
     _, result = _run(NearestDataset(device="cpu").fit(toy_store()), _unet())
     summary = json.loads(json.dumps(result.summary()))
     assert summary["timesteps"] == [800, 600, 400, 200, 0]
-    assert set(summary["final"]) == {"trajectory_r2", "trajectory_mse", "single_step_r2", "single_step_mse"}
+    assert set(summary["final"]) == set(summary["final_median"]) == set(METRICS)
     per_step = summary["per_step"]["trajectory_mse"]
-    assert len(per_step["mean"]) == 5 and len(per_step["per_sample"]) == 5 and len(per_step["per_sample"][0]) == 6
-    assert summary["final"]["trajectory_mse"] == pytest.approx(float(result.trajectory_mse[-1].mean()), rel=1e-5)
-    assert "n * var(y)" in summary["r2_definition"]
+    assert len(per_step["mean"]) == len(per_step["median"]) == 5
+    assert len(per_step["per_sample"]) == 5 and len(per_step["per_sample"][0]) == 6
+    last = result.tables["trajectory_pearson_r"][-1]
+    assert summary["final"]["trajectory_pearson_r"] == pytest.approx(float(last.mean()), rel=1e-5)
+    assert summary["final_median"]["trajectory_pearson_r"] == pytest.approx(float(last.median()), rel=1e-5)
+    assert set(summary["definitions"]) == set(agreement.NAMES) and "unbiased" in summary["definitions"]["r2"]
     plot_comparison(result, tmp_path / "comparison.png", method="nearest_dataset")
     save_side_by_side(result, tmp_path / "side_by_side.png", method="nearest_dataset")
     for name in ("comparison.png", "side_by_side.png"):
@@ -146,7 +125,12 @@ def test_generate_with_a_baseline_writes_metrics_plot_and_grid(tmp_path):
     assert {"comparison.png", "side_by_side.png", "metrics.json"} <= names and "INCOMPLETE" not in names
     baseline = json.loads((compared.run_dir / "metrics.json").read_text())["baseline"]
     assert baseline["checkpoint"] == checkpoint and baseline["timesteps"] == [750, 500, 250, 0]
-    for name in ("trajectory_r2", "trajectory_mse", "single_step_r2", "single_step_mse"):
+    assert baseline["eta"] == 0.0  # baseline.eta defaults to the run's sampling.eta
+    printed = summary(compared)
+    assert f"r2 {baseline['final']['trajectory_r2']:.4g} (mean)" in printed
+    assert f"pearson_r {baseline['final_median']['single_step_pearson_r']:.4g} (median)" in printed
+    assert set(baseline["final"]) == set(METRICS)
+    for name in METRICS:
         assert len(baseline["per_step"][name]["mean"]) == 4
         assert len(baseline["per_step"][name]["per_sample"][3]) == 5
         assert baseline["final"][name] == baseline["per_step"][name]["mean"][3]
@@ -156,8 +140,9 @@ def test_generate_unet_against_itself_end_to_end(tmp_path):
     checkpoint = _baseline_checkpoint(tmp_path)
     result = generate(load_config("unet/mnist5k", [*FAST, f"model.params.checkpoint={checkpoint}",
                                                    f"baseline.checkpoint={checkpoint}"]))
-    final = result.metrics["baseline"]["final"]
-    assert final == {"trajectory_r2": 1.0, "trajectory_mse": 0.0, "single_step_r2": 1.0, "single_step_mse": 0.0}
+    assert result.metrics["backbone"]["format"] == "studio" and result.metrics["backbone"]["schedule"]["same_as_sampler"]
+    for final in (result.metrics["baseline"]["final"], result.metrics["baseline"]["final_median"]):
+        assert final == pytest.approx({name: 0.0 if name.endswith("mse") else 1.0 for name in METRICS}, abs=1e-6)
 
 
 @pytest.mark.parametrize("key", ["baseline.checkpoint", "model.params.checkpoint"])

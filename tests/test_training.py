@@ -15,7 +15,7 @@ import torch
 from unet_helpers import TINY, tiny_training, toy_store
 
 from analytic_diffusion.errors import StudioError
-from analytic_diffusion.unet import load_unet, read_checkpoint
+from analytic_diffusion.unet import NoiseSchedule, load_unet, read_checkpoint
 from analytic_diffusion.unet.training import learning_rate, min_snr_loss, train
 
 KILL_SCRIPT = textwrap.dedent(
@@ -143,3 +143,47 @@ def test_train_unet_command_trains_and_resumes(tmp_path, capsys):
     assert "for 2 epochs (4 steps" in capsys.readouterr().out
     assert main(["train-unet", *tiny, "training.architecture.base_chanels=8"]) == 2
     assert "did you mean 'training.architecture.base_channels'" in capsys.readouterr().err
+
+
+ECOSYSTEM = {
+    "diffusers": dataclasses.replace(TINY, network="diffusers", middle_attention=False),
+    "ddpm_unet": dataclasses.replace(TINY, network="ddpm_unet", base_channels=32),
+}
+
+
+@pytest.mark.parametrize("network", ["diffusers", "ddpm_unet"])
+def test_ecosystem_networks_train_resume_exactly_and_export_loadable_models(tmp_path, network):
+    """training.architecture.network=diffusers|ddpm_unet: resuming continues bit for bit, and the exported EMA
+    network (a diffusers folder that UNet2DModel.from_pretrained reads / a reference-format ddpm_unet.pt) gives the
+    same eps as the checkpoint's EMA weights, through the studio's loader too."""
+    from analytic_diffusion.backbones import load_backbone
+
+    config = tiny_training(architecture=ECOSYSTEM[network], epochs=2, batch_size=16)
+    train(dataclasses.replace(config, epochs=1, checkpoint_every=1), toy_store(), tmp_path / "resumed",
+          progress_bar=False)
+    resumed = train(config, toy_store(), tmp_path / "resumed", progress_bar=False)
+    assert resumed.losses == train(config, toy_store(), tmp_path, progress_bar=False).losses
+
+    ema = load_unet(tmp_path)[0]
+    x_t, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+    with torch.no_grad():
+        expected = ema(x_t, t)
+        if network == "diffusers":
+            from diffusers import DDPMScheduler, UNet2DModel
+
+            exported = UNet2DModel.from_pretrained(tmp_path)  # a plain diffusers session
+            torch.testing.assert_close(exported(x_t, t).sample, expected, atol=1e-6, rtol=0)
+            scheduler = DDPMScheduler.from_pretrained(tmp_path)
+            assert torch.equal(scheduler.alphas_cumprod, NoiseSchedule().alphas_cumprod())
+        else:
+            backbone = load_backbone(tmp_path / "ddpm_unet.pt")
+            assert backbone.format == "ddpm_unet" and backbone.architecture["ch"] == 32
+            torch.testing.assert_close(backbone.network(x_t, t), expected, atol=1e-6, rtol=0)
+        studio = load_backbone(tmp_path)  # the training folder itself: its checkpoint, EMA weights
+        assert studio.format == "studio" and studio.architecture["network"] == network
+        torch.testing.assert_close(studio.network(x_t, t), expected, atol=1e-6, rtol=0)
+
+
+def test_unknown_network_is_refused():
+    with pytest.raises(StudioError, match="network must be one of studio, diffusers, ddpm_unet"):
+        train(tiny_training(architecture=dataclasses.replace(TINY, network="resnet")), toy_store(), "unused")

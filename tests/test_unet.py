@@ -98,11 +98,15 @@ def test_denoiser_turns_predicted_noise_into_x0():
         torch.testing.assert_close(epsilon_from_x0(x_t, x0_hat, ab[t]), eps, atol=1e-4, rtol=1e-4)
 
 
-def test_denoiser_refuses_another_noise_schedule():
-    denoiser = UNetDenoiser().use_network(random_unet(), NoiseSchedule())
-    with pytest.raises(StudioError, match="training schedule") as error:
-        denoiser(torch.randn(1, 1, 8, 8), NoiseLevel(100, 0.5))
-    _one_line(error)
+def test_denoiser_hands_another_noise_level_to_the_timestep_with_the_nearest_alpha_bar():
+    """A level off the UNet's training schedule is no longer refused: it goes to the timestep of the same ab_t."""
+    network = random_unet()
+    denoiser = UNetDenoiser().use_network(network, NoiseSchedule())
+    ab = NoiseSchedule().alphas_cumprod()
+    nearest = int((ab - 0.5).abs().argmin())
+    x_t = torch.randn(1, 1, 8, 8)
+    expected = (x_t - 0.5**0.5 * network(x_t, torch.tensor([nearest]))) / 0.5**0.5
+    torch.testing.assert_close(denoiser(x_t, NoiseLevel(100, 0.5)).x0_hat, expected)
 
 
 def test_denoiser_is_registered_and_loads_ema_weights(tmp_path):

@@ -5,7 +5,7 @@ Two comparisons at every sampling step t, per sample:
   trajectory, both started from the same x_T;
 - single step: the method's x0_hat(t) vs the baseline's x0_hat given the method's own x_t (the baseline's answer to
   the question the method was asked).
-Each is scored with R^2 (baseline as the reference) and MSE; see `r2_per_sample` for the definition.
+Each is scored with the five agreement metrics of `metrics.agreement` (DESIGN.md §8), the baseline as reference.
 """
 
 from __future__ import annotations
@@ -21,64 +21,56 @@ from diffusers import DDIMScheduler
 from .denoisers.base import Denoiser
 from .fileio import atomic_write
 from .noise import NoiseSource
-from .sampling import Step, StepCallback, noise_level, sample
+from .metrics import agreement
+from .sampling import Step, StepCallback, epsilon_from_x0, noise_level, sample
 
-R2_DEFINITION = (
-    "per sample: R2 = 1 - sum((x - y)^2) / (n * var(y)), y the baseline's x0_hat, x the method's, n = C*H*W, "
-    "var the population variance of y's n values (so n * var(y) = sum((y - mean(y))^2)); averaged over samples"
-)
-METRICS = ("trajectory_r2", "trajectory_mse", "single_step_r2", "single_step_mse")
-R2_PLOT_FLOOR = -1.0  # the R^2 axis stops here: far-off early steps would otherwise flatten the rest
-
-
-def r2_per_sample(prediction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Coefficient of determination of `prediction` as an estimate of `reference`, one value per sample [B].
-
-    R^2 = 1 - SS_res / SS_tot with SS_res = sum (x - y)^2 and SS_tot = n var(y) = sum (y - mean y)^2 over the n
-    values of one sample: 1 is a perfect match, 0 is no better than the reference's own mean value, below 0 is
-    worse. NaN where the reference is constant (SS_tot = 0). Computed in float64.
-    """
-    x = prediction.flatten(1).double()
-    y = reference.flatten(1).double()
-    ss_res = (x - y).square().sum(1)
-    ss_tot = (y - y.mean(1, keepdim=True)).square().sum(1)
-    r2 = torch.where(ss_tot > 0, 1 - ss_res / ss_tot.clamp_min(torch.finfo(torch.float64).tiny), torch.nan)
-    return r2.float()
+KINDS = ("trajectory", "single_step")
+METRICS = tuple(f"{kind}_{name}" for kind in KINDS for name in agreement.NAMES)
+DEFINITIONS = {
+    "r2": "1 - sum((a - u)^2) / (n * var(u)), var unbiased (Lukoianov et al., the reference framework); mean over samples",
+    "mse": "mean((a - u)^2) over the n = C*H*W values",
+    "pearson_r": "correlation of the centred a and u (Kamb & Ganguli, whose figures call it r^2); they quote the median",
+    "explained_variance": "1 - ||a - u||^2 / ||u||^2 (Wang & Vastola)",
+    "eps_cosine": "cosine similarity of the two models' eps, each at its own x_t (Kamb & Ganguli's calibration criterion)",
+}
+R2_PLOT_FLOOR = -1.0  # r2 and explained_variance axes stop here: far-off early steps would otherwise flatten the rest
 
 
-def mse_per_sample(prediction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference over the n = C*H*W values of each sample [B] (model space [-1, 1])."""
-    return (prediction.flatten(1).double() - reference.flatten(1).double()).square().mean(1).float()
+def _rounded(values: torch.Tensor) -> list:
+    return [None if math.isnan(v) else float(f"{v:.6g}") for v in values.tolist()]
 
 
 @dataclass
 class ComparisonResult:
-    """Metrics of every step (rows, in sampling order) and every sample (columns)."""
+    """Every metric of every step (rows, in sampling order) and sample (columns), a the method's x0_hat, u the
+    baseline's; `tables` is keyed `trajectory_<m>` and `single_step_<m>` for m in agreement.NAMES."""
 
     timesteps: list[int]
-    trajectory_r2: torch.Tensor  # [S, N]
-    trajectory_mse: torch.Tensor  # [S, N]
-    single_step_r2: torch.Tensor  # [S, N]
-    single_step_mse: torch.Tensor  # [S, N]
+    tables: dict[str, torch.Tensor]  # [S, N] each
     method_images: torch.Tensor  # [N, C, H, W] the method's final x0_hat
     baseline_images: torch.Tensor  # [N, C, H, W] the baseline's final x0_hat from the same x_T
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        """The four [S, N] tables by name."""
-        return {name: getattr(self, name) for name in METRICS}
+        """The [S, N] tables by name, in METRICS order."""
+        return {name: self.tables[name] for name in METRICS}
 
     def summary(self) -> dict:
-        """JSON-ready: the definition, the final-step means, and per-step means and per-sample values."""
+        """JSON-ready: definitions, the last step's mean and median over samples, per-step means, medians and values.
 
-        def rounded(values: torch.Tensor) -> list:
-            return [None if math.isnan(v) else float(f"{v:.6g}") for v in values.tolist()]
-
-        result: dict = {"r2_definition": R2_DEFINITION, "timesteps": self.timesteps, "final": {}, "per_step": {}}
+        NaN values (a constant reference) are left out of means and medians and written as null."""
+        result: dict = {"definitions": DEFINITIONS, "timesteps": self.timesteps, "final": {}, "final_median": {},
+                        "per_step": {}}
         for name, values in self.metrics().items():
-            means = rounded(values.nanmean(dim=1))  # samples without an R^2 (constant reference) are left out
+            means, medians = _rounded(values.nanmean(dim=1)), _rounded(values.nanmedian(dim=1).values)
             result["final"][name] = means[-1]
-            result["per_step"][name] = {"mean": means, "per_sample": [rounded(row) for row in values]}
+            result["final_median"][name] = medians[-1]
+            result["per_step"][name] = {"mean": means, "median": medians, "per_sample": [_rounded(row) for row in values]}
         return result
+
+
+def _eps(step: Step, scheduler: DDIMScheduler) -> torch.Tensor:
+    """The noise a step's x0_hat implies at its own x_t (what the sampler steps with)."""
+    return epsilon_from_x0(step.x_t, step.x0_hat, scheduler.alphas_cumprod[step.timestep].to(step.x_t.device))
 
 
 @dataclass
@@ -87,12 +79,14 @@ class BaselineComparison:
 
     Per sampling batch: `callback = comparison.start_batch(x_T)` samples the baseline from the method's x_T and
     records its trajectory; pass `callback` to the method's `sample(...)`; then `comparison.finish_batch(final)`.
-    The method's own random stream is never touched, so switching the comparison on does not change its samples.
+    At each step the method's (x0_hat, eps) is scored against the baseline's on the baseline's own trajectory
+    (`trajectory_<m>`) and against the baseline given the method's x_t (`single_step_<m>`). The method's own random
+    stream is never touched, so switching the comparison on does not change its samples.
     """
 
     baseline: Denoiser
     scheduler: DDIMScheduler  # the scheduler the method samples with
-    eta: float = 0.0
+    eta: float = 0.0  # the baseline's own trajectory (baseline.eta)
     seconds: float = 0.0  # wall time spent on the baseline and the metrics (kept out of the method's timings)
     _rows: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
     _method_images: list[torch.Tensor] = field(default_factory=list)
@@ -101,23 +95,25 @@ class BaselineComparison:
     def start_batch(self, x_T: torch.Tensor, noise: NoiseSource | None = None) -> StepCallback:
         """Sample the baseline from x_T (`noise`: its scheduler noise when eta > 0) and return the method's callback."""
         started = time.perf_counter()
-        trajectory: list[torch.Tensor] = []
-        final = sample(self.baseline, self.scheduler, x_T, noise, self.eta, callback=lambda s: trajectory.append(s.x0_hat))
+        trajectory: list[Step] = []
+        final = sample(self.baseline, self.scheduler, x_T, noise, self.eta, callback=trajectory.append)
         self._baseline_images.append(final.x0_hat.cpu())
-        metrics: dict[str, list[torch.Tensor]] = {name: [] for name in METRICS}
+        rows: dict[str, list[torch.Tensor]] = {name: [] for name in METRICS}
 
         def compare_step(step: Step) -> None:
             started = time.perf_counter()
-            reference = trajectory[step.index]
-            answer = self.baseline(step.x_t, noise_level(self.scheduler, step.timestep)).x0_hat
-            metrics["trajectory_r2"].append(r2_per_sample(step.x0_hat, reference).cpu())
-            metrics["trajectory_mse"].append(mse_per_sample(step.x0_hat, reference).cpu())
-            metrics["single_step_r2"].append(r2_per_sample(step.x0_hat, answer).cpu())
-            metrics["single_step_mse"].append(mse_per_sample(step.x0_hat, answer).cpu())
+            own = trajectory[step.index]
+            answer = Step(step.index, step.timestep, step.x_t,
+                          self.baseline(step.x_t, noise_level(self.scheduler, step.timestep)).x0_hat)
+            eps = _eps(step, self.scheduler)
+            for kind, reference in (("trajectory", own), ("single_step", answer)):
+                scores = agreement.agreement(step.x0_hat, reference.x0_hat, eps, _eps(reference, self.scheduler))
+                for name, values in scores.items():
+                    rows[f"{kind}_{name}"].append(values.cpu())
             self.seconds += time.perf_counter() - started
 
-        for name, rows in metrics.items():
-            self._rows.setdefault(name, []).append(rows)
+        for name, values in rows.items():
+            self._rows.setdefault(name, []).append(values)
         self.seconds += time.perf_counter() - started
         return compare_step
 
@@ -130,9 +126,9 @@ class BaselineComparison:
         stacked = {name: torch.cat([torch.stack(rows) for rows in batches], dim=1) for name, batches in self._rows.items()}
         return ComparisonResult(
             timesteps=[int(t) for t in self.scheduler.timesteps.tolist()],
+            tables=stacked,
             method_images=torch.cat(self._method_images),
             baseline_images=torch.cat(self._baseline_images),
-            **stacked,
         )
 
 
@@ -145,31 +141,36 @@ def _pyplot():
     return plt
 
 
+TITLES = {"r2": "r2 (1 = identical)", "mse": "mse", "pearson_r": "pearson_r", "explained_variance": "explained_variance",
+          "eps_cosine": "eps_cosine"}
+
+
 def plot_comparison(result: ComparisonResult, path: Path, method: str = "method", baseline: str = "UNet") -> None:
-    """One PNG: R^2 and MSE (log scale) against the timestep (sampling order, left to right), mean and per-sample range."""
+    """One PNG, one panel per agreement metric against the timestep (sampling order, left to right): the mean over
+    samples of both comparisons (own trajectories, single step) and their per-sample range; mse on a log scale."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, len(agreement.NAMES), figsize=(4.2 * len(agreement.NAMES), 3.8))
     tables = result.metrics()
-    kinds = {"trajectory": "own trajectories", "single_step": f"{baseline} at {method}'s x_t"}
-    for axis, metric in zip(axes, ("r2", "mse")):
-        for kind, label in kinds.items():
+    labels = {"trajectory": "own trajectories", "single_step": f"{baseline} at {method}'s x_t"}
+    for axis, metric in zip(axes, agreement.NAMES):
+        for kind, label in labels.items():
             values = tables[f"{kind}_{metric}"]
             line = axis.plot(result.timesteps, values.nanmean(1), marker="o", ms=3, label=label)[0]
             filled = torch.where(values.isnan(), values.nanmean(1, keepdim=True), values)
             axis.fill_between(result.timesteps, filled.min(1).values, filled.max(1).values, color=line.get_color(), alpha=0.15)
-        title = "R² (1 = identical)" if metric == "r2" else "MSE"
-        axis.set(xlabel="timestep t", ylabel=title.split()[0], title=f"{method} vs {baseline}: {title}")
+        axis.set(xlabel="timestep t", title=TITLES[metric])
         axis.invert_xaxis()
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    if all(bool((tables[f"{kind}_mse"] > 0).all()) for kind in kinds):
-        axes[1].set_yscale("log")  # the first steps' errors are orders of magnitude above the last ones'
-    lowest = min(float(torch.nan_to_num(tables[f"{kind}_r2"], nan=1.0).min()) for kind in kinds)
-    if lowest < R2_PLOT_FLOOR:
-        axes[0].set_ylim(R2_PLOT_FLOOR, 1.05)
-        axes[0].text(0.02, 0.02, f"values below {R2_PLOT_FLOOR} not shown", transform=axes[0].transAxes, fontsize=8)
+        values = torch.cat([tables[f"{kind}_{metric}"] for kind in KINDS], dim=1)
+        if metric == "mse" and bool((values > 0).all()):
+            axis.set_yscale("log")  # the first steps' errors are orders of magnitude above the last ones'
+        if metric in ("r2", "explained_variance") and float(torch.nan_to_num(values, nan=1.0).min()) < R2_PLOT_FLOOR:
+            axis.set_ylim(R2_PLOT_FLOOR, 1.05)
+            axis.text(0.02, 0.02, f"values below {R2_PLOT_FLOOR} not shown", transform=axis.transAxes, fontsize=8)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{method} vs {baseline}")
     figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     plt.close(figure)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .backbones import timestep_mapping
 from .compare import BaselineComparison, plot_comparison, save_side_by_side
 from .config import StudioConfig, to_yaml
 from .data.store import DatasetStore, StoreRequest, files_sentence, load_or_build_store
@@ -25,7 +26,6 @@ from .mask_images import save_mask_images
 from .sampling import Step, make_scheduler, noise_level, sample, start_warning
 from .search import knn_search
 from .tracking import log_run, wandb_module
-from .unet.checkpoint import existing_checkpoint
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -86,12 +86,21 @@ def build_denoiser(cfg: StudioConfig, store: DatasetStore, device: torch.device)
     return denoiser, time.perf_counter() - started
 
 
-def build_comparison(cfg: StudioConfig, store: DatasetStore, device: torch.device, scheduler) -> BaselineComparison | None:
-    """The configured UNet baseline, loaded and checked against the dataset before sampling; None when off."""
+def load_baseline(cfg: StudioConfig, store: DatasetStore, device: torch.device) -> UNetDenoiser | None:
+    """The configured baseline (`baseline.checkpoint`, any backbone format), loaded and checked against the dataset;
+    None when off. Runs before the run directory exists, so a wrong file leaves nothing behind (the `unet` method's
+    own `model.params.checkpoint` is loaded by its fit, which also runs before)."""
     if not cfg.baseline.checkpoint:
         return None
-    baseline = UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)
-    return BaselineComparison(baseline, scheduler, cfg.sampling.eta)
+    return UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)
+
+
+def build_comparison(cfg: StudioConfig, baseline: UNetDenoiser | None, scheduler) -> BaselineComparison | None:
+    """The comparison of the run's method with its baseline; None without one."""
+    if baseline is None:
+        return None
+    eta = cfg.sampling.eta if cfg.baseline.eta is None else cfg.baseline.eta
+    return BaselineComparison(baseline, scheduler, eta)
 
 
 def _compared(recorder: TrajectoryRecorder, compare_step) -> Callable[[Step], None]:
@@ -159,14 +168,12 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     torch.manual_seed(cfg.experiment.seed)
     request = StoreRequest(**asdict(cfg.dataset))
     store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
-    for checkpoint in (cfg.baseline.checkpoint, getattr(cfg.model.params, "checkpoint", None)):
-        if checkpoint:
-            existing_checkpoint(checkpoint)  # a wrong path stops the run before its directory exists
+    baseline = load_baseline(cfg, store, device)  # a wrong file stops the run before its directory exists
     # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with more
     # lists than images, a baseline for other images) stops here and leaves nothing behind.
     denoiser, fit_seconds = build_denoiser(cfg, store, device)
     scheduler = make_scheduler(cfg.sampling)
-    comparison = build_comparison(cfg, store, device, scheduler)
+    comparison = build_comparison(cfg, baseline, scheduler)
     run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
     handler = run.attach_log(log)
@@ -185,7 +192,8 @@ def generate(cfg: StudioConfig) -> GenerateResult:
 
 
 def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
-                   denoiser: Denoiser, fit_seconds: float, scheduler, comparison: BaselineComparison | None) -> GenerateResult:
+                   denoiser: Denoiser, fit_seconds: float, scheduler,
+                   comparison: BaselineComparison | None) -> GenerateResult:
     run.write_text("config.yaml", to_yaml(cfg))
     log.info("run %s: %s on %s (%d images, %s) on %s", run.path, cfg.model.name, cfg.dataset.name,
              store.num_images, "x".join(map(str, store.sample_shape)), device)
@@ -247,12 +255,20 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         **trajectory,
         "warnings": warnings,
     }
+    if isinstance(denoiser, UNetDenoiser):  # the method is a backbone: which one, and how its timesteps were mapped
+        levels = [(t, noise_level(scheduler, t).alpha_bar) for t in scheduler.timesteps.tolist()]
+        metrics["backbone"] = {**denoiser.backbone.describe(),
+                               "schedule": timestep_mapping(denoiser.backbone.alphas_cumprod, levels)}
     if comparison is not None:
         compared = comparison.result()
         plot_comparison(compared, run.path / "comparison.png", method=cfg.model.name)
         save_side_by_side(compared, run.path / "side_by_side.png", cfg.model.name, columns=cfg.output.grid_columns)
+        levels = [(t, noise_level(scheduler, t).alpha_bar) for t in compared.timesteps]
         metrics["baseline"] = {"checkpoint": cfg.baseline.checkpoint, "use_ema": cfg.baseline.use_ema,
-                               "seconds": comparison.seconds, **compared.summary()}
+                               "eta": comparison.eta, "seconds": comparison.seconds,
+                               "backbone": baseline.backbone.describe(),
+                               "schedule": timestep_mapping(baseline.backbone.alphas_cumprod, levels),
+                               **compared.summary()}
     run.write_json("metrics.json", metrics)
     run.mark_complete()
     log.info("finished: %d samples in %.2f s", samples.shape[0], sampling_seconds)
@@ -266,10 +282,12 @@ def summary(result: GenerateResult) -> str:
     outputs = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in result.run_dir.iterdir()))
     baseline = ""
     if "baseline" in m:
-        final = {k: "n/a" if v is None else f"{v:.4g}" for k, v in m["baseline"]["final"].items()}
-        baseline = (f" Against the UNet baseline at the last step: R² {final['trajectory_r2']}, MSE "
-                    f"{final['trajectory_mse']} (own trajectories); R² {final['single_step_r2']}, MSE "
-                    f"{final['single_step_mse']} (single step); see comparison.png, side_by_side.png.")
+        mean = {k: "n/a" if v is None else f"{v:.4g}" for k, v in m["baseline"]["final"].items()}
+        median = {k: "n/a" if v is None else f"{v:.4g}" for k, v in m["baseline"]["final_median"].items()}
+        baseline = (" Against the baseline at the last step: " + "; ".join(
+            f"r2 {mean[f'{kind}_r2']} (mean), pearson_r {median[f'{kind}_pearson_r']} (median) ({label})"
+            for kind, label in (("trajectory", "own trajectories"), ("single_step", "single step")))
+            + "; all five metrics in metrics.json, see comparison.png, side_by_side.png.")
     files = f" {files_sentence(m['store']['files'])}." if "files" in m["store"] else ""
     warnings = "".join(f" Warning: {w}." for w in m.get("warnings", []))
     return (

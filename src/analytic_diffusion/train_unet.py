@@ -11,6 +11,7 @@ from .config import StudioConfig, to_yaml
 from .data.store import StoreRequest, load_or_build_store
 from .devices import resolve_device
 from .fileio import atomic_write_text, make_directory
+from .unet.networks import DDPM_FILENAME
 from .unet.training import TrainingResult, check_training_config, train
 
 log = logging.getLogger("analytic_diffusion")
@@ -39,6 +40,16 @@ def summary(result: TrainingResult, wall_seconds: float) -> str:
         f"Trained a UNet with {result.parameters:,} parameters for {result.epochs} epochs ({result.steps} steps; "
         f"{result.seconds:.0f} s of training over all sessions, this session {wall_seconds:.0f} s wall): epoch loss "
         f"{first:.4f} -> {last:.4f}. Checkpoint {result.checkpoint}; loss curve {folder / 'loss.png'}; samples "
-        f"{folder / 'samples.png'}. Compare with it: ads generate -c <method>/<dataset> baseline.checkpoint={folder}"
+        f"{folder / 'samples.png'}.{_exported(folder)} Compare with it: ads generate -c <method>/<dataset> "
+        f"baseline.checkpoint={folder}"
     )
+
+
+def _exported(folder: Path) -> str:
+    """The sentence naming the ecosystem export of the training folder, if the network has one."""
+    if (folder / "config.json").is_file():
+        return f" diffusers UNet2DModel (EMA weights): UNet2DModel.from_pretrained('{folder}')."
+    if (folder / DDPM_FILENAME).is_file():
+        return f" DDPM-UNet state dict (EMA weights, the reference framework's format): {folder / DDPM_FILENAME}."
+    return ""
 

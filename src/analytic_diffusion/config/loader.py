@@ -198,6 +198,8 @@ def _validate(cfg: StudioConfig) -> None:
         raise StudioError(f"experiment.seed must be in [0, 2**64), got {cfg.experiment.seed}")
     if cfg.sampling.eta < 0:
         raise StudioError(f"sampling.eta must be >= 0, got {cfg.sampling.eta}")
+    if cfg.baseline.eta is not None and not cfg.baseline.eta >= 0:
+        raise StudioError(f"baseline.eta must be >= 0 or null (the run's sampling.eta), got {cfg.baseline.eta}")
     if cfg.output.grid_columns is not None and cfg.output.grid_columns < 1:
         raise StudioError(f"output.grid_columns must be a positive number of columns or null (about square), "
                           f"got {cfg.output.grid_columns}")

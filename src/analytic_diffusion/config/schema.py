@@ -76,8 +76,10 @@ class LoggingConfig:
 
 @dataclass
 class BaselineConfig:
-    checkpoint: Optional[str] = None  # UNet from `ads train-unet` (file or folder) to compare with; None = no comparison
-    use_ema: bool = True  # compare with the EMA weights (what the UNet samples with)
+    checkpoint: Optional[str] = None  # a trained network to compare with (docs/backbones.md: DDPM-UNet file, pytorch-ddpm
+    # checkpoint, diffusers folder, `ads train-unet` output); None = no comparison
+    use_ema: bool = True  # EMA weights where the file has both (studio, pytorch-ddpm); False: the raw ones
+    eta: Optional[float] = None  # DDIM eta of the baseline's own trajectory; None = the run's sampling.eta
 
 
 @dataclass

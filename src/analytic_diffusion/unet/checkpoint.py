@@ -18,7 +18,8 @@ import torch
 
 from ..errors import StudioError
 from ..fileio import atomic_write
-from .model import UNet, UNetConfig
+from .model import UNetConfig
+from .networks import build_unet
 from .schedule import NoiseSchedule
 
 FORMAT = "analytic-diffusion-unet"
@@ -87,6 +88,11 @@ def read_checkpoint(path: str | Path) -> UNetCheckpoint:
         text = str(exc).strip()
         reason = text.splitlines()[0].split(". ")[0][:120] if text else type(exc).__name__  # its first sentence
         raise StudioError(f"cannot read UNet checkpoint {path}: the file is corrupt or truncated ({reason}); retrain it") from None
+    return checkpoint_from_payload(payload, path)
+
+
+def checkpoint_from_payload(payload: Any, path: Path) -> UNetCheckpoint:
+    """The checkpoint in a loaded file's contents, checking that it is one."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise StudioError(f"{path} is not a UNet checkpoint written by `ads train-unet`")
     if payload.get("version") != VERSION:
@@ -132,12 +138,12 @@ def state_dict_problems(expected: dict[str, torch.Tensor], given: dict[str, torc
 
 def build_network(
     checkpoint: UNetCheckpoint, path: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
-) -> UNet:
+) -> torch.nn.Module:
     """The stored network in eval mode; a StudioError names every tensor that does not fit the architecture."""
     channels, height, width = checkpoint.image_shape
     if height != width:
         raise StudioError(f"UNet checkpoint {path} stores a non-square image shape {checkpoint.image_shape}")
-    network = UNet(checkpoint.architecture, channels, height)
+    network = build_unet(checkpoint.architecture, channels, height)
     weights = checkpoint.ema if use_ema else checkpoint.model
     problems = state_dict_problems(network.state_dict(), weights)
     if problems:
@@ -154,7 +160,7 @@ def load_unet(
     device: torch.device | str = "cpu",
     use_ema: bool = True,
     image_shape: tuple[int, ...] | None = None,
-) -> tuple[UNet, NoiseSchedule]:
+) -> tuple[torch.nn.Module, NoiseSchedule]:
     """Load a trained UNet and its schedule, checking it was trained on images of `image_shape` (C, H, W)."""
     checkpoint = read_checkpoint(path)
     if image_shape is not None and tuple(image_shape) != tuple(checkpoint.image_shape):

@@ -32,6 +32,8 @@ class UNetConfig:
     attention_heads: int = 1  # heads of every self-attention block (DDPM uses one)
     norm_groups: int = 32  # GroupNorm groups (reduced to gcd(norm_groups, channels) for narrow layers)
     scale_shift_norm: bool = True  # time embedding as GroupNorm scale/shift (ADM); False: added before it (DDPM)
+    network: str = "studio"  # studio: this module's UNet | diffusers: a diffusers UNet2DModel | ddpm_unet: the DDPM
+    # UNet of pytorch-ddpm (backbones.ddpm_unet); see unet/networks.py for which fields each one uses
 
 
 def check_architecture(config: UNetConfig, channels: int, resolution: int) -> None:

@@ -28,6 +28,7 @@ from ..errors import StudioError
 from ..fileio import atomic_write, atomic_write_json
 from .checkpoint import FILENAME, UNetCheckpoint, build_network, read_checkpoint, save_checkpoint
 from .model import UNet, UNetConfig, count_parameters
+from .networks import NETWORKS, build_unet, export_network
 from .schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ def check_training_config(config: TrainingConfig) -> None:
         raise StudioError(f"training.min_snr_gamma must be positive, got {config.min_snr_gamma}")
     if config.preview_steps < 1:
         raise StudioError(f"training.preview_steps must be at least 1, got {config.preview_steps}")
+    if config.architecture.network not in NETWORKS:
+        raise StudioError(f"training.architecture.network must be one of {', '.join(NETWORKS)}, "
+                          f"not '{config.architecture.network}'")
     if config.preview_eta < 0:
         raise StudioError(f"training.preview_eta must not be negative, got {config.preview_eta}")
 
@@ -340,7 +344,7 @@ def train(
     schedule = NoiseSchedule()
 
     torch.manual_seed(seed)  # weight initialisation, then dropout
-    network = UNet(config.architecture, channels, height).to(device)
+    network = build_unet(config.architecture, channels, height).to(device)
     trainer = _Trainer(
         network=network,
         ema=ExponentialMovingAverage(network, config.ema_decay, config.ema_warmup),
@@ -401,6 +405,7 @@ def train(
         progress.seconds += time.perf_counter() - started
         if progress.epoch % config.checkpoint_every == 0 or progress.epoch == config.epochs:
             _save(trainer, path, config, store, schedule)
+            export_network(trainer.ema.network, output_dir, schedule)
             save_loss_plot(output_dir / "loss.png", progress.losses, progress.epoch_losses, steps_per_epoch)
             if config.preview_samples:
                 save_preview(

@@ -1,0 +1,1 @@
+"""Metrics as pure functions of tensors: agreement with a trained backbone (DESIGN.md §8)."""
