@@ -266,8 +266,8 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         levels = [(t, noise_level(scheduler, t).alpha_bar) for t in compared.timesteps]
         metrics["baseline"] = {"checkpoint": cfg.baseline.checkpoint, "use_ema": cfg.baseline.use_ema,
                                "eta": comparison.eta, "seconds": comparison.seconds,
-                               "backbone": baseline.backbone.describe(),
-                               "schedule": timestep_mapping(baseline.backbone.alphas_cumprod, levels),
+                               "backbone": comparison.baseline.backbone.describe(),
+                               "schedule": timestep_mapping(comparison.baseline.backbone.alphas_cumprod, levels),
                                **compared.summary()}
     run.write_json("metrics.json", metrics)
     run.mark_complete()
