@@ -1,0 +1,222 @@
+"""One streaming patch softmax for every local patch denoiser (DESIGN.md §6): LS, ELS and PSPC.
+
+Each query window q (a C x kh x kw window of x_t, flattened to D values) is compared with a dictionary of training
+windows phi cut from every image of the store at a set of positions:
+
+    logit(q, phi) = -||q - s phi||^2 / (2 (1 - ab_t) tau) + const(q) = c (2 s q.phi - s^2 ||phi||^2)
+
+with s = sqrt(ab_t) and c = 1 / (2 (1 - ab_t) tau) (||q||^2 is the same for every phi and cancels). The answer
+per query is the softmax-weighted average of a value of each window: its centre pixel (LS, ELS) or the whole
+window (PSPC).
+
+Streaming: the store stays in its compact dtype and is decoded and unfolded chunk by chunk; the cross terms q.phi
+of a chunk are one batched matrix product per group of queries; every (sample, query) row keeps its own running
+maximum, normaliser and weighted sum (`StreamingSoftmax`), so the result does not depend on the chunking and no
+maximum is shared across a batch. Samples are processed one by one against each chunk and chunk sizes never
+depend on the batch, so a sample's result is bit-identical whatever batch it is in. Temporaries stay under
+BUDGET_BYTES whatever N. Logits are float32 while their rounding error stays below FLOAT32_LOGIT_NOISE and float64
+beyond (the late steps, where c is large), the same discipline as `optimal`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..data.store import DatasetStore
+from .softmax import StreamingSoftmax
+
+BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, logits, weights), whatever N
+FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
+MAX_LOGIT_SCALE = 1e30  # c at ab_t = 1 (no noise): the nearest-window limit, kept finite
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How training windows are cut: F.unfold(images, size, padding=padding); the value of a window is its
+    centre pixel (C values, `value="centre"`, requires a grid of one window per pixel) or the window (D values)."""
+
+    size: tuple[int, int]  # (kh, kw)
+    padding: int = 0  # zero padding of the training images (model space 0: contributes nothing in either)
+    value: str = "centre"  # centre | window
+
+
+@dataclass(frozen=True)
+class PatchGroup:
+    """Query windows that share one dictionary rule.
+
+    `positions` are window positions in the training unfold (flat indices into its output grid). Shape [1, S]:
+    every query of the group is compared with the windows at these S positions of every image (ELS). Shape
+    [L_g, S]: query j of the group has its own positions, row j (LS, PSPC: the same place in every image).
+    """
+
+    locations: torch.Tensor  # long [L_g]: columns of the query unfold
+    positions: torch.Tensor  # long [1, S] or [L_g, S]
+
+    @property
+    def shared(self) -> bool:
+        """One position list for the whole group (a group of one location is both)."""
+        return self.positions.shape[0] == 1
+
+
+@dataclass
+class PatchSoftmaxResult:
+    """Per sample b and query location l: the softmax mean of the values, 1 / sum w^2, and (optionally) the
+    window of largest weight as (image index, window position)."""
+
+    mean: torch.Tensor  # [B, L, V] in the logits' dtype
+    effective_count: torch.Tensor  # [B, L]
+    top_image: torch.Tensor | None = None  # long [B, L]
+    top_position: torch.Tensor | None = None  # long [B, L]
+    dtype: torch.dtype = torch.float32  # what the logits were computed in
+
+
+def logit_scale(noise_variance: float, temperature: float) -> float:
+    """c = 1 / (2 (1 - ab_t) tau), capped at MAX_LOGIT_SCALE."""
+    denominator = 2.0 * noise_variance * temperature
+    return MAX_LOGIT_SCALE if denominator <= 0 else min(1.0 / denominator, MAX_LOGIT_SCALE)
+
+
+def split_groups(groups: list[PatchGroup], max_logits: int) -> list[PatchGroup]:
+    """Split groups so that one sample's logits against one image (L_g x S values) stay under `max_logits`."""
+    out = []
+    for group in groups:
+        block = max(1, max_logits // group.positions.shape[1])
+        if group.locations.numel() <= block:
+            out.append(group)
+            continue
+        for start in range(0, group.locations.numel(), block):
+            positions = group.positions if group.shared else group.positions[start : start + block]
+            out.append(PatchGroup(group.locations[start : start + block], positions))
+    return out
+
+
+def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dtype: torch.dtype) -> int:
+    """Images per chunk so that one chunk's temporaries stay within BUDGET_BYTES (never depends on the batch)."""
+    channels, height, width = sample_shape
+    kh, kw = window.size
+    depth = channels * kh * kw
+    grid = (height + 2 * window.padding - kh + 1) * (width + 2 * window.padding - kw + 1)
+    values = channels if window.value == "centre" else depth
+    unfolded = depth * grid + grid  # one image's windows and their norms
+    # per group: its gathered windows, biases and values, and one sample's logits, weights and a temporary
+    largest = max(g.positions.numel() * (depth + values + 1) + 3 * g.locations.numel() * g.positions.shape[1]
+                  for g in groups)
+    size = torch.finfo(dtype).bits // 8
+    return max(1, BUDGET_BYTES // (size * (unfolded + largest)))
+
+
+def choose_dtype(queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int) -> torch.dtype:
+    """float32 when c (2 s |q| |phi| + s^2 |phi|^2) u32 < FLOAT32_LOGIT_NOISE for the largest windows, else float64
+    (|phi| <= sqrt(D): model space is within [-1, 1]); float32 on MPS, which has no float64."""
+    if queries.device.type == "mps":
+        return torch.float32
+    depth = channels * window.size[0] * window.size[1]
+    q_norm = queries.double().square().sum(1).max().sqrt().item() if queries.numel() else 0.0
+    phi_norm = math.sqrt(depth)
+    magnitude = 2 * signal_scale * q_norm * phi_norm + signal_scale**2 * phi_norm**2
+    noise = scale * torch.finfo(torch.float32).eps * magnitude
+    return torch.float32 if noise < FLOAT32_LOGIT_NOISE else torch.float64
+
+
+@dataclass
+class _GroupState:
+    """The streaming softmax of one (group, sample) and the running best window."""
+
+    softmax: StreamingSoftmax = field(default_factory=lambda: StreamingSoftmax(track_concentration=True))
+    top_image: torch.Tensor | None = None
+    top_position: torch.Tensor | None = None
+
+
+def patch_softmax(
+    queries: torch.Tensor,
+    store: DatasetStore,
+    images: torch.Tensor,
+    window: WindowSpec,
+    groups: list[PatchGroup],
+    signal_scale: float,
+    temperature: float,
+    noise_variance: float,
+    chunk_size: int | None = None,
+    track_top: bool = False,
+) -> PatchSoftmaxResult:
+    """Softmax-weighted values of the training windows for every query window, streamed over the store.
+
+    queries: [B, D, L] query windows (the columns of an unfold of x_t); `images`: the store's compact images on
+    the working device ([N, C, H, W], decoded chunk by chunk); groups: which windows each query is compared with
+    (together they must cover each query location once). Returns means [B, L, V] (V = C for centre values, D for
+    window values). DESIGN.md §6; Kamb & Ganguli (arXiv 2412.20292) eq. for the ELS machine, Niedoba et al.
+    (arXiv 2411.19339) for the patch posterior.
+    """
+    batch, depth, num_locations = queries.shape
+    channels, height, width = store.sample_shape
+    scale = logit_scale(noise_variance, temperature)
+    dtype = choose_dtype(queries, signal_scale, scale, window, channels)
+    size = torch.finfo(dtype).bits // 8
+    groups = split_groups(groups, BUDGET_BYTES // (4 * size))
+    chunk = chunk_size or chunk_images(groups, window, store.sample_shape, dtype)
+    device = queries.device
+    # per group and sample, the queries pre-multiplied by 2 s c: [G, rows, D] with G = 1 (shared) or L_g
+    scaled = (queries.to(dtype) * (2 * signal_scale * scale)).transpose(1, 2)  # [B, L, D]
+    group_queries = []
+    for group in groups:
+        picked = scaled[:, group.locations.to(device)]  # [B, L_g, D]
+        group_queries.append(picked[:, None] if group.shared else picked[:, :, None])
+    states = [[_GroupState() for _ in range(batch)] for _ in groups]
+    bias_scale = scale * signal_scale**2
+    for start in range(0, store.num_images, chunk):
+        decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
+        count = decoded.shape[0]
+        unfolded = F.unfold(decoded, window.size, padding=window.padding)  # [K, D, P]
+        norms = unfolded.square().sum(1)  # [K, P]
+        values = decoded.flatten(2) if window.value == "centre" else unfolded  # [K, V, P]
+        for g, group in enumerate(groups):
+            positions = group.positions.to(device)  # [G, S]
+            span = positions.shape[1]
+            # [G, D, K*S] windows, [G, K*S] biases, [G, K*S, V] values; column j = image j // S, position j % S
+            phi = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(positions.shape[0], depth, count * span)
+            bias = (norms[:, positions] * bias_scale).permute(1, 0, 2).reshape(positions.shape[0], 1, count * span)
+            vals = values[:, :, positions].permute(2, 0, 3, 1).reshape(positions.shape[0], count * span, -1)
+            for b in range(batch):
+                logits = torch.baddbmm(bias, group_queries[g][b], phi, beta=-1.0)  # [G, rows, K*S]
+                state = states[g][b]
+                if track_top:
+                    _track_top(state, logits, start, span, positions)
+                state.softmax.update(logits, lambda p: torch.bmm(p, vals))
+    return _assemble(groups, states, batch, num_locations, dtype, track_top)
+
+
+def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, positions: torch.Tensor) -> None:
+    """Keep the (image, position) of the largest logit so far per row (the earliest on ties)."""
+    best = logits.argmax(-1)  # [G, rows]
+    chunk_max = logits.gather(-1, best[..., None])[..., 0]
+    image = start + best // span
+    position = positions.gather(1, best % span)
+    if state.top_image is None:
+        state.top_image, state.top_position = image, position
+    else:
+        better = chunk_max > state.softmax.max
+        state.top_image = torch.where(better, image, state.top_image)
+        state.top_position = torch.where(better, position, state.top_position)
+
+
+def _assemble(groups, states, batch, num_locations, dtype, track_top) -> PatchSoftmaxResult:
+    """Scatter every (group, sample) state back to [B, L, ...] by query location."""
+    first = states[0][0].softmax.mean()
+    device = first.device
+    mean = torch.empty(batch, num_locations, first.shape[-1], dtype=dtype, device=device)
+    effective = torch.empty(batch, num_locations, dtype=dtype, device=device)
+    top_image = torch.empty(batch, num_locations, dtype=torch.long, device=device) if track_top else None
+    top_position = torch.empty_like(top_image) if track_top else None
+    for group, group_states in zip(groups, states):
+        where = group.locations.to(device)
+        for b, state in enumerate(group_states):
+            mean[b, where] = state.softmax.mean().reshape(where.numel(), -1)
+            effective[b, where] = state.softmax.effective_count().reshape(-1)
+            if track_top:
+                top_image[b, where] = state.top_image.reshape(-1)
+                top_position[b, where] = state.top_position.reshape(-1)
+    return PatchSoftmaxResult(mean, effective, top_image, top_position, dtype)
