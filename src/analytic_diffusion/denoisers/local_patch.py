@@ -163,7 +163,8 @@ class LocalPatchDenoiser(Denoiser):
 
     def top_patches(self, x_t: torch.Tensor, level: NoiseLevel, locations: torch.Tensor) -> dict[str, torch.Tensor]:
         """For query `locations` (long [L]): the training window of largest weight, as image index and window
-        position [B, L], and the window itself [B, L, C, kh, kw] (model space)."""
+        position [B, L], its top-left corner in its image [B, L, 2] (row, column; negative where zero-padded) and
+        the window itself [B, L, C, kh, kw] (model space)."""
         size = self.patch_size(level)
         plan = self.cached_plan(size)
         result = self.softmax(x_t, level, size, locations, track_top=True)
@@ -172,7 +173,14 @@ class LocalPatchDenoiser(Denoiser):
         unfolded = torch.nn.functional.unfold(picked, (kh, kw), padding=plan.window.padding)  # [B*L, D, P]
         index = result.top_position.reshape(-1, 1, 1).expand(-1, unfolded.shape[1], 1)
         windows = unfolded.gather(2, index).reshape(*result.top_image.shape, self.store.sample_shape[0], kh, kw)
-        return {"image": result.top_image, "position": result.top_position, "window": windows, "size": size}
+        grid_width = self.store.sample_shape[2] + 2 * plan.window.padding - kw + 1
+        top_left = torch.stack([result.top_position // grid_width, result.top_position % grid_width], -1)
+        return {"image": result.top_image, "position": result.top_position, "window": windows, "size": size,
+                "top_left": top_left - plan.window.padding}
+
+    def pixel_location(self, row: int, column: int, size: int) -> int:
+        """The query location that denoises pixel (row, column): the pixel itself for centre-pixel methods."""
+        return row * self.store.sample_shape[2] + column
 
     def plan(self, size: int) -> Plan:
         raise NotImplementedError

@@ -43,6 +43,13 @@ class PatchPosteriorComposite(LocalPatchDenoiser):
     def queries(self, x_t: torch.Tensor, size: int) -> torch.Tensor:
         return F.unfold(x_t, size)
 
+    def pixel_location(self, row: int, column: int, size: int) -> int:
+        """The square (anchor) centred on the pixel as far as the image allows."""
+        _, height, width = self.store.sample_shape
+        top = min(max(row - size // 2, 0), height - size)
+        left = min(max(column - size // 2, 0), width - size)
+        return top * (width - size + 1) + left
+
     def assemble(self, mean: torch.Tensor, shape: torch.Size, size: int) -> torch.Tensor:
         """Square means [B, A, C*P*P] folded back onto the image and divided by how many squares cover each pixel."""
         total = F.fold(mean.transpose(1, 2), shape[-2:], size)
