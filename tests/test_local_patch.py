@@ -26,7 +26,9 @@ def make_store(channels: int, size: int = 8, count: int = 40, seed: int = 0) -> 
     coarse = torch.randint(0, 256, (count, channels, size // 2 + 1, size // 2 + 1), generator=g, dtype=torch.uint8)
     images = coarse.repeat_interleave(2, -1).repeat_interleave(2, -2)[..., :size, :size]
     noise = torch.randint(0, 16, images.shape, generator=g, dtype=torch.uint8)
-    return DatasetStore.from_tensor(images.contiguous() // 2 + noise)
+    images = images.contiguous() // 2 + noise
+    images[..., : size // 2, :] = 0  # a background band: many windows repeat exactly, as in real data
+    return DatasetStore.from_tensor(images)
 
 
 def noisy(store: DatasetStore, level: NoiseLevel, batch: int, seed: int = 1) -> torch.Tensor:
@@ -317,3 +319,22 @@ def test_impossible_sizes_are_refused(tmp_path):
     corrupt.write_text("{not json")
     with pytest.raises(StudioError, match="not a calibration file"):
         denoiser_class("els").Params(patch_size=str(corrupt))
+
+
+@pytest.mark.parametrize("name", ["els", "broken"])
+def test_repeated_windows_are_merged_and_change_nothing(name, monkeypatch):
+    """Shared dictionaries keep each distinct window once with its count; the answer equals streaming every copy."""
+    import analytic_diffusion.denoisers.local_patch as local_patch
+
+    store = make_store(1, count=30)
+    x_t = noisy(store, MID, 3)
+    merged = method(name, store, patch_size=3)
+    interior = merged.cached_plan(3).groups[0]
+    assert interior.unique is not None and interior.unique.counts.sum().item() == 30 * 6 * 6
+    assert interior.unique.windows.shape[0] < 0.9 * 30 * 6 * 6
+    monkeypatch.setattr(local_patch, "DISTINCT_BYTES", 0)  # too little room: every copy is streamed
+    every_copy = method(name, store, patch_size=3)
+    assert every_copy.cached_plan(3).groups[0].unique is None
+    a, b = merged(x_t, MID), every_copy(x_t, MID)
+    assert (a.x0_hat - b.x0_hat).abs().max().item() < 1e-6
+    torch.testing.assert_close(a.diagnostics["effective_patches"], b.diagnostics["effective_patches"], rtol=1e-5, atol=0)

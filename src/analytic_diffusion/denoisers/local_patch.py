@@ -17,7 +17,14 @@ import torch
 
 from ..data.store import DatasetStore
 from ..errors import StudioError
-from ..search.patch_softmax import PatchGroup, PatchSoftmaxResult, WindowSpec, patch_softmax
+from ..search.patch_softmax import (
+    DISTINCT_BYTES,
+    PatchGroup,
+    PatchSoftmaxResult,
+    WindowSpec,
+    patch_softmax,
+    unique_windows,
+)
 from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, check_temperature
 
 
@@ -150,15 +157,23 @@ class LocalPatchDenoiser(Denoiser):
         if locations is not None:  # query columns in the order asked, the groups' locations renumbered to match
             column = {loc: i for i, loc in enumerate(locations.tolist())}
             queries = queries[:, :, locations.to(queries.device)]
-            groups = [PatchGroup(torch.tensor([column[loc] for loc in g.locations.tolist()]), g.positions)
+            groups = [PatchGroup(torch.tensor([column[loc] for loc in g.locations.tolist()]), g.positions, g.unique)
                       for g in groups]
         return patch_softmax(queries, self.store, self.images, plan.window, groups, level.signal_scale,
                              self.params.temperature, level.noise_variance, self.params.chunk_size, track_top)
 
     def cached_plan(self, size: int) -> Plan:
+        """The plan at this size, its shared dictionaries deduplicated (once per size; kept for later calls)."""
         if size not in self._plans:
             self.params.check_size(size)
-            self._plans[size] = self.plan(size)
+            plan = self.plan(size)
+            groups = []
+            for group in plan.groups:
+                unique = None
+                if group.shared and group.positions.shape[1] > 1:
+                    unique = unique_windows(self.store, self.images, plan.window, group.positions, DISTINCT_BYTES)
+                groups.append(PatchGroup(group.locations, group.positions, unique))
+            self._plans[size] = Plan(plan.window, groups)
         return self._plans[size]
 
     def top_patches(self, x_t: torch.Tensor, level: NoiseLevel, locations: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,5 +216,6 @@ def restrict(groups: list[PatchGroup], locations: torch.Tensor) -> list[PatchGro
     for group in groups:
         keep = torch.tensor([loc in wanted for loc in group.locations.tolist()], dtype=torch.bool)
         if keep.any():
-            out.append(PatchGroup(group.locations[keep], group.positions if group.shared else group.positions[keep]))
+            positions = group.positions if group.shared else group.positions[keep]
+            out.append(PatchGroup(group.locations[keep], positions, group.unique))
     return out

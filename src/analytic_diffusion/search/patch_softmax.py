@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..data.store import DatasetStore
 from .softmax import StreamingSoftmax
 
+DISTINCT_BYTES = 256 << 20  # a shared dictionary is deduplicated when its distinct windows fit in this
 BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
 LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
 # large enough that per-call overheads stay small (docs/local-patch.md)
@@ -46,6 +47,39 @@ class WindowSpec:
     value: str = "centre"  # centre | window
 
 
+@dataclass
+class UniqueWindows:
+    """The distinct windows of a shared dictionary and how often each occurs (N (H - k + 1)^2 MNIST windows of
+    size 3 hold about 27% distinct ones: the background repeats). A window that occurs m times enters the softmax
+    once with logit + log m: the same weights, sums and 1 / sum w^2 as the full dictionary."""
+
+    windows: torch.Tensor  # [U, D] model space, float32
+    counts: torch.Tensor  # [U] float64 multiplicities
+    values: torch.Tensor  # [U, V] the value of each window (its centre pixel)
+
+
+def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec, positions: torch.Tensor,
+                   max_bytes: int, chunk: int = 256) -> UniqueWindows | None:
+    """The distinct windows at `positions` [1, S] of every image, or None when they would exceed `max_bytes`."""
+    index = positions[0].to(images.device)
+    parts, part_counts, size = [], [], 0
+    for start in range(0, store.num_images, chunk):  # distinct windows of each chunk, then of all of them
+        decoded = store.decode(images[start : start + chunk], torch.float32)
+        rows = F.unfold(decoded, window.size, padding=window.padding)[:, :, index].transpose(1, 2).flatten(0, 1)
+        distinct, count = torch.unique(rows, dim=0, return_counts=True)
+        parts.append(distinct)
+        part_counts.append(count.to(torch.float64))
+        size += distinct.numel() * distinct.element_size()
+        if size > max_bytes:
+            return None
+    kept, inverse = torch.unique(torch.cat(parts), dim=0, return_inverse=True)
+    counts = torch.zeros(kept.shape[0], dtype=torch.float64, device=kept.device).index_add_(0, inverse, torch.cat(part_counts))
+    channels = store.sample_shape[0]
+    kh, kw = window.size
+    centre = torch.arange(channels) * kh * kw + (kh // 2) * kw + kw // 2
+    return UniqueWindows(kept, counts, kept[:, centre.to(kept.device)])
+
+
 @dataclass(frozen=True)
 class PatchGroup:
     """Query windows that share one dictionary rule.
@@ -57,6 +91,7 @@ class PatchGroup:
 
     locations: torch.Tensor  # long [L_g]: columns of the query unfold
     positions: torch.Tensor  # long [1, S] or [L_g, S]
+    unique: UniqueWindows | None = None  # shared groups: the dictionary's distinct windows, when precomputed
 
     @property
     def shared(self) -> bool:
@@ -92,7 +127,7 @@ def split_groups(groups: list[PatchGroup], max_logits: int) -> list[PatchGroup]:
             continue
         for start in range(0, group.locations.numel(), block):
             positions = group.positions if group.shared else group.positions[start : start + block]
-            out.append(PatchGroup(group.locations[start : start + block], positions))
+            out.append(PatchGroup(group.locations[start : start + block], positions, group.unique))
     return out
 
 
@@ -134,8 +169,9 @@ class BlockSoftmax(StreamingSoftmax):
     def __init__(self) -> None:
         super().__init__(track_concentration=True)
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor) -> None:
-        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones."""
+    def add(self, logits: torch.Tensor, values: torch.Tensor, inverse_counts: torch.Tensor | None = None) -> None:
+        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones; `inverse_counts` [M]: 1 / m
+        of windows that stand for m copies (their logits include + log m), so that squares count every copy."""
         chunk_max = logits.amax(-1)
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
         # floor as in StreamingSoftmax: no subnormal weights (they slow the CPU down 20-50x), error < M e^-43
@@ -143,7 +179,7 @@ class BlockSoftmax(StreamingSoftmax):
         weights = logits.sub_(new_max[..., None]).clamp_(min=floor).exp_()
         # one group (G = 1): a GEMM against the transposed values is ~3x faster on CPUs than bmm's skinny output
         sums = F.linear(weights[0], values[0])[None] if weights.shape[0] == 1 else torch.bmm(weights, values.mT)
-        squares = torch.linalg.vecdot(weights, weights)
+        squares = torch.linalg.vecdot(weights, weights if inverse_counts is None else weights * inverse_counts)
         if self.max is None:
             self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
         else:
@@ -185,6 +221,8 @@ def patch_softmax(
     """
     batch, depth, num_locations = queries.shape
     channels, height, width = store.sample_shape
+    if track_top:  # the best single window needs every copy with its own (image, position)
+        groups = [PatchGroup(group.locations, group.positions) for group in groups]
     scale = logit_scale(noise_variance, temperature)
     dtype = choose_dtype(queries, signal_scale, scale, window, channels)
     groups = split_groups(groups, LOGIT_BLOCK)
@@ -198,13 +236,20 @@ def patch_softmax(
         group_queries.append(picked[:, None] if group.shared else picked[:, :, None])
     states = [[_GroupState() for _ in range(batch)] for _ in groups]
     bias_scale = scale * signal_scale**2
-    for start in range(0, store.num_images, chunk):
+    streamed = [g for g, group in enumerate(groups) if group.unique is None]
+    for g in range(len(groups)):
+        if groups[g].unique is not None:
+            span = groups[g].positions.shape[1]
+            rows = chunk_size * span if chunk_size else max(1, LOGIT_BLOCK // groups[g].locations.numel())
+            _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype)
+    for start in range(0, store.num_images if streamed else 0, chunk):
         decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
         count = decoded.shape[0]
         unfolded = F.unfold(decoded, window.size, padding=window.padding)  # [K, D, P]
         norms = unfolded.square().sum(1)  # [K, P]
         values = decoded.flatten(2) if window.value == "centre" else unfolded  # [K, V, P]
-        for g, group in enumerate(groups):
+        for g in streamed:
+            group = groups[g]
             positions = group.positions.to(device)  # [G, S]
             span = positions.shape[1]
             # [G, D, K*S] windows, [G, K*S] biases, [G, K*S, V] values; column j = image j // S, position j % S
@@ -219,6 +264,21 @@ def patch_softmax(
                     _track_top(state, logits, start, span, positions)
                 state.softmax.add(logits, vals)
     return _assemble(groups, states, batch, num_locations, dtype, track_top)
+
+
+def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_GroupState], rows: int,
+                   bias_scale: float, dtype: torch.dtype) -> None:
+    """One shared group against its distinct windows, `rows` windows per chunk: logits + log m, squares / m."""
+    for start in range(0, unique.windows.shape[0], rows):
+        phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
+        counts = unique.counts[start : start + rows]
+        bias = (phi.square().sum(1) * bias_scale - counts.log().to(dtype))[None, None]  # [1, 1, M]
+        vals = torch.cat([unique.values[start : start + rows].to(dtype).T, phi.new_ones(1, phi.shape[0])])[None]
+        inverse = counts.reciprocal().to(dtype)
+        phi_t = phi.T[None]  # [1, D, M]
+        for b, state in enumerate(states):
+            logits = torch.baddbmm(bias, queries[b], phi_t, beta=-1.0)
+            state.softmax.add(logits, vals, inverse)
 
 
 def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, positions: torch.Tensor) -> None:
