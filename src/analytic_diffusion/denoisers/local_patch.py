@@ -19,6 +19,7 @@ from ..data.store import DatasetStore
 from ..errors import StudioError
 from ..search.patch_softmax import (
     DISTINCT_BYTES,
+    MIN_DEDUP_POSITIONS,
     PatchGroup,
     PatchSoftmaxResult,
     WindowSpec,
@@ -167,12 +168,10 @@ class LocalPatchDenoiser(Denoiser):
         if size not in self._plans:
             self.params.check_size(size)
             plan = self.plan(size)
-            groups = []
-            for group in plan.groups:
-                unique = None
-                if group.shared and group.positions.shape[1] > 1:
-                    unique = unique_windows(self.store, self.images, plan.window, group.positions, DISTINCT_BYTES)
-                groups.append(PatchGroup(group.locations, group.positions, unique))
+            merged = [g for g in plan.groups if g.shared and g.positions.shape[1] >= MIN_DEDUP_POSITIONS]
+            uniques = unique_windows(self.store, self.images, plan.window, [g.positions for g in merged], DISTINCT_BYTES)
+            found = {id(g): u for g, u in zip(merged, uniques)}
+            groups = [PatchGroup(g.locations, g.positions, found.get(id(g))) for g in plan.groups]
             self._plans[size] = Plan(plan.window, groups)
         return self._plans[size]
 

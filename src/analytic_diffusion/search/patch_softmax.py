@@ -30,6 +30,8 @@ from ..data.store import DatasetStore
 from .softmax import StreamingSoftmax
 
 DISTINCT_BYTES = 256 << 20  # a shared dictionary is deduplicated when its distinct windows fit in this
+MAX_DISTINCT_FRACTION = 0.8  # ... and when at most this fraction of the first chunk's windows are distinct
+MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
 BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
 LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
 # large enough that per-call overheads stay small (docs/local-patch.md)
@@ -58,26 +60,42 @@ class UniqueWindows:
     values: torch.Tensor  # [U, V] the value of each window (its centre pixel)
 
 
-def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec, positions: torch.Tensor,
-                   max_bytes: int, chunk: int = 256) -> UniqueWindows | None:
-    """The distinct windows at `positions` [1, S] of every image, or None when they would exceed `max_bytes`."""
-    index = positions[0].to(images.device)
-    parts, part_counts, size = [], [], 0
-    for start in range(0, store.num_images, chunk):  # distinct windows of each chunk, then of all of them
+def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec, position_sets: list[torch.Tensor],
+                   max_bytes: int, chunk: int = 256) -> list[UniqueWindows | None]:
+    """For each position set [1, S]: the distinct windows at those positions of every image, or None where they
+    are not worth it (more than MAX_DISTINCT_FRACTION distinct in the first chunk) or exceed `max_bytes`.
+    One unfold of each chunk of images serves every set."""
+    indices = [positions[0].to(images.device) for positions in position_sets]
+    parts: list[list | None] = [[] for _ in position_sets]
+    sizes = [0] * len(position_sets)
+    for start in range(0, store.num_images, chunk):
         decoded = store.decode(images[start : start + chunk], torch.float32)
-        rows = F.unfold(decoded, window.size, padding=window.padding)[:, :, index].transpose(1, 2).flatten(0, 1)
-        distinct, count = torch.unique(rows, dim=0, return_counts=True)
-        parts.append(distinct)
-        part_counts.append(count.to(torch.float64))
-        size += distinct.numel() * distinct.element_size()
-        if size > max_bytes:
-            return None
-    kept, inverse = torch.unique(torch.cat(parts), dim=0, return_inverse=True)
-    counts = torch.zeros(kept.shape[0], dtype=torch.float64, device=kept.device).index_add_(0, inverse, torch.cat(part_counts))
+        unfolded = F.unfold(decoded, window.size, padding=window.padding)
+        for i, index in enumerate(indices):
+            if parts[i] is None:
+                continue
+            rows = unfolded[:, :, index].transpose(1, 2).flatten(0, 1)
+            distinct, count = torch.unique(rows, dim=0, return_counts=True)
+            sizes[i] += distinct.numel() * distinct.element_size()
+            if sizes[i] > max_bytes or (start == 0 and distinct.shape[0] > MAX_DISTINCT_FRACTION * rows.shape[0]):
+                parts[i] = None
+                continue
+            parts[i].append((distinct, count.to(torch.float64)))
+        if all(part is None for part in parts):
+            break
     channels = store.sample_shape[0]
     kh, kw = window.size
-    centre = torch.arange(channels) * kh * kw + (kh // 2) * kw + kw // 2
-    return UniqueWindows(kept, counts, kept[:, centre.to(kept.device)])
+    centre = (torch.arange(channels) * kh * kw + (kh // 2) * kw + kw // 2).to(images.device)
+    out: list[UniqueWindows | None] = []
+    for part in parts:
+        if part is None:
+            out.append(None)
+            continue
+        kept, inverse = torch.unique(torch.cat([d for d, _ in part]), dim=0, return_inverse=True)
+        counts = torch.zeros(kept.shape[0], dtype=torch.float64, device=kept.device)
+        counts.index_add_(0, inverse, torch.cat([c for _, c in part]))
+        out.append(UniqueWindows(kept, counts, kept[:, centre]))
+    return out
 
 
 @dataclass(frozen=True)
