@@ -63,7 +63,7 @@ def test_calibration_scores_every_candidate_at_the_networks_own_x_t(tmp_path, ca
     # recompute the table: the network's own trajectory, the method answering the network's x_t
     method_cls = denoiser_class("els")
     store, _ = load_or_build_store(StoreRequest(**asdict(cfg.dataset)), Path(cfg.paths.datasets), Path(cfg.paths.cache))
-    method = method_cls(method_cls.Params(patch_size=3)).fit(store)
+    method = method_cls(cfg.model.params).fit(store)  # boundary as configured; sizes set per call
     network = UNetDenoiser(UNetParams(checkpoint)).fit(store)
     scheduler = make_scheduler(cfg.sampling)
     expected = []
@@ -98,4 +98,12 @@ def test_calibrate_refuses_what_it_cannot_do(fresh_root, capsys, config, extra, 
     assert main(["calibrate", "-c", config, *FAST, *extra]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and message in error
+    assert not (fresh_root / "runs").exists()
+
+
+def test_a_patch_larger_than_the_image_stops_generate_before_the_run_directory(fresh_root, capsys):
+    assert main(["generate", "-c", "els/mnist5k", *FAST, "model.params.patch_size=9",
+                 "model.params.boundary=circular"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "boundary=broken" in error
     assert not (fresh_root / "runs").exists()

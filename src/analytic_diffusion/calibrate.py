@@ -73,9 +73,9 @@ def calibrate(cfg: StudioConfig) -> CalibrationResult:
     params = replace(cfg.model.params, patch_size=candidates[0])  # validates the sizes; the run sets its own
     for size in candidates:
         params.check_size(size)
-    method = cls(params, device).fit(store)
     for size in candidates:
-        method.cached_plan(size)  # impossible sizes (e.g. circular ELS beyond the image) fail before the run dir
+        cls.check_fits(params, size, store.sample_shape)  # e.g. circular ELS beyond the image: before the run dir
+    method = cls(params, device).fit(store)
     network = UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)
     scheduler = make_scheduler(cfg.sampling)
     timesteps = scheduler.timesteps.tolist()

@@ -165,7 +165,8 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     for checkpoint in (cfg.baseline.checkpoint, getattr(cfg.model.params, "checkpoint", None)):
         if checkpoint:
             existing_checkpoint(checkpoint)  # a wrong path stops the run before its directory exists
-    denoiser_class(cfg.model.name).check_schedule(cfg.model.params, make_scheduler(cfg.sampling).timesteps.tolist())
+    denoiser_class(cfg.model.name).check_schedule(cfg.model.params, make_scheduler(cfg.sampling).timesteps.tolist(),
+                                                  store.sample_shape)
     run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
     handler = run.attach_log(log)

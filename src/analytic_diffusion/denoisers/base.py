@@ -81,8 +81,9 @@ class Denoiser:
         return self
 
     @classmethod
-    def check_schedule(cls, params: Any, timesteps: list[int]) -> None:
-        """Refuse parameters that cannot serve this sampling schedule (e.g. one patch size per step); before a run."""
+    def check_schedule(cls, params: Any, timesteps: list[int], sample_shape: tuple[int, int, int]) -> None:
+        """Refuse parameters that cannot serve this schedule and image shape (e.g. one patch size per step, or a
+        patch larger than the image); called before a run directory exists."""
 
     def use_schedule(self, timesteps: list[int]) -> None:
         """Told the timesteps sampling will visit, for methods whose parameters vary per step."""

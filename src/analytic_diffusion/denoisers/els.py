@@ -46,22 +46,24 @@ def axis_classes(length: int, radius: int) -> tuple[list[int], list[int]]:
 
 
 def broken_groups(height: int, width: int, radius: int) -> list[PatchGroup]:
-    """The dictionary rule of the boundary-broken machine as query groups (positions = pixel indices)."""
+    """The dictionary rule of the boundary-broken machine as query groups (positions = pixel indices): one group
+    per (row class, column class), where a class is the interior range or a single edge coordinate; the groups
+    with a single coordinate on both axes (corners) are gathered into one group of per-location positions."""
     rows_in, rows_edge = axis_classes(height, radius)
     cols_in, cols_edge = axis_classes(width, radius)
-
-    def block(rows: list[int], cols: list[int]) -> torch.Tensor:
-        return torch.tensor([i * width + j for i in rows for j in cols], dtype=torch.long)
-
-    groups = []
-    for rows in ([rows_in] if rows_in else []) + [[i] for i in rows_edge]:
-        for cols in ([cols_in] if cols_in else []) + [[j] for j in cols_edge]:
-            if len(rows) == 1 and len(cols) == 1 and (rows is not rows_in and cols is not cols_in):
-                continue  # corners: gathered into one group below
-            pixels = block(rows, cols)
-            groups.append(PatchGroup(pixels, pixels[None, :]))
-    corners = block(rows_edge, cols_edge)
-    if corners.numel():
+    row_classes = [(rows_in, False)] * bool(rows_in) + [([i], True) for i in rows_edge]
+    col_classes = [(cols_in, False)] * bool(cols_in) + [([j], True) for j in cols_edge]
+    groups, corners = [], []
+    for rows, row_edge in row_classes:
+        for cols, col_edge in col_classes:
+            pixels = [i * width + j for i in rows for j in cols]
+            if row_edge and col_edge:
+                corners += pixels
+            else:
+                pixels = torch.tensor(pixels, dtype=torch.long)
+                groups.append(PatchGroup(pixels, pixels[None, :]))
+    if corners:
+        corners = torch.tensor(corners, dtype=torch.long)
         groups.append(PatchGroup(corners, corners[:, None]))
     return groups
 
@@ -73,15 +75,19 @@ class EquivariantLocalScore(LocalPatchDenoiser):
 
     Params = ElsParams
 
+    @classmethod
+    def check_fits(cls, params: ElsParams, size: int, sample_shape: tuple[int, int, int]) -> None:
+        _, height, width = sample_shape
+        if params.boundary == "circular" and size > min(height, width):
+            raise StudioError(f"els with boundary=circular needs patch_size <= the image size {height}x{width}, got "
+                              f"{size}; use boundary=broken (k >= H is then local_score) or local_score")
+
     def plan(self, size: int) -> Plan:
         _, height, width = self.store.sample_shape
         radius = size // 2
         window = WindowSpec((size, size), radius, "centre")
         if self.params.boundary == "broken":
             return Plan(window, broken_groups(height, width, radius))
-        if size > min(height, width):
-            raise StudioError(f"els with boundary=circular needs patch_size <= the image size {height}x{width}, got "
-                              f"{size}; use boundary=broken (k >= H is then local_score) or local_score")
         interior = torch.tensor([i * width + j for i in range(radius, height - radius)
                                  for j in range(radius, width - radius)], dtype=torch.long)
         return Plan(window, [PatchGroup(torch.arange(height * width), interior[None, :])])

@@ -112,8 +112,13 @@ class LocalPatchDenoiser(Denoiser):
         return self
 
     @classmethod
-    def check_schedule(cls, params: LocalPatchParams, timesteps: list[int]) -> None:
-        params.sizes_for(timesteps)
+    def check_schedule(cls, params: LocalPatchParams, timesteps: list[int], sample_shape: tuple[int, int, int]) -> None:
+        for size in set(params.sizes_for(timesteps).values()):
+            cls.check_fits(params, size, sample_shape)
+
+    @classmethod
+    def check_fits(cls, params: LocalPatchParams, size: int, sample_shape: tuple[int, int, int]) -> None:
+        """Refuse a patch size this method cannot use on images of this shape (default: every size works)."""
 
     def use_schedule(self, timesteps: list[int]) -> None:
         """Map sampling timesteps to patch sizes (needed for a list of sizes, one per step)."""
@@ -167,6 +172,7 @@ class LocalPatchDenoiser(Denoiser):
         """The plan at this size, its shared dictionaries deduplicated (once per size; kept for later calls)."""
         if size not in self._plans:
             self.params.check_size(size)
+            self.check_fits(self.params, size, self.store.sample_shape)
             plan = self.plan(size)
             merged = [g for g in plan.groups if g.shared and g.positions.shape[1] >= MIN_DEDUP_POSITIONS]
             uniques = unique_windows(self.store, self.images, plan.window, [g.positions for g in merged], DISTINCT_BYTES)

@@ -33,10 +33,14 @@ class PatchPosteriorComposite(LocalPatchDenoiser):
 
     Params = PspcParams
 
-    def plan(self, size: int) -> Plan:
-        _, height, width = self.store.sample_shape
+    @classmethod
+    def check_fits(cls, params: PspcParams, size: int, sample_shape: tuple[int, int, int]) -> None:
+        _, height, width = sample_shape
         if size > min(height, width):
             raise StudioError(f"pspc needs patch_size <= the image size {height}x{width}, got {size}")
+
+    def plan(self, size: int) -> Plan:
+        _, height, width = self.store.sample_shape
         anchors = torch.arange((height - size + 1) * (width - size + 1))
         return Plan(WindowSpec((size, size), 0, "window"), [PatchGroup(anchors, anchors[:, None])])
 
