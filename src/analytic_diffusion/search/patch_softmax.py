@@ -14,8 +14,11 @@ of a chunk are one batched matrix product per group of queries; every (sample, q
 maximum, normaliser and weighted sum (`StreamingSoftmax`), so the result does not depend on the chunking and no
 maximum is shared across a batch. Samples are processed one by one against each chunk and chunk sizes never
 depend on the batch, so a sample's result is bit-identical whatever batch it is in. Temporaries stay under
-BUDGET_BYTES whatever N. Logits are float32 while their rounding error stays below FLOAT32_LOGIT_NOISE and float64
-beyond (the late steps, where c is large), the same discipline as `optimal`.
+BUDGET_BYTES (chunk windows) and LOGIT_BLOCK (logits of one block) whatever N. Logits are float32 while their
+rounding error stays below FLOAT32_LOGIT_NOISE and float64 beyond (the late steps, where c is large), the same
+discipline as `optimal`. A shared dictionary whose windows repeat (backgrounds) can be given as its distinct
+windows with their counts (`unique_windows`, built once per patch size, at most DISTINCT_BYTES): exact, and
+proportionally fewer logits.
 """
 
 from __future__ import annotations
@@ -166,7 +169,9 @@ def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dty
     return max(1, min(LOGIT_BLOCK // logits, BUDGET_BYTES // (size * (unfolded + largest))))
 
 
-def choose_dtype(queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int) -> torch.dtype:
+def choose_dtype(
+    queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int
+) -> torch.dtype:
     """float32 when c (2 s |q| |phi| + s^2 |phi|^2) u32 < FLOAT32_LOGIT_NOISE for the largest windows, else float64
     (|phi| <= sqrt(D): model space is within [-1, 1]); float32 on MPS, which has no float64."""
     if queries.device.type == "mps":
@@ -244,7 +249,10 @@ def patch_softmax(
     scale = logit_scale(noise_variance, temperature)
     dtype = choose_dtype(queries, signal_scale, scale, window, channels)
     groups = split_groups(groups, LOGIT_BLOCK)
-    chunk = chunk_size or chunk_images(groups, window, store.sample_shape, dtype)
+    streamed = [g for g, group in enumerate(groups) if group.unique is None]  # the others use their distinct windows
+    chunk = chunk_size or 1
+    if chunk_size is None and streamed:
+        chunk = chunk_images([groups[g] for g in streamed], window, store.sample_shape, dtype)
     device = queries.device
     # per group and sample, the queries pre-multiplied by 2 s c: [G, rows, D] with G = 1 (shared) or L_g
     scaled = (queries.to(dtype) * (2 * signal_scale * scale)).transpose(1, 2)  # [B, L, D]
@@ -254,7 +262,6 @@ def patch_softmax(
         group_queries.append(picked[:, None] if group.shared else picked[:, :, None])
     states = [[_GroupState() for _ in range(batch)] for _ in groups]
     bias_scale = scale * signal_scale**2
-    streamed = [g for g, group in enumerate(groups) if group.unique is None]
     for g in range(len(groups)):
         if groups[g].unique is not None:
             span = groups[g].positions.shape[1]
