@@ -36,6 +36,7 @@ DISTINCT_BYTES = 256 << 20  # a shared dictionary is deduplicated when its disti
 MAX_DISTINCT_FRACTION = 0.8  # ... and when at most this fraction of the first chunk's windows are distinct
 MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
 BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
+MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (fewer make the products inefficient)
 LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
 # large enough that per-call overheads stay small (docs/local-patch.md)
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
@@ -139,7 +140,8 @@ def logit_scale(noise_variance: float, temperature: float) -> float:
 
 
 def split_groups(groups: list[PatchGroup], max_logits: int) -> list[PatchGroup]:
-    """Split groups so that one sample's logits against one image (L_g x S values) stay under `max_logits`."""
+    """Split groups so that one sample's logits against one image (L_g x S values, or L_g x 1 distinct window)
+    stay under `max_logits`."""
     out = []
     for group in groups:
         block = max(1, max_logits // group.positions.shape[1])
@@ -153,20 +155,21 @@ def split_groups(groups: list[PatchGroup], max_logits: int) -> list[PatchGroup]:
 
 
 def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dtype: torch.dtype) -> int:
-    """Images per chunk: one block of logits per (sample, group) within LOGIT_BLOCK, and the chunk's windows within
-    BUDGET_BYTES (never depends on the batch)."""
+    """Images per chunk (never dependent on the batch): large enough that the smallest group's block of logits
+    fills LOGIT_BLOCK, small enough that the chunk's windows stay within BUDGET_BYTES and that the widest group
+    still gets blocks of MIN_BLOCK_ROWS query rows (groups are then split to fit LOGIT_BLOCK)."""
     channels, height, width = sample_shape
     kh, kw = window.size
     depth = channels * kh * kw
     grid = (height + 2 * window.padding - kh + 1) * (width + 2 * window.padding - kw + 1)
     values = channels if window.value == "centre" else depth
     unfolded = depth * grid + grid  # one image's windows and their norms
-    # per group: its gathered windows, biases and values, and one sample's logits, weights and a temporary
-    largest = max(g.positions.numel() * (depth + values + 1) + 3 * g.locations.numel() * g.positions.shape[1]
-                  for g in groups)
+    gathered = max(g.positions.numel() for g in groups) * (depth + values + 1)  # a group's windows, biases, values
     size = torch.finfo(dtype).bits // 8
-    logits = max(g.locations.numel() * g.positions.shape[1] for g in groups)
-    return max(1, min(LOGIT_BLOCK // logits, BUDGET_BYTES // (size * (unfolded + largest))))
+    by_memory = BUDGET_BYTES // (size * (unfolded + gathered))
+    by_smallest = LOGIT_BLOCK // min(g.locations.numel() * g.positions.shape[1] for g in groups)
+    by_widest = LOGIT_BLOCK // (MIN_BLOCK_ROWS * max(g.positions.shape[1] for g in groups))
+    return max(1, min(by_memory, by_smallest, by_widest))
 
 
 def choose_dtype(
@@ -248,11 +251,11 @@ def patch_softmax(
         groups = [PatchGroup(group.locations, group.positions) for group in groups]
     scale = logit_scale(noise_variance, temperature)
     dtype = choose_dtype(queries, signal_scale, scale, window, channels)
-    groups = split_groups(groups, LOGIT_BLOCK)
-    streamed = [g for g, group in enumerate(groups) if group.unique is None]  # the others use their distinct windows
-    chunk = chunk_size or 1
-    if chunk_size is None and streamed:
-        chunk = chunk_images([groups[g] for g in streamed], window, store.sample_shape, dtype)
+    from_images = [group for group in groups if group.unique is None]  # the others use their distinct windows
+    chunk = chunk_size or (chunk_images(from_images, window, store.sample_shape, dtype) if from_images else 1)
+    groups = split_groups([g for g in groups if g.unique is not None], LOGIT_BLOCK) + split_groups(
+        from_images, max(1, LOGIT_BLOCK // chunk))
+    streamed = [g for g, group in enumerate(groups) if group.unique is None]
     device = queries.device
     # per group and sample, the queries pre-multiplied by 2 s c: [G, rows, D] with G = 1 (shared) or L_g
     scaled = (queries.to(dtype) * (2 * signal_scale * scale)).transpose(1, 2)  # [B, L, D]
