@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _config_arguments(commands.add_parser("generate", help="sample images with a method and write a run directory"))
     _config_arguments(commands.add_parser("config", help="print the resolved config without running anything"))
+    _config_arguments(commands.add_parser("calibrate", help="fit a local patch method's patch size per step to a "
+                                          "trained network (baseline.checkpoint=...)"), "els/mnist5k")
     _config_arguments(commands.add_parser("train-unet", help="train the UNet baseline (rerun to resume)"),
                       DEFAULT_TRAINING_CONFIG)
     commands.add_parser("list", help="list methods, datasets and configs")
@@ -107,6 +109,11 @@ def _run(args: argparse.Namespace) -> None:
         from .train_unet import summary, train_unet
 
         print(summary(*train_unet(cfg)))
+        return
+    if args.command == "calibrate":
+        from .calibrate import calibrate, summary
+
+        print(summary(calibrate(cfg)))
         return
     from .generate import generate, summary
 

@@ -23,6 +23,7 @@ from .devices import resolve_device, synchronize
 from .noise import batch_noise_sources
 from .runs import RunDirectory, save_grid, save_images, save_tensor
 from .mask_images import save_mask_images
+from .patch_images import save_patch_figure
 from .sampling import Step, make_scheduler, noise_level, sample, start_warning
 from .search import knn_search
 from .tracking import log_run, wandb_module
@@ -42,6 +43,7 @@ class TrajectoryRecorder:
     timesteps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     diagnostics: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    final_x_t: torch.Tensor | None = None  # the input of the last step seen (for the patch figure)
     _last: float = field(default_factory=time.perf_counter)
 
     def restart_clock(self) -> None:
@@ -59,6 +61,7 @@ class TrajectoryRecorder:
         self.timesteps.append(step.timestep)
         self.seconds.append(now - self._last)
         self.diagnostics.append({k: v.detach().cpu() for k, v in step.diagnostics.items()})
+        self.final_x_t = step.x_t.detach()
         if self.keep_images:
             self.x_t.append(step.x_t.detach().cpu())
             self.x0_hat.append(step.x0_hat.detach().cpu())
@@ -169,10 +172,12 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     request = StoreRequest(**asdict(cfg.dataset))
     store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
     baseline = load_baseline(cfg, store, device)  # a wrong file stops the run before its directory exists
+    scheduler = make_scheduler(cfg.sampling)
+    denoiser_class(cfg.model.name).check_schedule(cfg.model.params, scheduler.timesteps.tolist(), store.sample_shape)
     # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with more
     # lists than images, a baseline for other images) stops here and leaves nothing behind.
     denoiser, fit_seconds = build_denoiser(cfg, store, device)
-    scheduler = make_scheduler(cfg.sampling)
+    denoiser.use_schedule(scheduler.timesteps.tolist())
     comparison = build_comparison(cfg, baseline, scheduler)
     run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
@@ -236,6 +241,11 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         save_images(samples, run.path / "images")
     if cfg.output.masks and hasattr(denoiser, "mask"):
         _save_masks(denoiser, scheduler, run.path / "masks.png")
+    patches = None
+    if cfg.output.patches and hasattr(denoiser, "top_patches"):
+        final_x_t = torch.cat([r.final_x_t for r in recorders])
+        level = noise_level(scheduler, recorders[0].timesteps[-1])
+        patches = save_patch_figure(denoiser, final_x_t, samples, level, run.path / "patches.png")
     if cfg.output.intermediates:
         _save_intermediates(recorders, run.path / "intermediates", cfg.output.tensors)
     trajectory = _merge_batches(recorders)
@@ -259,6 +269,8 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         levels = [(t, noise_level(scheduler, t).alpha_bar) for t in scheduler.timesteps.tolist()]
         metrics["backbone"] = {**denoiser.backbone.describe(),
                                "schedule": timestep_mapping(denoiser.backbone.alphas_cumprod, levels)}
+    if patches is not None:
+        metrics["top_patches"] = patches
     if comparison is not None:
         compared = comparison.result()
         plot_comparison(compared, run.path / "comparison.png", method=cfg.model.name)

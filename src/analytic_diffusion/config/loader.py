@@ -182,6 +182,7 @@ def _validate(cfg: StudioConfig) -> None:
         "sampling.batch_size": cfg.sampling.batch_size,
         "sampling.num_inference_steps": cfg.sampling.num_inference_steps,
         "dataset.batch_size": cfg.dataset.batch_size,
+        "calibration.num_seeds": cfg.calibration.num_seeds,
     }
     for key, value in positive.items():
         if value < 1:

@@ -63,6 +63,7 @@ class OutputConfig:
     intermediates: bool = False  # intermediates/: x_t and x0_hat per step as image strips, and trajectory.pt
     tensors: bool = True  # samples.pt: final samples in model space
     masks: bool = True  # masks.png for methods with locality masks (pca_locality): a few pixels x timesteps
+    patches: bool = True  # patches.png for local patch methods (local_score, els, pspc): top training patch per pixel
     grid_columns: Optional[int] = None  # None = about square
 
 
@@ -83,6 +84,12 @@ class BaselineConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    num_seeds: int = 16  # trajectories of the network the patch size is fitted along
+    candidates: Optional[list[int]] = None  # patch sizes tried; None = 3, 5, ..., up to the image size
+
+
+@dataclass
 class TrainingSection(TrainingConfig):
     output_dir: str = "${paths.root}/unet/${experiment.name}"  # `ads train-unet` writes and resumes checkpoint.pt here
 
@@ -98,3 +105,4 @@ class StudioConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)  # generate: compare the method with a UNet
     training: TrainingSection = field(default_factory=TrainingSection)  # train-unet only
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # calibrate only

@@ -82,6 +82,14 @@ class Denoiser:
         """Compute whatever the method needs from the dataset; returns self."""
         return self
 
+    @classmethod
+    def check_schedule(cls, params: Any, timesteps: list[int], sample_shape: tuple[int, int, int]) -> None:
+        """Refuse parameters that cannot serve this schedule and image shape (e.g. one patch size per step, or a
+        patch larger than the image); called before a run directory exists."""
+
+    def use_schedule(self, timesteps: list[int]) -> None:
+        """Told the timesteps sampling will visit, for methods whose parameters vary per step."""
+
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise: NoiseSource | None = None) -> Denoised:
         """Estimate x_0 from x_t at the given noise level."""
         raise NotImplementedError

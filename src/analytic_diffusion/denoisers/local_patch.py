@@ -1,0 +1,226 @@
+"""What the local patch denoisers share (DESIGN.md §6): the patch-size schedule, fitting, and the diagnostics.
+
+Each method (`local_score`, `els`, `pspc`) says how it cuts the query windows of x_t and which training windows
+each one is compared with (`LocalPatchDenoiser.plan`); the streaming softmax itself is
+`search.patch_softmax.patch_softmax`. The patch size is an odd integer, one size per sampling step, or a
+calibration file written by `ads calibrate` ({"timesteps": [...], "patch_size": [...]}).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..data.store import DatasetStore
+from ..errors import StudioError
+from ..search.patch_softmax import (
+    DISTINCT_BYTES,
+    MIN_DEDUP_POSITIONS,
+    PatchGroup,
+    PatchSoftmaxResult,
+    WindowSpec,
+    patch_softmax,
+    unique_windows,
+)
+from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, check_temperature
+
+
+def read_calibration(path: str | Path) -> dict[int, int]:
+    """{timestep: patch size} from a calibration.json written by `ads calibrate`; a one-line StudioError otherwise."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "calibration.json"
+    try:
+        data = json.loads(path.read_text())
+        sizes = {int(t): int(k) for t, k in zip(data["timesteps"], data["patch_size"], strict=True)}
+    except FileNotFoundError:
+        raise StudioError(f"model.params.patch_size: no calibration file {path}; run `ads calibrate` or give a size") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StudioError(f"model.params.patch_size: {path} is not a calibration file from `ads calibrate` "
+                          f"({type(exc).__name__}: {exc})") from None
+    return sizes
+
+
+@dataclass
+class LocalPatchParams:
+    patch_size: Any = 3  # odd int; a list with one size per sampling step (in sampling order); or a calibration.json
+    temperature: float = 1.0  # tau: logits are -||Q_k(x_t, p) - sqrt(ab_t) phi||^2 / (2 (1 - ab_t) tau)
+    chunk_size: Optional[int] = None  # training images per streamed chunk; None = chosen from memory
+
+    odd_sizes = True  # pspc takes any positive square size
+
+    def __post_init__(self) -> None:
+        check_temperature(self.temperature)
+        check_chunk_size(self.chunk_size)
+        if isinstance(self.patch_size, str):
+            self.calibrated = read_calibration(self.patch_size)
+            for size in self.calibrated.values():
+                self.check_size(size)
+        elif isinstance(self.patch_size, (list, tuple)) and self.patch_size:
+            for size in self.patch_size:
+                self.check_size(size)
+        else:
+            self.check_size(self.patch_size)
+
+    def check_size(self, size: Any) -> None:
+        parity = "an odd" if self.odd_sizes else "a"
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or (self.odd_sizes and size % 2 == 0):
+            raise StudioError(f"model.params.patch_size must be {parity} positive integer, a list of them (one per "
+                              f"sampling step) or the path of a calibration.json; got {size!r}")
+
+    def sizes_for(self, timesteps: list[int]) -> dict[int, int]:
+        """{timestep: patch size} for a sampling schedule; a list must have one size per step, and a calibration
+        file must cover every timestep the schedule visits."""
+        if isinstance(self.patch_size, int):
+            return dict.fromkeys(timesteps, self.patch_size)
+        if isinstance(self.patch_size, (list, tuple)):
+            if len(self.patch_size) != len(timesteps):
+                raise StudioError(f"model.params.patch_size lists {len(self.patch_size)} sizes but sampling has "
+                                  f"{len(timesteps)} steps; give one size per step or a single size")
+            return dict(zip(timesteps, self.patch_size))
+        missing = [t for t in timesteps if t not in self.calibrated]
+        if missing:
+            raise StudioError(f"{self.patch_size} was calibrated at timesteps {sorted(self.calibrated, reverse=True)} "
+                              f"but sampling visits {missing}; rerun `ads calibrate` with the same sampling settings")
+        return {t: self.calibrated[t] for t in timesteps}
+
+
+@dataclass
+class Plan:
+    """One method's query windows and dictionary at one patch size, and how means become x0_hat."""
+
+    window: WindowSpec
+    groups: list[PatchGroup]
+
+
+class LocalPatchDenoiser(Denoiser):
+    """Common machinery: subclasses implement `plan(size)`, `queries(x_t, size)` and, when the values are not the
+    centre pixels, `assemble`."""
+
+    Params = LocalPatchParams
+
+    def fit(self, store: DatasetStore) -> LocalPatchDenoiser:
+        """Keep the compact images on the working device; nothing else is precomputed."""
+        self.store = store
+        self.images = store.images.to(self.device)
+        self.timestep_sizes: dict[int, int] | None = getattr(self.params, "calibrated", None)
+        self._plans: dict[int, Plan] = {}
+        return self
+
+    @classmethod
+    def check_schedule(cls, params: LocalPatchParams, timesteps: list[int], sample_shape: tuple[int, int, int]) -> None:
+        for size in set(params.sizes_for(timesteps).values()):
+            cls.check_fits(params, size, sample_shape)
+
+    @classmethod
+    def check_fits(cls, params: LocalPatchParams, size: int, sample_shape: tuple[int, int, int]) -> None:
+        """Refuse a patch size this method cannot use on images of this shape (default: every size works)."""
+
+    def use_schedule(self, timesteps: list[int]) -> None:
+        """Map sampling timesteps to patch sizes (needed for a list of sizes, one per step)."""
+        self.timestep_sizes = self.params.sizes_for(timesteps)
+
+    def patch_size(self, level: NoiseLevel) -> int:
+        """The patch size at this noise level."""
+        if isinstance(self.params.patch_size, int):
+            return self.params.patch_size
+        if self.timestep_sizes is None:
+            raise StudioError("a list of patch sizes needs the sampling schedule: call use_schedule(timesteps) first")
+        if level.timestep not in self.timestep_sizes:
+            raise StudioError(f"no patch size for timestep {level.timestep}; sizes are set for "
+                              f"{sorted(self.timestep_sizes, reverse=True)}")
+        return self.timestep_sizes[level.timestep]
+
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
+        return self.denoise_at_size(x_t, level, self.patch_size(level))
+
+    def denoise_at_size(self, x_t: torch.Tensor, level: NoiseLevel, size: int) -> Denoised:
+        """x0_hat [B, C, H, W] with patch size `size`, and per-sample diagnostics: the size, and the effective
+        number of patches 1 / sum w^2 averaged over the query locations."""
+        result = self.softmax(x_t, level, size)
+        x0_hat = self.assemble(result.mean, x_t.shape, size).to(x_t.dtype)
+        batch = x_t.shape[0]
+        diagnostics = {
+            "patch_size": torch.full((batch,), size, dtype=torch.int64),
+            "effective_patches": result.effective_count.mean(1).to(torch.float32),
+        }
+        return Denoised(x0_hat, diagnostics)
+
+    def softmax(self, x_t: torch.Tensor, level: NoiseLevel, size: int, locations: torch.Tensor | None = None,
+                track_top: bool = False) -> PatchSoftmaxResult:
+        """The patch softmax of every query location (or only `locations`) at this size."""
+        if not hasattr(self, "store"):
+            raise RuntimeError("call fit(store) before denoising")
+        if tuple(x_t.shape[1:]) != self.store.sample_shape:
+            raise ValueError(f"x_t has shape {tuple(x_t.shape[1:])}, the dataset's images {self.store.sample_shape}")
+        plan = self.cached_plan(size)
+        groups = plan.groups if locations is None else restrict(plan.groups, locations)
+        queries = self.queries(x_t, size)
+        if locations is not None:  # query columns in the order asked, the groups' locations renumbered to match
+            column = {loc: i for i, loc in enumerate(locations.tolist())}
+            queries = queries[:, :, locations.to(queries.device)]
+            groups = [PatchGroup(torch.tensor([column[loc] for loc in g.locations.tolist()]), g.positions, g.unique)
+                      for g in groups]
+        return patch_softmax(queries, self.store, self.images, plan.window, groups, level.signal_scale,
+                             self.params.temperature, level.noise_variance, self.params.chunk_size, track_top)
+
+    def cached_plan(self, size: int) -> Plan:
+        """The plan at this size, its shared dictionaries deduplicated (once per size; kept for later calls)."""
+        if size not in self._plans:
+            self.params.check_size(size)
+            self.check_fits(self.params, size, self.store.sample_shape)
+            plan = self.plan(size)
+            merged = [g for g in plan.groups if g.shared and g.positions.shape[1] >= MIN_DEDUP_POSITIONS]
+            uniques = unique_windows(self.store, self.images, plan.window, [g.positions for g in merged], DISTINCT_BYTES)
+            found = {id(g): u for g, u in zip(merged, uniques)}
+            groups = [PatchGroup(g.locations, g.positions, found.get(id(g))) for g in plan.groups]
+            self._plans[size] = Plan(plan.window, groups)
+        return self._plans[size]
+
+    def top_patches(self, x_t: torch.Tensor, level: NoiseLevel, locations: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For query `locations` (long [L]): the training window of largest weight, as image index and window
+        position [B, L], its top-left corner in its image [B, L, 2] (row, column; negative where zero-padded) and
+        the window itself [B, L, C, kh, kw] (model space)."""
+        size = self.patch_size(level)
+        plan = self.cached_plan(size)
+        result = self.softmax(x_t, level, size, locations, track_top=True)
+        kh, kw = plan.window.size
+        picked = self.store.gather(result.top_image.reshape(-1)).to(x_t.device)  # [B*L, C, H, W]
+        unfolded = torch.nn.functional.unfold(picked, (kh, kw), padding=plan.window.padding)  # [B*L, D, P]
+        index = result.top_position.reshape(-1, 1, 1).expand(-1, unfolded.shape[1], 1)
+        windows = unfolded.gather(2, index).reshape(*result.top_image.shape, self.store.sample_shape[0], kh, kw)
+        grid_width = self.store.sample_shape[2] + 2 * plan.window.padding - kw + 1
+        top_left = torch.stack([result.top_position // grid_width, result.top_position % grid_width], -1)
+        return {"image": result.top_image, "position": result.top_position, "window": windows, "size": size,
+                "top_left": top_left - plan.window.padding}
+
+    def pixel_location(self, row: int, column: int, size: int) -> int:
+        """The query location that denoises pixel (row, column): the pixel itself for centre-pixel methods."""
+        return row * self.store.sample_shape[2] + column
+
+    def plan(self, size: int) -> Plan:
+        raise NotImplementedError
+
+    def queries(self, x_t: torch.Tensor, size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def assemble(self, mean: torch.Tensor, shape: torch.Size, size: int) -> torch.Tensor:
+        """Centre-pixel methods: mean [B, H*W, C] is x0_hat."""
+        batch, channels, height, width = shape
+        return mean.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+def restrict(groups: list[PatchGroup], locations: torch.Tensor) -> list[PatchGroup]:
+    """The groups cut down to the given query locations (for looking at a few pixels only)."""
+    wanted = set(locations.tolist())
+    out = []
+    for group in groups:
+        keep = torch.tensor([loc in wanted for loc in group.locations.tolist()], dtype=torch.bool)
+        if keep.any():
+            positions = group.positions if group.shared else group.positions[keep]
+            out.append(PatchGroup(group.locations[keep], positions, group.unique))
+    return out

@@ -1,0 +1,67 @@
+"""The mosaic picture of a local patch method: for a few pixels of final samples, the training patch with the
+largest weight at the last step and where it came from (image index, position).
+
+Works with any fitted denoiser that has `top_patches(x_t, level, locations)`, `pixel_location(row, column, size)`,
+`patch_size(level)` and `store`, such as local_score, els and pspc.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .denoisers.base import NoiseLevel
+from .fileio import atomic_write
+from .mask_images import default_mask_pixels
+from .runs import to_unit_range
+
+COLOURS = ("tab:red", "tab:orange", "tab:green", "tab:cyan", "tab:purple", "tab:pink")
+
+
+def _show(axis, image: torch.Tensor) -> None:
+    picture = to_unit_range(image).permute(1, 2, 0)
+    axis.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def save_patch_figure(denoiser, x_t: torch.Tensor, samples: torch.Tensor, level: NoiseLevel, path: Path,
+                      pixels: list[int] | None = None, max_samples: int = 3) -> dict:
+    """One row per sample (up to `max_samples`): the sample with the chosen pixels marked, then per pixel the
+    training image whose window had the largest weight, the window outlined. Returns what it drew as a dict
+    (pixel, image index, window top-left) for metrics.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = min(max_samples, samples.shape[0])
+    _, height, width = denoiser.store.sample_shape
+    pixels = pixels if pixels is not None else default_mask_pixels(denoiser.store.sample_shape, 4)
+    size = denoiser.patch_size(level)
+    locations = torch.tensor([denoiser.pixel_location(p // width, p % width, size) for p in pixels])
+    top = denoiser.top_patches(x_t[:count], level, locations)
+    figure, axes = plt.subplots(count, 1 + len(pixels), figsize=(2.0 * (1 + len(pixels)), 2.2 * count), squeeze=False)
+    records = []
+    for n in range(count):
+        _show(axes[n, 0], samples[n])
+        axes[n, 0].set_title(f"sample {n}", fontsize=8)
+        for col, pixel in enumerate(pixels):
+            colour = COLOURS[col % len(COLOURS)]
+            row, column = divmod(pixel, width)
+            axes[n, 0].plot(column, row, "s", color=colour, markersize=4, fillstyle="none")
+            image = int(top["image"][n, col])
+            top_row, top_col = (int(v) for v in top["top_left"][n, col])
+            axis = axes[n, col + 1]
+            _show(axis, denoiser.store.gather(torch.tensor([image]))[0])
+            kh, kw = top["window"].shape[-2:]
+            axis.add_patch(plt.Rectangle((top_col - 0.5, top_row - 0.5), kw, kh, fill=False, color=colour, lw=1.5))
+            axis.set_title(f"px ({row},{column}) <- #{image} @ ({top_row},{top_col})", fontsize=7)
+            records.append({"sample": n, "pixel": [row, column], "train_index": image,
+                            "window_top_left": [top_row, top_col], "patch_size": size})
+    figure.suptitle(f"largest-weight training patch at t={level.timestep} (k={size})", fontsize=9)
+    figure.tight_layout()
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
+    return {"timestep": level.timestep, "patches": records}

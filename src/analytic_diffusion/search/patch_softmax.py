@@ -1,0 +1,342 @@
+"""One streaming patch softmax for every local patch denoiser (DESIGN.md §6): LS, ELS and PSPC.
+
+Each query window q (a C x kh x kw window of x_t, flattened to D values) is compared with a dictionary of training
+windows phi cut from every image of the store at a set of positions:
+
+    logit(q, phi) = -||q - s phi||^2 / (2 (1 - ab_t) tau) + const(q) = c (2 s q.phi - s^2 ||phi||^2)
+
+with s = sqrt(ab_t) and c = 1 / (2 (1 - ab_t) tau) (||q||^2 is the same for every phi and cancels). The answer
+per query is the softmax-weighted average of a value of each window: its centre pixel (LS, ELS) or the whole
+window (PSPC).
+
+Streaming: the store stays in its compact dtype and is decoded and unfolded chunk by chunk; the cross terms q.phi
+of a chunk are one batched matrix product per group of queries; every (sample, query) row keeps its own running
+maximum, normaliser and weighted sum (`StreamingSoftmax`), so the result does not depend on the chunking and no
+maximum is shared across a batch. Samples are processed one by one against each chunk and chunk sizes never
+depend on the batch, so a sample's result is bit-identical whatever batch it is in. Temporaries stay under
+BUDGET_BYTES (chunk windows) and LOGIT_BLOCK (logits of one block) whatever N. Logits are float32 while their
+rounding error stays below FLOAT32_LOGIT_NOISE and float64 beyond (the late steps, where c is large), the same
+discipline as `optimal`. A shared dictionary whose windows repeat (backgrounds) can be given as its distinct
+windows with their counts (`unique_windows`, built once per patch size, at most DISTINCT_BYTES): exact, and
+proportionally fewer logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..data.store import DatasetStore
+from .softmax import StreamingSoftmax
+
+DISTINCT_BYTES = 256 << 20  # a shared dictionary is deduplicated when its distinct windows fit in this
+MAX_DISTINCT_FRACTION = 0.8  # ... and when at most this fraction of the first chunk's windows are distinct
+MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
+BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
+MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (fewer make the products inefficient)
+LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
+# large enough that per-call overheads stay small (docs/local-patch.md)
+FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
+MAX_LOGIT_SCALE = 1e30  # c at ab_t = 1 (no noise): the nearest-window limit, kept finite
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How training windows are cut: F.unfold(images, size, padding=padding); the value of a window is its
+    centre pixel (C values, `value="centre"`, requires a grid of one window per pixel) or the window (D values)."""
+
+    size: tuple[int, int]  # (kh, kw)
+    padding: int = 0  # zero padding of the training images (model space 0: contributes nothing in either)
+    value: str = "centre"  # centre | window
+
+
+@dataclass
+class UniqueWindows:
+    """The distinct windows of a shared dictionary and how often each occurs (N (H - k + 1)^2 MNIST windows of
+    size 3 hold about 27% distinct ones: the background repeats). A window that occurs m times enters the softmax
+    once with logit + log m: the same weights, sums and 1 / sum w^2 as the full dictionary."""
+
+    windows: torch.Tensor  # [U, D] model space, float32
+    counts: torch.Tensor  # [U] float64 multiplicities
+    values: torch.Tensor  # [U, V] the value of each window (its centre pixel)
+
+
+def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec, position_sets: list[torch.Tensor],
+                   max_bytes: int, chunk: int = 256) -> list[UniqueWindows | None]:
+    """For each position set [1, S]: the distinct windows at those positions of every image, or None where they
+    are not worth it (more than MAX_DISTINCT_FRACTION distinct in the first chunk) or exceed `max_bytes`.
+    One unfold of each chunk of images serves every set."""
+    indices = [positions[0].to(images.device) for positions in position_sets]
+    parts: list[list | None] = [[] for _ in position_sets]
+    sizes = [0] * len(position_sets)
+    for start in range(0, store.num_images, chunk):
+        decoded = store.decode(images[start : start + chunk], torch.float32)
+        unfolded = F.unfold(decoded, window.size, padding=window.padding)
+        for i, index in enumerate(indices):
+            if parts[i] is None:
+                continue
+            rows = unfolded[:, :, index].transpose(1, 2).flatten(0, 1)
+            distinct, count = torch.unique(rows, dim=0, return_counts=True)
+            sizes[i] += distinct.numel() * distinct.element_size()
+            if sizes[i] > max_bytes or (start == 0 and distinct.shape[0] > MAX_DISTINCT_FRACTION * rows.shape[0]):
+                parts[i] = None
+                continue
+            parts[i].append((distinct, count.to(torch.float64)))
+        if all(part is None for part in parts):
+            break
+    channels = store.sample_shape[0]
+    kh, kw = window.size
+    centre = (torch.arange(channels) * kh * kw + (kh // 2) * kw + kw // 2).to(images.device)
+    out: list[UniqueWindows | None] = []
+    for part in parts:
+        if part is None:
+            out.append(None)
+            continue
+        kept, inverse = torch.unique(torch.cat([d for d, _ in part]), dim=0, return_inverse=True)
+        counts = torch.zeros(kept.shape[0], dtype=torch.float64, device=kept.device)
+        counts.index_add_(0, inverse, torch.cat([c for _, c in part]))
+        out.append(UniqueWindows(kept, counts, kept[:, centre]))
+    return out
+
+
+@dataclass(frozen=True)
+class PatchGroup:
+    """Query windows that share one dictionary rule.
+
+    `positions` are window positions in the training unfold (flat indices into its output grid). Shape [1, S]:
+    every query of the group is compared with the windows at these S positions of every image (ELS). Shape
+    [L_g, S]: query j of the group has its own positions, row j (LS, PSPC: the same place in every image).
+    """
+
+    locations: torch.Tensor  # long [L_g]: columns of the query unfold
+    positions: torch.Tensor  # long [1, S] or [L_g, S]
+    unique: UniqueWindows | None = None  # shared groups: the dictionary's distinct windows, when precomputed
+
+    @property
+    def shared(self) -> bool:
+        """One position list for the whole group (a group of one location is both)."""
+        return self.positions.shape[0] == 1
+
+
+@dataclass
+class PatchSoftmaxResult:
+    """Per sample b and query location l: the softmax mean of the values, 1 / sum w^2, and (optionally) the
+    window of largest weight as (image index, window position)."""
+
+    mean: torch.Tensor  # [B, L, V] in the logits' dtype
+    effective_count: torch.Tensor  # [B, L]
+    top_image: torch.Tensor | None = None  # long [B, L]
+    top_position: torch.Tensor | None = None  # long [B, L]
+    dtype: torch.dtype = torch.float32  # what the logits were computed in
+
+
+def logit_scale(noise_variance: float, temperature: float) -> float:
+    """c = 1 / (2 (1 - ab_t) tau), capped at MAX_LOGIT_SCALE."""
+    denominator = 2.0 * noise_variance * temperature
+    return MAX_LOGIT_SCALE if denominator <= 0 else min(1.0 / denominator, MAX_LOGIT_SCALE)
+
+
+def split_groups(groups: list[PatchGroup], max_logits: int) -> list[PatchGroup]:
+    """Split groups so that one sample's logits against one image (L_g x S values, or L_g x 1 distinct window)
+    stay under `max_logits`."""
+    out = []
+    for group in groups:
+        block = max(1, max_logits // group.positions.shape[1])
+        if group.locations.numel() <= block:
+            out.append(group)
+            continue
+        for start in range(0, group.locations.numel(), block):
+            positions = group.positions if group.shared else group.positions[start : start + block]
+            out.append(PatchGroup(group.locations[start : start + block], positions, group.unique))
+    return out
+
+
+def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dtype: torch.dtype) -> int:
+    """Images per chunk (never dependent on the batch): large enough that the smallest group's block of logits
+    fills LOGIT_BLOCK, small enough that the chunk's windows stay within BUDGET_BYTES and that the widest group
+    still gets blocks of MIN_BLOCK_ROWS query rows (groups are then split to fit LOGIT_BLOCK)."""
+    channels, height, width = sample_shape
+    kh, kw = window.size
+    depth = channels * kh * kw
+    grid = (height + 2 * window.padding - kh + 1) * (width + 2 * window.padding - kw + 1)
+    values = channels if window.value == "centre" else depth
+    unfolded = depth * grid + grid  # one image's windows and their norms
+    gathered = max(g.positions.numel() for g in groups) * (depth + values + 1)  # a group's windows, biases, values
+    size = torch.finfo(dtype).bits // 8
+    by_memory = BUDGET_BYTES // (size * (unfolded + gathered))
+    by_smallest = LOGIT_BLOCK // min(g.locations.numel() * g.positions.shape[1] for g in groups)
+    by_widest = LOGIT_BLOCK // (MIN_BLOCK_ROWS * max(g.positions.shape[1] for g in groups))
+    return max(1, min(by_memory, by_smallest, by_widest))
+
+
+def choose_dtype(
+    queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int
+) -> torch.dtype:
+    """float32 when c (2 s |q| |phi| + s^2 |phi|^2) u32 < FLOAT32_LOGIT_NOISE for the largest windows, else float64
+    (|phi| <= sqrt(D): model space is within [-1, 1]); float32 on MPS, which has no float64."""
+    if queries.device.type == "mps":
+        return torch.float32
+    depth = channels * window.size[0] * window.size[1]
+    q_norm = queries.double().square().sum(1).max().sqrt().item() if queries.numel() else 0.0
+    phi_norm = math.sqrt(depth)
+    magnitude = 2 * signal_scale * q_norm * phi_norm + signal_scale**2 * phi_norm**2
+    noise = scale * torch.finfo(torch.float32).eps * magnitude
+    return torch.float32 if noise < FLOAT32_LOGIT_NOISE else torch.float64
+
+
+class BlockSoftmax(StreamingSoftmax):
+    """`StreamingSoftmax` (same state, same `mean()` and `effective_count()`) with the passes over one block fused
+    in place: the logits become the weights, and one matrix product with [values | 1] gives the weighted sum and
+    the normaliser together. Logits must be finite."""
+
+    def __init__(self) -> None:
+        super().__init__(track_concentration=True)
+
+    def add(self, logits: torch.Tensor, values: torch.Tensor, inverse_counts: torch.Tensor | None = None) -> None:
+        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones; `inverse_counts` [M]: 1 / m
+        of windows that stand for m copies (their logits include + log m), so that squares count every copy."""
+        chunk_max = logits.amax(-1)
+        new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
+        # floor as in StreamingSoftmax: no subnormal weights (they slow the CPU down 20-50x), error < M e^-43
+        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
+        weights = logits.sub_(new_max[..., None]).clamp_(min=floor).exp_()
+        # one group (G = 1): a GEMM against the transposed values is ~3x faster on CPUs than bmm's skinny output
+        sums = F.linear(weights[0], values[0])[None] if weights.shape[0] == 1 else torch.bmm(weights, values.mT)
+        squares = torch.linalg.vecdot(weights, weights if inverse_counts is None else weights * inverse_counts)
+        if self.max is None:
+            self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
+        else:
+            rescale = torch.exp(self.max - new_max)
+            self.numerator = self.numerator * rescale[..., None] + sums[..., :-1]
+            self.total = self.total * rescale + sums[..., -1]
+            self.squares = self.squares * rescale.square() + squares
+        self.max = new_max
+
+
+@dataclass
+class _GroupState:
+    """The streaming softmax of one (group, sample) and the running best window."""
+
+    softmax: BlockSoftmax = field(default_factory=BlockSoftmax)
+    top_image: torch.Tensor | None = None
+    top_position: torch.Tensor | None = None
+
+
+def patch_softmax(
+    queries: torch.Tensor,
+    store: DatasetStore,
+    images: torch.Tensor,
+    window: WindowSpec,
+    groups: list[PatchGroup],
+    signal_scale: float,
+    temperature: float,
+    noise_variance: float,
+    chunk_size: int | None = None,
+    track_top: bool = False,
+) -> PatchSoftmaxResult:
+    """Softmax-weighted values of the training windows for every query window, streamed over the store.
+
+    queries: [B, D, L] query windows (the columns of an unfold of x_t); `images`: the store's compact images on
+    the working device ([N, C, H, W], decoded chunk by chunk); groups: which windows each query is compared with
+    (together they must cover each query location once). Returns means [B, L, V] (V = C for centre values, D for
+    window values). DESIGN.md §6; Kamb & Ganguli (arXiv 2412.20292) eq. for the ELS machine, Niedoba et al.
+    (arXiv 2411.19339) for the patch posterior.
+    """
+    batch, depth, num_locations = queries.shape
+    channels, height, width = store.sample_shape
+    if track_top:  # the best single window needs every copy with its own (image, position)
+        groups = [PatchGroup(group.locations, group.positions) for group in groups]
+    scale = logit_scale(noise_variance, temperature)
+    dtype = choose_dtype(queries, signal_scale, scale, window, channels)
+    from_images = [group for group in groups if group.unique is None]  # the others use their distinct windows
+    chunk = chunk_size or (chunk_images(from_images, window, store.sample_shape, dtype) if from_images else 1)
+    groups = split_groups([g for g in groups if g.unique is not None], LOGIT_BLOCK) + split_groups(
+        from_images, max(1, LOGIT_BLOCK // chunk))
+    streamed = [g for g, group in enumerate(groups) if group.unique is None]
+    device = queries.device
+    # per group and sample, the queries pre-multiplied by 2 s c: [G, rows, D] with G = 1 (shared) or L_g
+    scaled = (queries.to(dtype) * (2 * signal_scale * scale)).transpose(1, 2)  # [B, L, D]
+    group_queries = []
+    for group in groups:
+        picked = scaled[:, group.locations.to(device)]  # [B, L_g, D]
+        group_queries.append(picked[:, None] if group.shared else picked[:, :, None])
+    states = [[_GroupState() for _ in range(batch)] for _ in groups]
+    bias_scale = scale * signal_scale**2
+    for g in range(len(groups)):
+        if groups[g].unique is not None:
+            span = groups[g].positions.shape[1]
+            rows = chunk_size * span if chunk_size else max(1, LOGIT_BLOCK // groups[g].locations.numel())
+            _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype)
+    for start in range(0, store.num_images if streamed else 0, chunk):
+        decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
+        count = decoded.shape[0]
+        unfolded = F.unfold(decoded, window.size, padding=window.padding)  # [K, D, P]
+        norms = unfolded.square().sum(1)  # [K, P]
+        values = decoded.flatten(2) if window.value == "centre" else unfolded  # [K, V, P]
+        for g in streamed:
+            group = groups[g]
+            positions = group.positions.to(device)  # [G, S]
+            span = positions.shape[1]
+            # [G, D, K*S] windows, [G, K*S] biases, [G, K*S, V] values; column j = image j // S, position j % S
+            phi = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(positions.shape[0], depth, count * span)
+            bias = (norms[:, positions] * bias_scale).permute(1, 0, 2).reshape(positions.shape[0], 1, count * span)
+            vals = values[:, :, positions].permute(2, 1, 0, 3).reshape(positions.shape[0], -1, count * span)
+            vals = torch.cat([vals, vals.new_ones(vals.shape[0], 1, vals.shape[2])], 1)  # [G, V + 1, K*S]
+            for b in range(batch):
+                logits = torch.baddbmm(bias, group_queries[g][b], phi, beta=-1.0)  # [G, rows, K*S]
+                state = states[g][b]
+                if track_top:
+                    _track_top(state, logits, start, span, positions)
+                state.softmax.add(logits, vals)
+    return _assemble(groups, states, batch, num_locations, dtype, track_top)
+
+
+def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_GroupState], rows: int,
+                   bias_scale: float, dtype: torch.dtype) -> None:
+    """One shared group against its distinct windows, `rows` windows per chunk: logits + log m, squares / m."""
+    for start in range(0, unique.windows.shape[0], rows):
+        phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
+        counts = unique.counts[start : start + rows]
+        bias = (phi.square().sum(1) * bias_scale - counts.log().to(dtype))[None, None]  # [1, 1, M]
+        vals = torch.cat([unique.values[start : start + rows].to(dtype).T, phi.new_ones(1, phi.shape[0])])[None]
+        inverse = counts.reciprocal().to(dtype)
+        phi_t = phi.T[None]  # [1, D, M]
+        for b, state in enumerate(states):
+            logits = torch.baddbmm(bias, queries[b], phi_t, beta=-1.0)
+            state.softmax.add(logits, vals, inverse)
+
+
+def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, positions: torch.Tensor) -> None:
+    """Keep the (image, position) of the largest logit so far per row (the earliest on ties)."""
+    best = logits.argmax(-1)  # [G, rows]
+    chunk_max = logits.gather(-1, best[..., None])[..., 0]
+    image = start + best // span
+    position = positions.gather(1, best % span)
+    if state.top_image is None:
+        state.top_image, state.top_position = image, position
+    else:
+        better = chunk_max > state.softmax.max
+        state.top_image = torch.where(better, image, state.top_image)
+        state.top_position = torch.where(better, position, state.top_position)
+
+
+def _assemble(groups, states, batch, num_locations, dtype, track_top) -> PatchSoftmaxResult:
+    """Scatter every (group, sample) state back to [B, L, ...] by query location."""
+    first = states[0][0].softmax.mean()
+    device = first.device
+    mean = torch.empty(batch, num_locations, first.shape[-1], dtype=dtype, device=device)
+    effective = torch.empty(batch, num_locations, dtype=dtype, device=device)
+    top_image = torch.empty(batch, num_locations, dtype=torch.long, device=device) if track_top else None
+    top_position = torch.empty_like(top_image) if track_top else None
+    for group, group_states in zip(groups, states):
+        where = group.locations.to(device)
+        for b, state in enumerate(group_states):
+            mean[b, where] = state.softmax.mean().reshape(where.numel(), -1)
+            effective[b, where] = state.softmax.effective_count().reshape(-1)
+            if track_top:
+                top_image[b, where] = state.top_image.reshape(-1)
+                top_position[b, where] = state.top_position.reshape(-1)
+    return PatchSoftmaxResult(mean, effective, top_image, top_position, dtype)
