@@ -24,17 +24,12 @@ from .denoisers.unet import UNetDenoiser, UNetParams
 from .devices import resolve_device
 from .errors import StudioError
 from .fileio import atomic_write
+from .metrics.agreement import eps_cosine
 from .noise import batch_noise_sources
 from .runs import RunDirectory
 from .sampling import Step, epsilon_from_x0, make_scheduler, noise_level, sample
-from .unet.checkpoint import existing_checkpoint
 
 log = logging.getLogger("analytic_diffusion")
-
-
-def eps_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of two eps per sample [B] over all C*H*W values, in float64 (DESIGN.md §8 `eps_cosine`)."""
-    return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1)
 
 
 def default_candidates(sample_shape: tuple[int, int, int], odd: bool = True) -> list[int]:
@@ -66,7 +61,6 @@ def calibrate(cfg: StudioConfig) -> CalibrationResult:
         raise StudioError(f"ads calibrate fits the patch size of local_score, els or pspc, not '{cfg.model.name}'")
     if not cfg.baseline.checkpoint:
         raise StudioError("ads calibrate needs the trained network: baseline.checkpoint=<checkpoint file or folder>")
-    existing_checkpoint(cfg.baseline.checkpoint)
     device = resolve_device(cfg.experiment.device)
     store, _ = load_or_build_store(StoreRequest(**asdict(cfg.dataset)), Path(cfg.paths.datasets), Path(cfg.paths.cache))
     candidates = cfg.calibration.candidates or default_candidates(store.sample_shape, cls.Params.odd_sizes)
@@ -76,7 +70,7 @@ def calibrate(cfg: StudioConfig) -> CalibrationResult:
     for size in candidates:
         cls.check_fits(params, size, store.sample_shape)  # e.g. circular ELS beyond the image: before the run dir
     method = cls(params, device).fit(store)
-    network = UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)
+    network = UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)  # any backbone format, checked
     scheduler = make_scheduler(cfg.sampling)
     timesteps = scheduler.timesteps.tolist()
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name,
