@@ -29,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     _config_arguments(commands.add_parser("config", help="print the resolved config without running anything"))
     _config_arguments(commands.add_parser("train-unet", help="train the UNet baseline (rerun to resume)"),
                       DEFAULT_TRAINING_CONFIG)
+    analysis = commands.add_parser(
+        "memorization", help="which training images samples copy: d1, d2, d1/d2 and neighbour figures")
+    analysis.add_argument("images", help="a run directory, a sweep folder, a folder of images or a .pt/.npy/.npz "
+                                         "tensor (uint8 pixels or model-space floats)")
+    analysis.add_argument("-c", "--config", default=None,
+                          help="config whose dataset is the training set (default: the run's own config.yaml, "
+                               f"else {DEFAULT_CONFIG})")
+    analysis.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. memorization.reference_size=500")
     commands.add_parser("list", help="list methods, datasets and configs")
     return parser
 
@@ -49,6 +57,12 @@ def _run(args: argparse.Namespace) -> None:
         print("methods: " + ", ".join(sorted(DENOISERS)))
         print("datasets: " + ", ".join(sorted(DATASETS)))
         print("configs: " + ", ".join(available_configs()))
+        return
+    if args.command == "memorization":
+        from .memorization import memorization, summary
+
+        _setup_logging("info")
+        print(summary(memorization(args.images, args.config, args.overrides, fallback_config=DEFAULT_CONFIG)))
         return
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
