@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import StudioConfig, load_config
-from .data.samples import SampleInput, SampleSet, find_sample_inputs, load_samples
+from .data.samples import SampleInput, SampleSet, find_sample_inputs, load_samples, with_channels
 from .data.store import DatasetStore, StoreRequest, load_or_build_store
 from .devices import resolve_device
 from .errors import StudioError
@@ -105,9 +105,10 @@ def _check_shape(samples: SampleSet, store: DatasetStore, cfg: StudioConfig) -> 
 
 def _prepare(found: SampleInput, config: str | None, fallback: str, overrides: list[str]) -> _Prepared:
     cfg = load_config(config or found.config or fallback, overrides)
+    samples = load_samples(found)  # bad files stop here, before the (slower) dataset
     store, info = load_or_build_store(StoreRequest(**asdict(cfg.dataset)), Path(cfg.paths.datasets),
                                       Path(cfg.paths.cache))
-    samples = load_samples(found, store.sample_shape[0])
+    samples = with_channels(samples, store.sample_shape[0])
     _check_shape(samples, store, cfg)
     reference_store = None
     if _reference_kind(cfg) == "test_split":

@@ -82,13 +82,22 @@ def find_sample_inputs(path: Path) -> list[SampleInput]:
     return [SampleInput("folder", path, files)]
 
 
-def load_samples(found: SampleInput, channels: int) -> SampleSet:
-    """Read one input as model-space images; image files come as `channels` (1 or 3) where that is lossless."""
+def load_samples(found: SampleInput) -> SampleSet:
+    """Read one input as model-space images [N, C, H, W]. Image files: grey (C = 1) when every file is grey or
+    RGB with three equal channels, else colour with grey files repeated to RGB."""
     if found.kind == "run":
         return SampleSet(found, _model_space(_load_torch(found.path / "samples.pt"), found.path / "samples.pt"))
     if found.kind == "folder":
-        return _image_folder(found, channels)
+        return _image_folder(found)
     return _tensor_file(found)
+
+
+def with_channels(samples: SampleSet, channels: int) -> SampleSet:
+    """Grey image files as RGB (channels repeated, lossless) when the training set is colour; anything else as is
+    (tensors are never converted; a mismatch is for the caller to report)."""
+    if samples.input.kind == "folder" and samples.images.shape[1] == 1 and channels == 3:
+        return SampleSet(samples.input, samples.images.repeat(1, 3, 1, 1), samples.files)
+    return samples
 
 
 def _load_torch(path: Path) -> np.ndarray | torch.Tensor:
@@ -156,9 +165,8 @@ def decode_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32).div_(255).sub_(0.5).div_(0.5)
 
 
-def _pixels(image: Image.Image, path: Path, channels: int) -> np.ndarray:
-    """uint8 [C, H, W] of a decoded file, opaque only: C = `channels` where that loses nothing (grey repeated to
-    RGB; RGB with three equal channels to grey), else the file's own (1 grey, 3 colour)."""
+def _pixels(image: Image.Image, path: Path) -> np.ndarray:
+    """uint8 [C, H, W] of a decoded file, opaque only: C = 1 for grey and for RGB with three equal channels, else 3."""
     if image.mode.startswith("I;16"):  # 16-bit grey, scaled 0..65535 -> 0..255 as the dataset store does
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
     if image.mode in ("I", "F"):
@@ -174,21 +182,19 @@ def _pixels(image: Image.Image, path: Path, channels: int) -> np.ndarray:
     image = image.convert("L" if image.mode in ("1", "L", "LA") else "RGB")
     array = np.asarray(image, dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    if channels == 3 and array.shape[0] == 1:
-        return np.repeat(array, 3, axis=0)
-    if channels == 1 and array.shape[0] == 3 and (array == array[:1]).all():
-        return array[:1]
-    return array
+    return array[:1] if array.shape[0] == 3 and (array == array[:1]).all() else array
 
 
-def _image_folder(found: SampleInput, channels: int) -> SampleSet:
+def _image_folder(found: SampleInput) -> SampleSet:
     """Every image file under the folder, recursively, in sorted path order, each decoded without resizing."""
     files, arrays = found.files or [], []
     for file in files:
-        array = _pixels(_pil_loader(file), file, channels)
-        if arrays and array.shape != arrays[0].shape:
-            raise StudioError(f"{file} has shape {array.shape} (C, H, W) but {files[0]} has {arrays[0].shape}; "
-                              "the images of one folder must share a size and channels")
+        array = _pixels(_pil_loader(file), file)
+        if arrays and array.shape[1:] != arrays[0].shape[1:]:
+            raise StudioError(f"{file} is {array.shape[2]}x{array.shape[1]} pixels but {files[0]} is "
+                              f"{arrays[0].shape[2]}x{arrays[0].shape[1]}; the images of one folder must share a size")
         arrays.append(array)
+    if any(a.shape[0] == 3 for a in arrays):
+        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
     pixels = torch.from_numpy(np.stack(arrays))
     return SampleSet(found, decode_pixels(pixels), [str(f.relative_to(found.path)) for f in files])
