@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -288,3 +289,25 @@ def test_optimal_copies_and_wiener_does_not(dataset):
         fractions[method] = result.analyses[0].summary["samples"]["memorized_fraction"]
         fractions["reference"] = result.analyses[0].summary["reference"]["memorized_fraction"]
     assert fractions["optimal"] >= 0.9 and fractions["wiener"] <= 0.05 and fractions["reference"] <= 0.05
+
+
+@pytest.mark.parametrize("override, message", [
+    ("memorization.threshold=0", "memorization.threshold"),
+    ("memorization.threshold=1.5", "(0, 1]"),
+    ("memorization.reference=test_split", "did you mean 'test'"),
+    ("memorization.reference_size=0", "memorization.reference_size"),
+    ("memorization.num_neighbour=3", "did you mean 'memorization.num_neighbors'"),
+])
+def test_memorization_config_is_checked(override, message):
+    from analytic_diffusion.errors import StudioError
+
+    with pytest.raises(StudioError, match=re.escape(message)):
+        load_config("nearest_dataset/mnist5k", [override])
+
+
+def test_reference_test_split_needs_a_dataset_that_has_one(tmp_path, capsys, dataset):
+    np.save(tmp_path / "s.npy", np.zeros((2, 28, 28), np.uint8))
+    before = _analysis_dirs()
+    assert main(["memorization", str(tmp_path / "s.npy"), *dataset, "memorization.reference=test"]) == 2
+    assert "memorization.reference=leave_one_out" in capsys.readouterr().err
+    assert _analysis_dirs() == before
