@@ -311,3 +311,16 @@ def test_reference_test_split_needs_a_dataset_that_has_one(tmp_path, capsys, dat
     assert main(["memorization", str(tmp_path / "s.npy"), *dataset, "memorization.reference=test"]) == 2
     assert "memorization.reference=leave_one_out" in capsys.readouterr().err
     assert _analysis_dirs() == before
+
+
+def test_generate_with_one_training_image_has_no_second_neighbour(tmp_path):
+    from analytic_diffusion.generate import summary
+
+    np.save(tmp_path / "one.npy", np.full((1, 6, 6), 200, np.uint8))
+    result = generate(load_config("nearest_dataset/mnist5k", [*FAST, "dataset.name=array",
+                                                              f"dataset.path={tmp_path / 'one.npy'}",
+                                                              "sampling.num_samples=2"]))
+    record = result.metrics["samples"][0]
+    assert record["nearest_train_index"] == 0 and record["d2"] is None and record["memorized"] is None
+    assert result.metrics["memorization"] is None and "Memorized" not in summary(result)
+    json.loads((result.run_dir / "metrics.json").read_text(), parse_constant=pytest.fail)  # no NaN or Infinity
