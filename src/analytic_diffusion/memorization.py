@@ -139,7 +139,8 @@ def _reference(prepared: _Prepared, device: torch.device) -> Reference:
         distances, indices = exclude_self(found.distances, found.indices, picks.to(found.indices.device))
         kind = "leave_one_out"
     nearest = store.gather(indices[:, 0], device)
-    return Reference(kind, picks, memorization_metrics(images, nearest, distances, indices, threshold))
+    metrics = memorization_metrics(images, nearest, distances, indices, threshold)
+    return Reference(kind, picks, {key: value.cpu() for key, value in metrics.items()})
 
 
 def _csv(metrics: dict[str, torch.Tensor], files: list[str] | None) -> str:
