@@ -25,7 +25,7 @@ from memory_probe import peak_extra_mib
 
 from analytic_diffusion.data.store import DatasetStore
 from analytic_diffusion.search.cdist_index import CdistIndex
-from analytic_diffusion.search.knn import QUERY_DIGITS, KnnIndex, _u8s8_gemm, _u8s8_gemm_is_exact
+from analytic_diffusion.search.knn import QUERY_DIGITS, KnnIndex, _u8s8_gemm, exact_digit_bits
 
 SHAPES = {"mnist": (60_000, (1, 28, 28)), "cifar": (50_000, (3, 32, 32)), "celeba": (30_000, (3, 64, 64))}
 
@@ -60,9 +60,11 @@ def roofline() -> dict[str, float]:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     fp32 = 2 * 2048**3 / median_ms(lambda: torch.mm(a, b), 5) / 1e6
     int8 = float("nan")
-    if _u8s8_gemm_is_exact(2048):
+    bits = exact_digit_bits(2048)
+    if bits:
         u = torch.randint(0, 256, (4096, 2048), dtype=torch.uint8)
-        packed = torch.ops.onednn.qlinear_prepack(torch.randint(-128, 128, (512, 2048), dtype=torch.int8), None)
+        half = 1 << (bits - 1)
+        packed = torch.ops.onednn.qlinear_prepack(torch.randint(-half, half, (512, 2048), dtype=torch.int8), None)
         int8 = 2 * 4096 * 2048 * 512 / median_ms(lambda: _u8s8_gemm(u, packed, torch.ones(512)), 5) / 1e6
     buffer = torch.randint(0, 256, (1 << 30,), dtype=torch.uint8)
     bandwidth = (1 << 30) / median_ms(lambda: buffer.max(), 3) / 1e6

@@ -12,9 +12,9 @@ from analytic_diffusion.denoisers import NoiseLevel
 from analytic_diffusion.denoisers.nearest_dataset import NearestDataset, NearestDatasetParams
 from analytic_diffusion.errors import StudioError
 from analytic_diffusion.search import KnnIndex, build_index, knn_search
-from analytic_diffusion.search.knn import SAFETY, _u8s8_gemm_is_exact
+from analytic_diffusion.search.knn import SAFETY, exact_digit_bits
 
-SCORERS = ["integer", "float"] if _u8s8_gemm_is_exact(64) else ["float"]
+SCORERS = ["integer", "float"] if exact_digit_bits(64) else ["float"]
 
 
 def brute_force(queries: torch.Tensor, store: DatasetStore, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +121,28 @@ def test_score_error_stays_within_its_bound(scorer):
     index = KnnIndex(store, scorer=scorer)
     y = store.model_space(dtype=torch.float64).reshape(300, -1)
     d = torch.stack([(y - row).square().sum(1) for row in x])
-    for retry in (False, True):  # the integer scorer uses more query digits on retries
-        prepared = index.scorer.prepare(x, retry)
-        s_hat = index.scorer.scores(index.images, index.norms32, prepared).t().to(torch.float64)
-        spread = (s_hat - d).amax(1) - (s_hat - d).amin(1)
-        assert (spread <= 2 * prepared.error / SAFETY).all()
+    widths = sorted({7, index.scorer.digit_bits}) if scorer == "integer" else [None]  # 7: the AVX2 digits
+    for bits in widths:
+        if bits is not None:
+            index.scorer.digit_bits = bits
+        for retry in (False, True):  # the integer scorer uses more query digits on retries
+            prepared = index.scorer.prepare(x, retry)
+            s_hat = index.scorer.scores(index.images, index.norms32, prepared).t().to(torch.float64)
+            spread = (s_hat - d).amax(1) - (s_hat - d).amin(1)
+            assert (spread <= 2 * prepared.error / SAFETY).all()
+
+
+@pytest.mark.skipif(exact_digit_bits(64) is None, reason="no exact uint8 x int8 GEMM on this CPU")
+@pytest.mark.parametrize("bits", [7, 8])
+def test_integer_scorer_digit_widths_equal_brute_force(bits):
+    """7-bit digits (what AVX2 CPUs without VNNI get) and 8-bit ones where the GEMM is exact for them."""
+    if exact_digit_bits(64) < bits:
+        pytest.skip("8-bit digits saturate this CPU's GEMM")
+    store, queries = planted_ties_store()
+    index = KnnIndex(store, scorer="integer", chunk_size=64)
+    index.scorer.digit_bits = bits
+    assert_matches_brute_force(index, queries, store, 10)
+    assert_matches_brute_force(index, queries, store, 45)  # beyond the 41 copies: the retry path
 
 
 def test_memory_mapped_store_gives_identical_results(tmp_path):

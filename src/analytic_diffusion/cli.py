@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
                                           "trained network (baseline.checkpoint=...)"), "els/mnist5k")
     _config_arguments(commands.add_parser("train-unet", help="train the UNet baseline (rerun to resume)"),
                       DEFAULT_TRAINING_CONFIG)
+    analysis = commands.add_parser(
+        "memorization", help="which training images samples copy: d1, d2, d1/d2 and neighbour figures")
+    analysis.add_argument("images", help="a run directory, a sweep folder, a folder of images or a .pt/.npy/.npz "
+                                         "tensor (uint8 pixels or model-space floats)")
+    analysis.add_argument("-c", "--config", default=None,
+                          help="config whose dataset is the training set (default: the run's own config.yaml, "
+                               f"else {DEFAULT_CONFIG})")
+    analysis.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. memorization.reference_size=500")
     commands.add_parser("list", help="list methods, datasets and configs")
     sweep = commands.add_parser("sweep", help="every method x dataset x grid from the same noise: runs, figure, table")
     sweep.add_argument("-c", "--config", default=None,
@@ -100,6 +108,12 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "cache":
         _cache(args)
         return
+    if args.command == "memorization":
+        from .memorization import memorization, summary
+
+        _setup_logging("info")
+        print(summary(memorization(args.images, args.config, args.overrides, fallback_config=DEFAULT_CONFIG)))
+        return
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print(to_yaml(cfg), end="")
@@ -155,7 +169,12 @@ def _cache(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `ads` and `python -m analytic_diffusion`; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # overrides after an option (`images -c x a=b`) come back as extra
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         _run(args)
     except StudioError as exc:

@@ -24,6 +24,7 @@ from .noise import batch_noise_sources
 from .runs import RunDirectory, save_grid, save_images, save_tensor
 from .mask_images import save_mask_images
 from .patch_images import save_patch_figure
+from .metrics.memorization import memorization_metrics, summarize
 from .sampling import Step, make_scheduler, noise_level, sample, start_warning
 from .search import knn_search
 from .tracking import log_run, wandb_module
@@ -131,19 +132,33 @@ def _merge_batches(recorders: list[TrajectoryRecorder]) -> dict[str, Any]:
     return {"steps": steps}
 
 
-def _sample_records(samples: torch.Tensor, store: DatasetStore, final: dict[str, torch.Tensor]) -> list[dict]:
-    """Per sample: the nearest training image of the final sample (provenance) and the method's final diagnostics."""
-    nearest = knn_search(samples, store, k=1)
+def _sample_records(
+    samples: torch.Tensor, store: DatasetStore, final: dict[str, torch.Tensor], threshold: float
+) -> tuple[list[dict], dict | None]:
+    """Per sample: the nearest training image of the final sample (provenance), its memorization statistics (d2,
+    ratio = d1/d2, memorized, nn_cosine, second_train_index; None with a one-image dataset) and the method's final
+    diagnostics; and their summary over samples. One exact k = 2 search."""
+    found = knn_search(samples, store, k=2)
+    memorization = None
+    if found.indices.shape[1] == 2:
+        nearest = store.gather(found.indices[:, 0], samples.device)
+        memorization = memorization_metrics(samples, nearest, found.distances, found.indices, threshold)
     records = []
     for i in range(samples.shape[0]):
         record = {
             "sample": i,
-            "nearest_train_index": int(nearest.indices[i, 0]),
-            "nearest_train_distance": float(nearest.distances[i, 0]),
+            "nearest_train_index": int(found.indices[i, 0]),
+            "nearest_train_distance": float(found.distances[i, 0]),
+            "second_train_index": int(memorization["second_index"][i]) if memorization else None,
+            **{key: memorization[key][i].item() if memorization else None
+               for key in ("d2", "ratio", "memorized", "nn_cosine")},
         }
         record.update({k: v[i].item() for k, v in final.items()})
         records.append(record)
-    return records
+    if memorization is None:
+        return records, None
+    totals = summarize(memorization, threshold)
+    return records, {key: totals[key] for key in ("threshold", "memorized_fraction", "d1_median", "ratio_median")}
 
 
 def _save_intermediates(recorders: list[TrajectoryRecorder], folder: Path, save_tensors: bool) -> None:
@@ -249,6 +264,7 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
     if cfg.output.intermediates:
         _save_intermediates(recorders, run.path / "intermediates", cfg.output.tensors)
     trajectory = _merge_batches(recorders)
+    records, memorization = _sample_records(samples, store, final, cfg.memorization.threshold)
     metrics = {
         "method": cfg.model.name,
         "dataset": cfg.dataset.name,
@@ -261,7 +277,8 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
         "fit_seconds": fit_seconds,
         "sampling_seconds": sampling_seconds,
         "seconds_per_step": sampling_seconds / len(scheduler.timesteps),
-        "samples": _sample_records(samples, store, final),
+        "samples": records,
+        "memorization": memorization,
         **trajectory,
         "warnings": warnings,
     }
@@ -302,10 +319,15 @@ def summary(result: GenerateResult) -> str:
             + "; all five metrics in metrics.json, see comparison.png, side_by_side.png.")
     files = f" {files_sentence(m['store']['files'])}." if "files" in m["store"] else ""
     warnings = "".join(f" Warning: {w}." for w in m.get("warnings", []))
+    memorized = ""
+    if m["memorization"] is not None:
+        share, count = m["memorization"]["memorized_fraction"], m["num_samples"]
+        memorized = (f" Memorized: {round(share * count)} of {count} samples ({100 * share:.0f}%, d1/d2 < "
+                     f"{m['memorization']['threshold']:.3g}; ads memorization <run directory> for the report).")
     return (
         f"Generated {m['num_samples']} samples with {m['method']} on {m['dataset']} "
         f"({m['dataset_size']} images of {'x'.join(map(str, m['sample_shape']))}) on {m['device']}: "
         f"sampling {m['sampling_seconds']:.2f} s ({m['num_inference_steps']} steps, "
         f"{m['seconds_per_step']:.3f} s/step), fit {m['fit_seconds']:.2f} s, dataset {store} in "
-        f"{m['store']['seconds']:.2f} s.{files} Outputs in {result.run_dir}: {outputs}.{baseline}{warnings}"
+        f"{m['store']['seconds']:.2f} s.{files} Outputs in {result.run_dir}: {outputs}.{memorized}{baseline}{warnings}"
     )

@@ -27,6 +27,7 @@ CHOICES = {
     "sampling.timestep_spacing": ("leading", "trailing", "linspace"),
     "logging.level": ("debug", "info", "warning", "error"),
     "logging.wandb_mode": ("offline", "online"),
+    "memorization.reference": ("auto", "test", "leave_one_out"),
 }
 # Every key that names a file or folder: `~` and $VARIABLES are expanded in each (model.params: PATH_PARAMS)
 PATH_KEYS = ("paths.root", "paths.datasets", "paths.cache", "paths.runs", "dataset.path", "baseline.checkpoint",
@@ -183,6 +184,9 @@ def _validate(cfg: StudioConfig) -> None:
         "sampling.num_inference_steps": cfg.sampling.num_inference_steps,
         "dataset.batch_size": cfg.dataset.batch_size,
         "calibration.num_seeds": cfg.calibration.num_seeds,
+        "memorization.num_neighbors": cfg.memorization.num_neighbors,
+        "memorization.figure_samples": cfg.memorization.figure_samples,
+        "memorization.reference_size": cfg.memorization.reference_size,
     }
     for key, value in positive.items():
         if value < 1:
@@ -205,6 +209,9 @@ def _validate(cfg: StudioConfig) -> None:
         raise StudioError(f"output.grid_columns must be a positive number of columns or null (about square), "
                           f"got {cfg.output.grid_columns}")
     background_rgb(cfg.dataset.background)
+    if not 0 < cfg.memorization.threshold <= 1:
+        raise StudioError(f"memorization.threshold bounds d1 / d2, which lies in [0, 1]: choose a value in (0, 1] "
+                          f"(Gu et al. use 1/3), got {cfg.memorization.threshold}")
     if cfg.dataset.num_workers < 0:
         raise StudioError(f"dataset.num_workers must be >= 0, got {cfg.dataset.num_workers}")
 

@@ -90,6 +90,15 @@ class CalibrationConfig:
 
 
 @dataclass
+class MemorizationConfig:
+    threshold: float = 1 / 3  # memorized when d1 / d2 < threshold (Gu et al., arXiv 2310.02664); generate uses it too
+    num_neighbors: int = 5  # ads memorization: nearest training images shown beside each sample in neighbours.png
+    figure_samples: int = 16  # ads memorization: samples (the first ones) shown in neighbours.png
+    reference: str = "auto"  # held-out real images: auto (test split if the dataset has one) | test | leave_one_out
+    reference_size: int = 1000  # held-out (or left-out) real images analysed, evenly spaced over the set
+
+
+@dataclass
 class TrainingSection(TrainingConfig):
     output_dir: str = "${paths.root}/unet/${experiment.name}"  # `ads train-unet` writes and resumes checkpoint.pt here
 
@@ -106,3 +115,4 @@ class StudioConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)  # generate: compare the method with a UNet
     training: TrainingSection = field(default_factory=TrainingSection)  # train-unet only
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # calibrate only
+    memorization: MemorizationConfig = field(default_factory=MemorizationConfig)  # memorization and generate

@@ -1,1 +1,2 @@
-"""Metrics as pure functions of tensors: agreement with a trained backbone (DESIGN.md §8)."""
+"""Metrics of samples as pure functions of tensors (DESIGN.md §8): agreement with a trained backbone, memorization;
+computed from the same tensors, never relabelled."""

@@ -32,7 +32,8 @@ QUERY_BLOCK = 256  # queries searched together at most; larger batches are split
 QUERY_BYTES_PER_VALUE = 40  # temporaries per query value (float64 copy, digits), bounds the block by memory
 SAFETY = 2.0  # every rigorous error bound is doubled before use
 UNIT = 2.0**-24  # float32 unit roundoff
-QUERY_DIGITS = (2, 3)  # int8 digits per query value, first try and retries (about 8 bits of precision each)
+QUERY_DIGITS = (2, 3)  # int8 digits per query value, first try and retries (8 or 7 bits of precision each)
+DIGIT_BITS = (8, 7)  # digit widths tried at index build: 8 needs exact int32 GEMMs (VNNI, AMX), 7 fits AVX2's int16
 INT32_SAFE_DIM = (1 << 31) // (255 * 128)  # uint8 x int8 dot products this long cannot overflow int32
 
 
@@ -65,24 +66,26 @@ class _DatasetStats:
 
 
 class _IntegerScorer:
-    """s_hat for uint8 stores: x.u_i exact in int32 from a uint8 x int8 GEMM (oneDNN, AMX/VNNI on x86).
+    """s_hat for uint8 stores: x.u_i exact in int32 from a uint8 x int8 GEMM (oneDNN: AMX/VNNI, or AVX2).
 
-    x = s X + e with s a power of two and |e| <= s/2; X = sum_j d_j 2^(8j) with D balanced int8 digits (D = 2 on
-    the first try, 3 on retries, whose smaller margin needs fewer candidates), so x.u_i = s sum_j 2^(8j) d_j.u_i
-    + e.u_i. The raw uint8 chunk is the GEMM's activation (no conversion pass); the digits are its weights,
-    prepacked once per query batch; per-channel output scales apply -2 s 2^(8j) / 127.5 (y = u / 127.5 - 1),
-    so the D outputs of a query sum to its score.
+    x = s X + e with s a power of two and |e| <= s/2; X = sum_j d_j 2^(bj) with D balanced b-bit digits (D = 2 on
+    the first try, 3 on retries, whose smaller margin needs fewer candidates), so x.u_i = s sum_j 2^(bj) d_j.u_i
+    + e.u_i. b = 8 where the GEMM accumulates in int32 (VNNI, AMX); b = 7 on AVX2, whose int16 sums of two
+    products saturate beyond 2 x 255 x 64 (|d| <= 64 keeps them exact). The raw uint8 chunk is the GEMM's
+    activation (no conversion pass); the digits are its weights, prepacked once per query batch; per-channel
+    output scales apply -2 s 2^(bj) / 127.5 (y = u / 127.5 - 1), so the D outputs of a query sum to its score.
     """
 
     bytes_per_value = 0  # the uint8 chunk is read in place
     bytes_per_score = max(QUERY_DIGITS) * 4 + 4  # the float32 digit products and the score
 
-    def __init__(self, stats: _DatasetStats, dim: int):
-        self.stats, self.dim = stats, dim
+    def __init__(self, stats: _DatasetStats, dim: int, digit_bits: int = 8):
+        self.stats, self.dim, self.digit_bits = stats, dim, digit_bits
 
     def prepare(self, x: torch.Tensor, retry: bool = False) -> _Prepared:
-        places = QUERY_DIGITS[retry]
-        limit = 127 * 256 ** (places - 1)  # |X| that balanced int8 digits can hold
+        places, bits = QUERY_DIGITS[retry], self.digit_bits
+        base, half = 1 << bits, 1 << (bits - 1)
+        limit = (half - 1) * base ** (places - 1)  # |X| that balanced digits in [-half, half) can hold
         amax = torch.linalg.vector_norm(x, ord=math.inf, dim=1)
         scale = torch.exp2(torch.ceil(torch.log2(amax.clamp_min(1e-300) / limit)))
         scale = torch.where(amax / scale > limit, scale * 2, scale)  # guard log2 rounding
@@ -92,16 +95,16 @@ class _IntegerScorer:
         del whole
         digits = torch.empty((places, *x.shape), dtype=torch.int8, device=x.device)
         digit_norms = torch.empty((places, x.shape[0]), dtype=torch.float64, device=x.device)
-        for place in range(places - 1, -1, -1):  # balanced base-256 digits, least significant first, exact
-            low = (rest + 128).bitwise_and_(255).sub_(128) if place else rest
+        for place in range(places - 1, -1, -1):  # balanced base-2^b digits, least significant first, exact
+            low = (rest + half).bitwise_and_(base - 1).sub_(half) if place else rest
             digits[place] = low
             digit_norms[place] = torch.linalg.vector_norm(low.to(torch.float32), dim=1, dtype=torch.float64)
-            rest.sub_(low).bitwise_right_shift_(8)
-        place_values = 256.0 ** torch.arange(places - 1, -1, -1, dtype=torch.float64, device=x.device)
+            rest.sub_(low).bitwise_right_shift_(bits)
+        place_values = float(base) ** torch.arange(places - 1, -1, -1, dtype=torch.float64, device=x.device)
         weights = -2 / 127.5 * place_values[:, None] * scale[None, :]  # [places, B]
         stats = self.stats
         quantisation = 2 / 127.5 * torch.minimum(scale / 2 * stats.max_raw_l1, rounding * stats.max_centred_l2)
-        digit_dots = (digit_norms * stats.max_raw_l2 * (1 + 1e-6)).clamp_max(128 * stats.max_raw_l1)  # >= |d.u_i|
+        digit_dots = (digit_norms * stats.max_raw_l2 * (1 + 1e-6)).clamp_max(half * stats.max_raw_l1)  # >= |d.u_i|
         terms = stats.max_norm_sq + (weights.abs() * digit_dots).sum(0)  # >= each summand of the score
         float32_sums = (4 + 2 * places) * UNIT * terms  # int32 -> float32, scaling, the additions, the norm
         error = SAFETY * (quantisation + float32_sums + _common_error(x, stats, self.dim))
@@ -125,20 +128,27 @@ def _u8s8_gemm(activation: torch.Tensor, packed: torch.Tensor, scales: torch.Ten
     )
 
 
-def _u8s8_gemm_is_exact(dim: int) -> bool:
-    """True if this build and CPU run the uint8 x int8 GEMM with exact int32 accumulation (no int16
-    saturation, as on CPUs without VNNI), checked on extreme operands of the store's length."""
+def _u8s8_gemm_is_exact(dim: int, digit_bits: int = 8) -> bool:
+    """True if this build and CPU run the uint8 x int8 GEMM exactly for digits in [-2^(b-1), 2^(b-1)) (CPUs
+    without VNNI saturate int16 sums of two products beyond 2 x 255 x 64), checked on extreme operands of the
+    store's length."""
+    low, high = -(1 << (digit_bits - 1)), (1 << (digit_bits - 1)) - 1
     try:
         ramp = torch.arange(dim)
         pattern = ramp % 2 == 0
         data = torch.stack([torch.full((dim,), 255), torch.where(pattern, 255, 0), ramp * 37 % 256])
-        digits = torch.stack([torch.full((dim,), -128), torch.full((dim,), 127), torch.where(pattern, -128, 127)])
+        digits = torch.stack([torch.full((dim,), low), torch.full((dim,), high), torch.where(pattern, low, high)])
         data, digits = data.to(torch.uint8), digits.to(torch.int8)
         out = _u8s8_gemm(data, torch.ops.onednn.qlinear_prepack(digits, None), torch.ones(3))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     reference = data.to(torch.float64) @ digits.to(torch.float64).t()
     return bool(((out.to(torch.float64) - reference).abs() <= 4 * UNIT * reference.abs()).all())
+
+
+def exact_digit_bits(dim: int) -> int | None:
+    """The widest query digit (8 or 7 bits) this CPU's uint8 x int8 GEMM handles exactly; None if neither."""
+    return next((bits for bits in DIGIT_BITS if _u8s8_gemm_is_exact(dim, bits)), None)
 
 
 class _FloatScorer:
@@ -248,16 +258,13 @@ class KnnIndex:
     def _make_scorer(self, scorer: str, stats: _DatasetStats) -> _IntegerScorer | _FloatScorer:
         if scorer not in ("auto", "integer", "float"):
             raise ValueError(f"scorer must be auto, integer or float, got {scorer!r}")
-        integer_ok = (
-            self.store.is_uint8
-            and self.device.type == "cpu"
-            and self.store.dim < INT32_SAFE_DIM
-            and _u8s8_gemm_is_exact(self.store.dim)
-        )
-        if scorer == "integer" and not integer_ok:
+        bits = None
+        if self.store.is_uint8 and self.device.type == "cpu" and self.store.dim < INT32_SAFE_DIM:
+            bits = exact_digit_bits(self.store.dim)
+        if scorer == "integer" and bits is None:
             raise ValueError("the integer scorer needs a uint8 store on the CPU, < 65793 values per image and oneDNN")
-        if scorer == "integer" or (scorer == "auto" and integer_ok):
-            return _IntegerScorer(stats, self.store.dim)
+        if scorer == "integer" or (scorer == "auto" and bits is not None):
+            return _IntegerScorer(stats, self.store.dim, bits)
         return _FloatScorer(stats, self.store.dim, self.store.is_uint8, self.device)
 
     def _chunk(self, start: int, stop: int) -> torch.Tensor:
