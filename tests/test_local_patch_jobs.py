@@ -11,9 +11,10 @@ import pytest
 import torch
 from unet_helpers import TINY, random_unet
 
-from analytic_diffusion.calibrate import calibrate, choose_sizes, eps_cosine
+from analytic_diffusion.calibrate import calibrate, choose_sizes
 from analytic_diffusion.cli import main
 from analytic_diffusion.config import load_config
+from analytic_diffusion.metrics.agreement import eps_cosine
 from analytic_diffusion.data.store import StoreRequest, load_or_build_store
 from analytic_diffusion.denoisers import denoiser_class
 from analytic_diffusion.denoisers.unet import UNetDenoiser, UNetParams
@@ -78,7 +79,7 @@ def test_calibration_scores_every_candidate_at_the_networks_own_x_t(tmp_path, ca
             rows.append(torch.stack([eps_cosine(epsilon_from_x0(step.x_t, method.denoise_at_size(step.x_t, level, k).x0_hat, ab), target)
                                      for k in (3, 5, 7)]))
         expected.append(torch.stack(rows))
-    torch.testing.assert_close(torch.tensor(saved["eps_cosine"], dtype=torch.float64), torch.cat(expected, 2))
+    torch.testing.assert_close(torch.tensor(saved["eps_cosine"], dtype=torch.float64), torch.cat(expected, 2).double())
     # and a run that uses the file samples with the chosen sizes
     used = generate(load_config("els/mnist5k", [*FAST, f"model.params.patch_size={result.run_dir / 'calibration.json'}"]))
     assert [s["diagnostics"]["patch_size"][0] for s in used.metrics["steps"]] == saved["patch_size"]
