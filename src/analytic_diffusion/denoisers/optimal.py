@@ -18,6 +18,7 @@ import torch
 from ..data.store import DatasetStore
 from ..errors import StudioError, closest
 from ..search import knn_search
+from ..search.integer_softmax import IntegerSoftmax, integer_path_available
 from ..search.softmax import StreamingSoftmax
 from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, check_temperature, register_denoiser
 
@@ -69,14 +70,21 @@ class OptimalDenoiser(Denoiser):
     Params = OptimalParams
 
     def fit(self, store: DatasetStore) -> OptimalDenoiser:
-        """Keep the compact images on the working device and their squared norms ||y_i||^2 in float64."""
+        """Keep the compact images on the working device and their squared norms ||y_i||^2 in float64; for `exact`
+        on a uint8 store on the CPU, the integer kernel (search/integer_softmax.py), which also keeps a transposed
+        uint8 copy of the store (N n bytes)."""
         self.store = store
         self.images = store.images.to(self.device)
-        dtype, chunk = accurate_dtype(self.device), self._chunk_rows(1)
-        self.squared_norms = torch.cat([
-            self._decoded(start, start + chunk, self.device, dtype).square().sum(-1)
-            for start in range(0, store.num_images, chunk)
-        ])
+        self.integer = None
+        if self.params.mode == "exact" and integer_path_available(store, self.device):
+            self.integer = IntegerSoftmax(store, self.params.chunk_size)
+            self.squared_norms = self.integer.norms
+        else:
+            dtype, chunk = accurate_dtype(self.device), self._chunk_rows(1)
+            self.squared_norms = torch.cat([
+                self._decoded(start, start + chunk, self.device, dtype).square().sum(-1)
+                for start in range(0, store.num_images, chunk)
+            ])
         self.max_norm = self.squared_norms.max().sqrt().item()
         return self
 
@@ -91,6 +99,14 @@ class OptimalDenoiser(Denoiser):
         if query.shape[1] != self.store.dim:
             raise ValueError(f"x_t has {query.shape[1]} values per sample, the dataset's images {self.store.dim}")
         scale = logit_scale(level, self.params.temperature)
+        if self.integer is not None:
+            result = self.integer(query, scale)
+            diagnostics = {
+                "effective_count": result.effective_count.to(torch.float32),
+                "top_weight": result.top_weight.to(torch.float32),
+                "top_index": result.top_index,
+            }
+            return Denoised(result.mean.to(x_t.dtype).reshape(x_t.shape), diagnostics)
         stream = self._stream_exact if self.params.mode == "exact" else self._stream_topk
         softmax, top_index = stream(query, scale)
         x0_hat = softmax.mean().to(x_t.dtype).reshape(x_t.shape)
