@@ -2,8 +2,10 @@
 
     w_i = softmax_i(-||x_t - sqrt(ab_t) y_i||^2 / (2 (1 - ab_t) tau)),    x0_hat = sum_i w_i y_i
 
-With q = x_t / sqrt(ab_t) the logits are -c ||q - y_i||^2, c = ab_t / (2 (1 - ab_t) tau). `exact` streams the
-softmax over the whole store; `topk` restricts it to the k nearest neighbours of q (the reference framework's
+With q = x_t / sqrt(ab_t) the logits are -c ||q - y_i||^2, c = ab_t / (2 (1 - ab_t) tau). `exact` takes the softmax
+over the whole store: on uint8 stores on the CPU with the integer kernel (search/integer_softmax.py: exact integer
+products, a rigorous error bound, float64 rescoring only where it matters), elsewhere (float stores, GPUs, CPUs
+without an exact uint8 x int8 GEMM) streamed with float32 products and float64 rescoring; `topk` restricts it to the k nearest neighbours of q (the reference framework's
 approximation, which can lose most of the mass at early timesteps).
 """
 
@@ -118,7 +120,7 @@ class OptimalDenoiser(Denoiser):
         return Denoised(x0_hat, diagnostics)
 
     def _stream_exact(self, query: torch.Tensor, scale: float) -> tuple[StreamingSoftmax, torch.Tensor]:
-        """Softmax over the whole store, ||q - y||^2 = ||q||^2 - 2 q.y + ||y||^2.
+        """Softmax over the whole store, ||q - y||^2 = ||q||^2 - 2 q.y + ||y||^2 (where the integer kernel is not used).
 
         A float32 product errs by about u ||q|| ||y|| (u = 2^-24), which c (5,000 at t = 0) turns into logit
         errors of order one. While that error stays below FLOAT32_LOGIT_NOISE, q.y comes from a float32 product

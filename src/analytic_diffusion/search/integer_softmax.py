@@ -11,14 +11,16 @@ and the mean sum_i w_i y_i (the optimal denoiser, DESIGN.md §3; docs/benchmarks
    REFINE_DIGITS.
 2. Selection. Images with d_hat_i > min d_hat + 2 E + L / c weigh less than e^-L times the largest weight and are
    skipped (N e^-L <= e^-40 of the mass). When c E > LOGIT_ERROR the candidates are rescored exactly (float64
-   squared differences), nearest first, until the mass the others may carry, times their logit error, is below
-   ACCURACY.
-3. Weighted sum. Few kept images: gathered and summed in float64. Many: the weights become D_w int8 digits
-   against a transposed uint8 copy of the store in the same exact GEMM, D_w the fewest for which the rounding
-   of the weights moves the mean by at most ACCURACY.
+   squared differences), nearest first, until the mass the others may carry, times their logit error, moves
+   the mean by at most WEIGHTS_ACCURACY.
+3. Weighted sum. Weights below DROP_ACCURACY / 2 of their sum / N are left out. Few kept images: gathered and
+   summed in float64. Many: the weights become D_w int8 digits against a transposed uint8 copy of the store in
+   the same exact GEMM, D_w the fewest for which the rounding of the weights moves the mean by at most
+   SUM_ACCURACY.
 
-Every step's error is bounded a priori, so the result is within 2 ACCURACY (+ float64 rounding) of the float64
-formula, whatever the data, timestep or chunking. The digit width is chosen at run time: 8 bits where the GEMM
+Every stage's error is bounded a priori, so every value of the mean is within WEIGHTS_ACCURACY + DROP_ACCURACY +
+SUM_ACCURACY = 8e-6 of the float64 formula (plus float rounding of order 1e-7: the float32 outputs of the
+weighted-sum GEMM, 2^-24 relative), whatever the data, timestep or chunking. The digit width is chosen at run time: 8 bits where the GEMM
 accumulates u8 x s8 products exactly (VNNI, AMX), 7 where pairs of products pass through int16 (AVX2 without
 VNNI: 2 x 255 x 64 < 2^15), and no integer path (the caller's float fallback) where neither self-test passes.
 """
@@ -48,6 +50,7 @@ MIN_LOGIT = -700.0  # logits are floored here (relative to the largest, 0): e^-7
 # slow exp and every product after it tenfold, and N e^-700 of extra weight changes nothing
 SAFETY = 2.0  # rigorous bounds are doubled before use
 ZERO_POINT = 128  # the GEMM multiplies u - 128 in [-128, 127]
+LEVELS = 63  # decoding corrections are written as int levels in [-63, 63]: level + 128 <= 191, 2 x 191 x 64 < 2^15
 FLOAT32_EXACT = 2.0**24  # integers below this convert to float32 exactly
 WORKING_BYTES = 512 << 20  # scores, weights and temporaries of one query block
 CHUNK_BYTES = 4 << 20  # uint8 images per GEMM call (cache-sized; the result does not depend on it)
@@ -150,9 +153,24 @@ class IntegerSoftmax:
         self.spread = spread * (1 + 1e-9)  # >= max_i ||y_i - mu||
         self.max_norm_sq = float(self.norms.max())
         self.decode_error = _decode_error(store)
+        # decoding off the affine model, delta(u) = y(u) - (u / 127.5 - 1), as delta_max / LEVELS * level(u) + rest
+        values = torch.arange(256, dtype=torch.uint8)
+        delta = store.decode(values, torch.float64) - (values.to(torch.float64) / 127.5 - 1)
+        levels = torch.round(delta / max(self.decode_error, 1e-300) * LEVELS)
+        self.level_step = self.decode_error / LEVELS
+        self.level_rest = float((delta - self.level_step * levels).abs().max()) * (1 + 1e-9)
+        self.level_table = (levels + ZERO_POINT).to(torch.uint8)
+        self._levels: torch.Tensor | None = None  # level(u_i) + 128 [N, n], built the first time it is needed
 
     def _decoded(self, raw: torch.Tensor) -> torch.Tensor:
         return self.store.decode(raw, torch.float64)
+
+    @property
+    def levels(self) -> torch.Tensor:
+        """level(u) + 128 for every stored value (uint8 [N, n], N n bytes), the decoding correction's GEMM operand."""
+        if self._levels is None:
+            self._levels = self.level_table[self.images.long()]
+        return self._levels
 
     @torch.no_grad()
     def __call__(self, query: torch.Tensor, scale: float) -> SoftmaxMean:
@@ -163,8 +181,8 @@ class IntegerSoftmax:
             (p.mean, p.top_weight, p.effective_count, p.top_index) for p in parts))))
 
     def _block(self, q: torch.Tensor, c: float) -> SoftmaxMean:
-        places, error = self._choose_places(q, c)
-        approx = self._scores(q, places)  # d_hat [B, N]
+        places, corrected, error = self._choose_places(q, c)
+        approx = self._scores(q, places, corrected)  # d_hat [B, N]
         lowest = approx.amin(dim=1, keepdim=True)
         skip = SKIP_LOGITS + math.log(self.num_images)
         kept = approx <= lowest + 2 * error[:, None] + skip / c
@@ -180,20 +198,23 @@ class IntegerSoftmax:
         top_weight, top_index = weights.max(dim=1)
         return SoftmaxMean(mean, top_weight / total, total.square() / weights.square().sum(1), top_index)
 
-    def _choose_places(self, q: torch.Tensor, c: float) -> tuple[int, torch.Tensor]:
-        """The fewest digits whose score bound E gives logit errors c E <= LOGIT_ERROR. Where none does (late
-        steps; mid steps, where decoding off the affine model sets a floor), candidates are rescored: with the
-        fewest digits within 2x of that floor if it is at most FEW_RESCORED (few candidates carry the weight that
-        matters), else with REFINE_DIGITS (only near ties of the nearest image are candidates)."""
-        errors = [self._score_error(q, places) for places in range(1, MAX_DIGITS + 1)]
-        worst = [float((c * error).max()) for error in errors]
-        places = next((p for p in range(1, MAX_DIGITS + 1) if worst[p - 1] <= LOGIT_ERROR), None)
-        if places is None and worst[-1] <= FEW_RESCORED:
-            places = next(p for p in range(1, MAX_DIGITS + 1) if worst[p - 1] <= 2 * worst[-1])
-        places = places or min(REFINE_DIGITS, MAX_DIGITS)
-        return places, errors[places - 1]
+    def _choose_places(self, q: torch.Tensor, c: float) -> tuple[int, bool, torch.Tensor]:
+        """Digits D, whether to correct for decoding, and E [B]: the cheapest (D digit columns, one more with the
+        correction) whose logit errors c E <= LOGIT_ERROR. Where none does (late steps), candidates are rescored:
+        with the cheapest choice within 2x of the least error if that is at most FEW_RESCORED (few candidates
+        carry the weight that matters), else with REFINE_DIGITS (only near ties of the nearest image count)."""
+        plans = sorted(((places + corrected, places, corrected) for places in range(1, MAX_DIGITS + 1)
+                        for corrected in (False, True)))
+        errors = {plan[1:]: self._score_error(q, *plan[1:]) for plan in plans}
+        worst = {plan: float((c * error).max()) for plan, error in errors.items()}
+        least = min(worst.values())
+        chosen = next((plan[1:] for plan in plans if worst[plan[1:]] <= LOGIT_ERROR), None)
+        if chosen is None and least <= FEW_RESCORED:
+            chosen = next(plan[1:] for plan in plans if worst[plan[1:]] <= 2 * least)
+        chosen = chosen or (min(REFINE_DIGITS, MAX_DIGITS), False)
+        return (*chosen, errors[chosen])
 
-    def _score_error(self, q: torch.Tensor, places: int) -> torch.Tensor:
+    def _score_error(self, q: torch.Tensor, places: int, corrected: bool) -> torch.Tensor:
         """E [B]: |d_hat_i - d_i| <= E for every image i (see the module docstring)."""
         whole, s = _quantise(q, self.bits, places)
         rounding = torch.linalg.vector_norm(q - s[:, None] * whole, dim=1)  # ||e||, exact up to float64 rounding
@@ -204,26 +225,42 @@ class IntegerSoftmax:
         conversion = 2 * s / 127.5 * (place_values[:, None] * conversion).sum(0)
         q1, q2 = q.abs().sum(1), q.square().sum(1)
         float64 = 2.0**-48 * (self.max_norm_sq + q2 + 4 * q1 + self.dim * self.max_norm_sq)
-        decoding = 2 * self.decode_error * (s * whole.abs().sum(1))
+        v = s[:, None] * whole  # the quantised query, exact
+        if corrected:  # |v.delta_i - step s1 X1.level_i| <= delta_max ||e1||_1 + rest ||v||_1 (+ its conversion)
+            whole1, s1 = _quantise(v, self.bits, 1)
+            size = LEVELS * whole1.abs().sum(1)
+            conversion = conversion + 2 * self.level_step * s1 * torch.where(size >= FLOAT32_EXACT, size * 2.0**-24, 0)
+            residual = (v - s1[:, None] * whole1).abs().sum(1)
+            decoding = 2 * (self.decode_error * residual + self.level_rest * v.abs().sum(1))
+        else:
+            decoding = 2 * self.decode_error * v.abs().sum(1)
         return SAFETY * (2 * rounding * (1 + 1e-9) * self.spread + decoding + conversion + float64)
 
-    def _scores(self, q: torch.Tensor, places: int) -> torch.Tensor:
-        """d_hat [B, N] float64 from one exact integer GEMM per chunk of images."""
+    def _scores(self, q: torch.Tensor, places: int, corrected: bool) -> torch.Tensor:
+        """d_hat [B, N] float64 from one exact integer GEMM per chunk of images (two with the correction)."""
         whole, s = _quantise(q, self.bits, places)
         digits = _balanced_digits(whole, self.bits, places)
         batch = q.shape[0]
         packed = torch.ops.onednn.qlinear_prepack(digits.reshape(places * batch, self.dim), None)
         products = torch.empty((self.num_images, batch), dtype=torch.float64)  # X.(u_i - 128), image-major
+        if corrected:
+            whole1, s1 = _quantise(s[:, None] * whole, self.bits, 1)
+            packed1 = torch.ops.onednn.qlinear_prepack(whole1.to(torch.int8), None)
+            corrections = torch.empty((self.num_images, batch), dtype=torch.float64)  # X1.level_i
         for start in range(0, self.num_images, self.chunk):
             out = _gemm(self.images[start : start + self.chunk], packed, places * batch)  # [c, places * B]
             part = products[start : start + out.shape[0]]
             part.copy_(out[:, :batch])
             for place in range(1, places):  # Horner in float64: exact integers while below 2^53
                 part.mul_(float(1 << self.bits)).add_(out[:, place * batch : (place + 1) * batch])
-        products = products.t()
+            if corrected:
+                corrections[start : start + out.shape[0]] = _gemm(self.levels[start : start + self.chunk], packed1, batch)
         # s X.(u / 127.5 - 1) = s (X.(u - 128) / 127.5 + sum(X) / 255); e.mu keeps d_hat unbiased by the rounding
         constant = q.square().sum(1) - 2 * (s * whole.sum(1) / 255 + (q - s[:, None] * whole) @ self.mu)
-        return torch.addcmul(self.norms + constant[:, None], products, (-2 / 127.5) * s[:, None])
+        approx = torch.addcmul(self.norms + constant[:, None], products.t(), (-2 / 127.5) * s[:, None])
+        if corrected:  # s X.y_i = s X.(u_i / 127.5 - 1) + s X.delta_i
+            approx.addcmul_(corrections.t(), (-2 * self.level_step) * s1[:, None])
+        return approx
 
     def _exact(self, q: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """||q_r - y_c||^2 in float64 from differences, for pairs (rows, cols), in memory-bounded groups."""
