@@ -203,26 +203,32 @@ class IntegerSoftmax:
         correction) whose logit errors c E <= LOGIT_ERROR. Where none does (late steps), candidates are rescored:
         with the cheapest choice within 2x of the least error if that is at most FEW_RESCORED (few candidates
         carry the weight that matters), else with REFINE_DIGITS (only near ties of the nearest image count)."""
-        plans = sorted(((places + corrected, places, corrected) for places in range(1, MAX_DIGITS + 1)
-                        for corrected in (False, True)))
-        errors = {plan[1:]: self._score_error(q, *plan[1:]) for plan in plans}
-        worst = {plan: float((c * error).max()) for plan, error in errors.items()}
+        plans = sorted((places + corrected, places, corrected) for places in range(1, MAX_DIGITS + 1)
+                       for corrected in (False, True))
+        errors, worst = {}, {}
+        for _, places, corrected in plans:  # cheapest first; stop at the first that needs no rescoring
+            errors[places, corrected] = error = self._score_error(q, places, corrected)
+            worst[places, corrected] = float((c * error).max())
+            if worst[places, corrected] <= LOGIT_ERROR:
+                return places, corrected, error
         least = min(worst.values())
-        chosen = next((plan[1:] for plan in plans if worst[plan[1:]] <= LOGIT_ERROR), None)
-        if chosen is None and least <= FEW_RESCORED:
+        if least <= FEW_RESCORED:
             chosen = next(plan[1:] for plan in plans if worst[plan[1:]] <= 2 * least)
-        chosen = chosen or (min(REFINE_DIGITS, MAX_DIGITS), False)
+        else:
+            chosen = (min(REFINE_DIGITS, MAX_DIGITS), False)
         return (*chosen, errors[chosen])
 
     def _score_error(self, q: torch.Tensor, places: int, corrected: bool) -> torch.Tensor:
         """E [B]: |d_hat_i - d_i| <= E for every image i (see the module docstring)."""
         whole, s = _quantise(q, self.bits, places)
         rounding = torch.linalg.vector_norm(q - s[:, None] * whole, dim=1)  # ||e||, exact up to float64 rounding
-        digits = _balanced_digits(whole, self.bits, places).to(torch.float64)
-        sizes = ZERO_POINT * digits.abs().sum(2)  # >= |P_j| of each digit's product [places, B]
-        conversion = torch.where(sizes >= FLOAT32_EXACT, sizes * 2.0**-24, torch.zeros_like(sizes))
-        place_values = 2.0 ** (self.bits * torch.arange(places - 1, -1, -1, dtype=torch.float64))
-        conversion = 2 * s / 127.5 * (place_values[:, None] * conversion).sum(0)
+        conversion = torch.zeros_like(s)
+        if ZERO_POINT * (1 << (self.bits - 1)) * self.dim >= FLOAT32_EXACT:  # else every |P_j| < 2^24: exact
+            digits = _balanced_digits(whole, self.bits, places).to(torch.float64)
+            sizes = ZERO_POINT * digits.abs().sum(2)  # >= |P_j| of each digit's product [places, B]
+            sizes = torch.where(sizes >= FLOAT32_EXACT, sizes * 2.0**-24, torch.zeros_like(sizes))
+            place_values = 2.0 ** (self.bits * torch.arange(places - 1, -1, -1, dtype=torch.float64))
+            conversion = 2 * s / 127.5 * (place_values[:, None] * sizes).sum(0)
         q1, q2 = q.abs().sum(1), q.square().sum(1)
         float64 = 2.0**-48 * (self.max_norm_sq + q2 + 4 * q1 + self.dim * self.max_norm_sq)
         v = s[:, None] * whole  # the quantised query, exact
