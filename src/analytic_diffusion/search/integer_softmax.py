@@ -6,9 +6,10 @@ and the mean sum_i w_i y_i (the optimal denoiser, DESIGN.md §3; docs/benchmarks
 1. Scores. q = s X + e with s a power of two and X split into D balanced digits of `bits` bits; the raw uint8
    chunk (zero point 128) times the digits is one uint8 x int8 GEMM (oneDNN) accumulated exactly in int32, so
    d_hat_i = ||q||^2 + ||y_i||^2 - 2 (s X.(u_i / 127.5 - 1) + e.mu) misses d_i = ||q - y_i||^2 by at most E per
-   query: the rounding e against ||y_i - mu|| (mu the dataset mean), decoding off the affine model, float
-   conversions, all doubled. D is the fewest digits with c E <= LOGIT_ERROR (then no image is rescored), else
-   REFINE_DIGITS.
+   query: the rounding e against ||y_i - mu|| (mu the dataset mean), decoding off the affine model (optionally
+   corrected by a second one-digit GEMM against integer levels of y(u) - (u / 127.5 - 1)), float conversions, all
+   doubled. The plan (D, correction or not) is the cheapest with c E <= LOGIT_ERROR (then no image is rescored),
+   else one close to the least error, or REFINE_DIGITS when even that leaves many logits uncertain (late steps).
 2. Selection. Images with d_hat_i > min d_hat + 2 E + L / c weigh less than e^-L times the largest weight and are
    skipped (N e^-L <= e^-40 of the mass). When c E > LOGIT_ERROR the candidates are rescored exactly (float64
    squared differences), nearest first, until the mass the others may carry, times their logit error, moves
