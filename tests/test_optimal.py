@@ -157,6 +157,25 @@ def test_many_near_duplicates_at_late_steps_match_float64(timestep):
     assert_matches_reference(OptimalDenoiser().fit(store)(x_t, level), x_t, store, level)
 
 
+@pytest.mark.parametrize("timestep", [900, 500, 100, 0])
+def test_near_duplicate_digits_match_float64_at_early_middle_and_late_steps(timestep):
+    """20 digits copied 24 times, each copy one grey level off in 3 pixels, among 280 other digits: near ties at
+    every scale. The uint8 kernel scores with exact integer products and rescores only what its bound leaves
+    uncertain; t = 900 takes the no-rescoring path, 500 and 100 rescore a few, 0 rescores the near ties."""
+    g = torch.Generator().manual_seed(1)
+    bases = mnist_digits()[:20].reshape(20, -1)
+    copies = bases.repeat_interleave(24, 0)
+    rows = torch.arange(copies.shape[0])[:, None].expand(-1, 3)
+    pixels = torch.randint(0, copies.shape[1], rows.shape, generator=g)
+    values = copies[rows, pixels].to(torch.int16)
+    copies[rows, pixels] = torch.where(values < 255, values + 1, values - 1).to(torch.uint8)
+    others = mnist_digits()[20:300].reshape(280, -1)
+    store = DatasetStore.from_tensor(torch.cat([copies, others]).reshape(-1, 1, 28, 28))
+    level = noise_level(SCHEDULE, timestep)
+    x_t = forward_noised(store.decode(bases[[0, 5, 11]].reshape(3, 1, 28, 28)), level, seed=timestep)
+    assert_matches_reference(OptimalDenoiser().fit(store)(x_t, level), x_t, store, level)
+
+
 def few_digits_store() -> DatasetStore:
     return DatasetStore.from_tensor(mnist_digits()[:300])
 

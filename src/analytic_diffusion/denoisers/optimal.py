@@ -2,8 +2,10 @@
 
     w_i = softmax_i(-||x_t - sqrt(ab_t) y_i||^2 / (2 (1 - ab_t) tau)),    x0_hat = sum_i w_i y_i
 
-With q = x_t / sqrt(ab_t) the logits are -c ||q - y_i||^2, c = ab_t / (2 (1 - ab_t) tau). `exact` streams the
-softmax over the whole store; `topk` restricts it to the k nearest neighbours of q (the reference framework's
+With q = x_t / sqrt(ab_t) the logits are -c ||q - y_i||^2, c = ab_t / (2 (1 - ab_t) tau). `exact` takes the softmax
+over the whole store: on uint8 stores on the CPU with the integer kernel (search/integer_softmax.py: exact integer
+products, a rigorous error bound, float64 rescoring only where it matters), elsewhere (float stores, GPUs, CPUs
+without an exact uint8 x int8 GEMM) streamed with float32 products and float64 rescoring; `topk` restricts it to the k nearest neighbours of q (the reference framework's
 approximation, which can lose most of the mass at early timesteps).
 """
 
@@ -18,12 +20,15 @@ import torch
 from ..data.store import DatasetStore
 from ..errors import StudioError, closest
 from ..search import knn_search
+from ..search.integer_softmax import IntegerSoftmax, integer_path_available
 from ..search.softmax import StreamingSoftmax
 from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, check_temperature, register_denoiser
 
 MODES = ("exact", "topk")
 RESCORED_PER_CHUNK = 16  # nearest candidates of each chunk whose q.y is recomputed in float64
 FLOAT32_LOGIT_NOISE = 1e-4  # above this typical float32 logit error (c u ||q|| ||y||), every product is float64
+INTEGER_MAX_QUERIES = 32  # larger batches (scfdm: num_noise x B) take the float path: on an AVX2 CPU its float32
+# products beat the integer kernel's 2 to 9 int8 digit columns per query at 160 queries (docs/benchmarks-optimal.md)
 MAX_LOGIT_SCALE = 1e30  # c beyond this is already the nearest-neighbour limit; the cap keeps c * distance finite
 WEIGHT_FLOOR = 2.0**-100  # softmax weights (relative to the largest) dropped from weighted sums: they change
 # nothing, and as float32 subnormals they would slow the matrix product down a hundredfold on CPUs
@@ -69,14 +74,21 @@ class OptimalDenoiser(Denoiser):
     Params = OptimalParams
 
     def fit(self, store: DatasetStore) -> OptimalDenoiser:
-        """Keep the compact images on the working device and their squared norms ||y_i||^2 in float64."""
+        """Keep the compact images on the working device and their squared norms ||y_i||^2 in float64; for `exact`
+        on a uint8 store on the CPU, the integer kernel (search/integer_softmax.py), which also keeps a transposed
+        uint8 copy of the store (N n bytes)."""
         self.store = store
         self.images = store.images.to(self.device)
-        dtype, chunk = accurate_dtype(self.device), self._chunk_rows(1)
-        self.squared_norms = torch.cat([
-            self._decoded(start, start + chunk, self.device, dtype).square().sum(-1)
-            for start in range(0, store.num_images, chunk)
-        ])
+        self.integer = None
+        if self.params.mode == "exact" and integer_path_available(store, self.device):
+            self.integer = IntegerSoftmax(store, self.params.chunk_size)
+            self.squared_norms = self.integer.norms
+        else:
+            dtype, chunk = accurate_dtype(self.device), self._chunk_rows(1)
+            self.squared_norms = torch.cat([
+                self._decoded(start, start + chunk, self.device, dtype).square().sum(-1)
+                for start in range(0, store.num_images, chunk)
+            ])
         self.max_norm = self.squared_norms.max().sqrt().item()
         return self
 
@@ -91,6 +103,14 @@ class OptimalDenoiser(Denoiser):
         if query.shape[1] != self.store.dim:
             raise ValueError(f"x_t has {query.shape[1]} values per sample, the dataset's images {self.store.dim}")
         scale = logit_scale(level, self.params.temperature)
+        if self.integer is not None and query.shape[0] <= INTEGER_MAX_QUERIES:
+            result = self.integer(query, scale)
+            diagnostics = {
+                "effective_count": result.effective_count.to(torch.float32),
+                "top_weight": result.top_weight.to(torch.float32),
+                "top_index": result.top_index,
+            }
+            return Denoised(result.mean.to(x_t.dtype).reshape(x_t.shape), diagnostics)
         stream = self._stream_exact if self.params.mode == "exact" else self._stream_topk
         softmax, top_index = stream(query, scale)
         x0_hat = softmax.mean().to(x_t.dtype).reshape(x_t.shape)
@@ -102,7 +122,7 @@ class OptimalDenoiser(Denoiser):
         return Denoised(x0_hat, diagnostics)
 
     def _stream_exact(self, query: torch.Tensor, scale: float) -> tuple[StreamingSoftmax, torch.Tensor]:
-        """Softmax over the whole store, ||q - y||^2 = ||q||^2 - 2 q.y + ||y||^2.
+        """Softmax over the whole store, ||q - y||^2 = ||q||^2 - 2 q.y + ||y||^2 (where the integer kernel is not used).
 
         A float32 product errs by about u ||q|| ||y|| (u = 2^-24), which c (5,000 at t = 0) turns into logit
         errors of order one. While that error stays below FLOAT32_LOGIT_NOISE, q.y comes from a float32 product
