@@ -606,7 +606,7 @@ def check_unet(runner: Runner, inputs: list[Inputs]) -> None:
             @torch.no_grad()
             def eps(where: str, t=t) -> torch.Tensor:
                 x = on[where]
-                return fitted[where].network(x, torch.full((len(x),), t, device=x.device))
+                return fitted[where].backbone.network(x, torch.full((len(x),), t, device=x.device))
 
             runner.check(f"unet eps {data.label} B={len(x_t)} t={t}", TOLERANCES["unet"], eps, relative, held_mib=held,
                          tf32_tolerance=None, note="random weights; TF32 on is reported, not judged")
@@ -664,7 +664,10 @@ def check_registry_method(runner: Runner, name: str, mnist: Inputs, skipped: dic
         count = min(runner.sizes.registry_images, mnist.store.num_images)
         data = Inputs("mnist5k", DatasetStore.from_tensor(mnist.store.images[:count], "mnist5k"), max(2, mnist.batch // 2),
                       mnist.alphas_cumprod)
+        scheduler = make_scheduler(SchedulerOptions())
         fitted, held = runner.fit(lambda d: method(params, d).fit(data.store))
+        for denoiser in fitted.values():  # e.g. a patch size per sampling step
+            denoiser.use_schedule(scheduler.timesteps.tolist())
     except StudioError as exc:
         skipped[name] = str(exc)
         runner.record(Check(f"{name} (from the registry)", DEFAULT_TOLERANCE, skipped=str(exc)))
@@ -673,7 +676,6 @@ def check_registry_method(runner: Runner, name: str, mnist: Inputs, skipped: dic
         runner.record(Check(f"{name} (from the registry)", DEFAULT_TOLERANCE, failure=_describe(exc)))
         return
     noise = FixedNoise(data.batch, data.store.sample_shape)
-    scheduler = make_scheduler(SchedulerOptions())
     for t in runner.sizes.timesteps:
         level = noise_level(scheduler, t)
         x_t = data.x_t(t)
@@ -687,6 +689,7 @@ def check_generate(runner: Runner, methods: list[str], root: Path, checkpoint: P
                    skipped: dict[str, str]) -> None:
     """`ads generate` of every method on mnist5k with tiny settings, through the command line's main()."""
     from analytic_diffusion.cli import main
+    from analytic_diffusion.config import load_config
     from analytic_diffusion.config.loader import configs_dir
 
     for name in methods:
@@ -699,6 +702,9 @@ def check_generate(runner: Runner, methods: list[str], root: Path, checkpoint: P
             path.write_text(f"defaults:\n  - defaults\n  - datasets/mnist5k\nmodel:\n  name: {name}\n")
             config = str(path)
         extra = [f"model.params.checkpoint={checkpoint}"] if name == "unet" and checkpoint else []
+        sizes = getattr(load_config(config).model.params, "patch_size", None)
+        if isinstance(sizes, list):  # one size per step of the config's schedule, not of these few steps: its last
+            extra.append(f"model.params.patch_size={sizes[-1]}")
         overrides = [f"experiment.device={runner.device}", "experiment.name=gpu_check", f"experiment.run_name={name}",
                      "experiment.append_timestamp=false", "logging.level=warning", *runner.sizes.generate, *extra]
         row = Check(f"generate {name}", 0, "problems", note=" ".join(runner.sizes.generate))
