@@ -81,3 +81,18 @@ def test_select_entries_by_age_and_dataset(fresh_root, tmp_path):
     assert select_entries(entries, "1h", now=now) == []
     assert len(select_entries(entries, "1h", now=now + 2 * 3600)) == 4
     assert select_entries(entries, dataset="b") == []  # names are of the dataset (array), not the file
+
+
+def test_cache_never_lists_or_removes_files_the_studio_did_not_write(tmp_path, capsys):
+    """A paths.cache that points at a folder of the user's files (a typo, ~) shows no entries and clear --all
+    deletes nothing; inside a real cache, a stray file without a fingerprint is left alone too."""
+    user = tmp_path / "home"
+    for relative in ("Documents/thesis.tex", "photos/a.jpg", "stores/notes.txt", "statistics/readme-v1.pt"):
+        (user / relative).parent.mkdir(parents=True, exist_ok=True)
+        (user / relative).write_text("mine")
+        os.utime(user / relative, (time.time() - 400 * DAY,) * 2)
+    assert cache_entries(user) == []
+    assert main(["cache", "clear", "--all", f"paths.cache={user}"]) == 0
+    assert main(["cache", "clear", "--older-than", "30d", f"paths.cache={user}"]) == 0
+    assert all((user / r).is_file() for r in ("Documents/thesis.tex", "photos/a.jpg", "stores/notes.txt",
+                                               "statistics/readme-v1.pt"))

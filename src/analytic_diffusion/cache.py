@@ -1,7 +1,8 @@
 """What the cache holds and when it was last used: dataset stores, statistics and any other cached entries.
 
 Layout: `<paths.cache>/<kind folder>/<dataset>-<fingerprint>[...]`, one file or folder per entry (stores/,
-statistics/, and whatever later kinds add, e.g. indexes/). Every reader calls `touch` on the entry it uses, so
+statistics/, indexes/). Nothing else is listed or removed: a `paths.cache` that points at a folder of other files
+(a typo, `~`) shows no entries, and `ads cache clear` never deletes what the studio did not write. Every reader calls `touch` on the entry it uses, so
 an entry's modification time is its last use and `ads cache clear --older-than 30d` removes what no run needed
 for 30 days.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .errors import StudioError
 
-KINDS = {"stores": "store", "statistics": "statistics", "indexes": "index"}  # folder -> kind; others: folder name
+KINDS = {"stores": "store", "statistics": "statistics", "indexes": "index"}  # folder -> kind
 AGE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _FINGERPRINT = re.compile(r"^[0-9a-f]{8,}$")  # entries are named <dataset>-<fingerprint>[-...]
 
@@ -42,13 +43,14 @@ class CacheEntry:
     last_used: float  # seconds since the epoch
 
 
-def _dataset_of(name: str) -> str:
-    """The name before the fingerprint: `mnist5k-1d201a0f7e` -> mnist5k, `cifar10-abc123def4-v1.pt` -> cifar10."""
+def _dataset_of(name: str) -> str | None:
+    """The name before the fingerprint: `mnist5k-1d201a0f7e` -> mnist5k, `cifar10-abc123def4-v1.pt` -> cifar10;
+    None for a name the studio does not write (no fingerprint)."""
     parts = name.split(".")[0].split("-")
     for i, part in enumerate(parts[1:], start=1):
         if _FINGERPRINT.match(part):
             return "-".join(parts[:i])
-    return parts[0]
+    return None
 
 
 def _size(path: Path) -> int:
@@ -58,16 +60,17 @@ def _size(path: Path) -> int:
 
 
 def cache_entries(cache_root: Path) -> list[CacheEntry]:
-    """Every entry under `cache_root`, most recently used first; hidden names (builds in progress) are left out."""
+    """Every entry the studio wrote under `cache_root` (`<kind folder>/<dataset>-<fingerprint>...` of KINDS), most
+    recently used first; hidden names (builds in progress) and anything else are left out."""
     entries = []
-    folders = sorted(p for p in Path(cache_root).iterdir() if p.is_dir()) if Path(cache_root).is_dir() else []
-    for folder in folders:
+    folders = [Path(cache_root) / name for name in sorted(KINDS)]
+    for folder in (f for f in folders if f.is_dir()):
         for path in sorted(folder.iterdir()):
-            if path.name.startswith("."):
+            dataset = _dataset_of(path.name)
+            if path.name.startswith(".") or dataset is None:
                 continue
             try:
-                entries.append(CacheEntry(KINDS.get(folder.name, folder.name), _dataset_of(path.name), path,
-                                          _size(path), path.stat().st_mtime))
+                entries.append(CacheEntry(KINDS[folder.name], dataset, path, _size(path), path.stat().st_mtime))
             except FileNotFoundError:  # removed meanwhile by another process
                 continue
     return sorted(entries, key=lambda e: e.last_used, reverse=True)
