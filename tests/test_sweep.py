@@ -163,6 +163,7 @@ def test_with_a_backbone_the_sweep_adds_its_row_agreement_columns_and_curves(tmp
         (["--datasets", "cifar10"], "cifar10 not found or unreadable under"),
         (["-c", "sweeps/nope"], "config 'sweeps/nope' not found"),
         (["baseline.checkpoint=/nowhere"], "not found"),
+        (["--methods", "els", "sampling.num_inference_steps=5"], "lists 10 sizes but sampling has 5 steps"),
     ],
 )
 def test_bad_sweeps_are_one_line_and_write_nothing(fresh_root, capsys, args, message):

@@ -83,9 +83,10 @@ class Denoiser:
         return self
 
     @classmethod
-    def check_schedule(cls, params: Any, timesteps: list[int], sample_shape: tuple[int, int, int]) -> None:
+    def check_schedule(cls, params: Any, timesteps: list[int], sample_shape: tuple[int, int, int] | None) -> None:
         """Refuse parameters that cannot serve this schedule and image shape (e.g. one patch size per step, or a
-        patch larger than the image); called before a run directory exists."""
+        patch larger than the image); called before a run directory exists. `sample_shape` None: not known yet
+        (a sweep checks every cell's schedule before it opens any store), so only the schedule is checked."""
 
     def use_schedule(self, timesteps: list[int]) -> None:
         """Told the timesteps sampling will visit, for methods whose parameters vary per step."""

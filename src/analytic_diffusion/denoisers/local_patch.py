@@ -112,8 +112,10 @@ class LocalPatchDenoiser(Denoiser):
         return self
 
     @classmethod
-    def check_schedule(cls, params: LocalPatchParams, timesteps: list[int], sample_shape: tuple[int, int, int]) -> None:
-        for size in set(params.sizes_for(timesteps).values()):
+    def check_schedule(cls, params: LocalPatchParams, timesteps: list[int],
+                       sample_shape: tuple[int, int, int] | None) -> None:
+        sizes = set(params.sizes_for(timesteps).values())
+        for size in sizes if sample_shape is not None else ():
             cls.check_fits(params, size, sample_shape)
 
     @classmethod

@@ -31,7 +31,8 @@ from ..config.loader import SWEEPS, configs_dir, read_mapping, resolve_config_pa
 from ..data.sources import DATASETS, SourceRequest, dataset_source
 from ..denoisers import denoiser_class
 from ..errors import StudioError, closest, unknown_name
-from ..unet.checkpoint import existing_checkpoint
+from ..sampling import make_scheduler
+from ..backbones import load_backbone
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -274,8 +275,11 @@ def _check_sources(cells: list[Cell]) -> None:
             seen.add(key)
             dataset_source(SourceRequest(d.name, d.split, d.download, d.path, Path(cell.config.paths.datasets)))
         for checkpoint in (cell.config.baseline.checkpoint, getattr(cell.config.model.params, "checkpoint", None)):
-            if checkpoint:
-                existing_checkpoint(checkpoint)
+            if checkpoint and checkpoint not in seen:  # any backbone format; a bad file is one line, before any run
+                seen.add(checkpoint)
+                load_backbone(checkpoint, cell.config.baseline.use_ema)
+        timesteps = make_scheduler(cell.config.sampling).timesteps.tolist()  # e.g. one patch size per step
+        denoiser_class(cell.config.model.name).check_schedule(cell.config.model.params, timesteps, None)
 
 
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
