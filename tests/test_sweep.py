@@ -197,3 +197,16 @@ def test_the_sweep_files_shipped_in_configs_plan_cleanly():
     assert [(c.method, c.config.dataset.subset_size) for c in sizes.cells] == [
         ("optimal", 100), ("optimal", 1000), ("optimal", 5000),
         ("pca_locality", 100), ("pca_locality", 1000), ("pca_locality", 5000)]
+
+
+def test_the_command_line_wins_over_the_sweep_file():
+    """A --grid key replaces the file's fixed override of that key (the default sweep sets num_inference_steps),
+    and a command-line override replaces the file's grid over its key."""
+    from analytic_diffusion.sweep.spec import load_spec
+
+    spec = load_spec(grid=["sampling.num_inference_steps=3,5"])
+    assert spec.grid == {"sampling.num_inference_steps": ["3", "5"]}
+    assert not any(o.startswith("sampling.num_inference_steps=") for o in spec.overrides)
+    assert "sampling.num_samples=8" in spec.overrides
+    spec = load_spec("sweeps/subset_size", overrides=["dataset.subset_size=100"])
+    assert "dataset.subset_size" not in spec.grid and spec.overrides[-1] == "dataset.subset_size=100"

@@ -153,7 +153,8 @@ def _read_file(config: str) -> tuple[dict[str, Any], str]:
 def load_spec(config: str | None = None, methods: str | None = None, datasets: str | None = None,
               grid: list[str] = (), overrides: list[str] = (), name: str | None = None) -> SweepSpec:
     """The sweep file (default: configs/sweeps/default.yaml) with the command line's choices on top: --methods and
-    --datasets replace the file's, each --grid key replaces the file's values for that key, overrides come last."""
+    --datasets replace the file's, each --grid key replaces the file's values or override for that key, and a
+    command-line override replaces the file's grid over its key; overrides come last."""
     data, stem = _read_file(config or DEFAULT_SWEEP)
     file_grid = data.get("grid") or {}
     if not isinstance(file_grid, dict):
@@ -164,18 +165,25 @@ def load_spec(config: str | None = None, methods: str | None = None, datasets: s
         if not items:
             raise StudioError(f"sweep grid key '{key}' has no values")
         values[str(key)] = [_text(v) for v in items]
+    command_line_overrides = _override_keys(list(overrides))
+    for key in [k for k in values if k in command_line_overrides]:  # the command line wins over the file's grid
+        del values[key]
+    command_line_grid = set()
     for text in grid:
         key, items = parse_grid_argument(text)
         values[key] = items
+        command_line_grid.add(key)
     file_overrides = data.get("overrides") or []
     if not isinstance(file_overrides, list):
         raise StudioError(f"sweep overrides must be a list of key=value strings, not {file_overrides!r}")
+    # ... and over the file's overrides: a --grid key replaces the file's fixed value of that key
+    file_overrides = [o for o in map(str, file_overrides) if o.partition("=")[0].strip() not in command_line_grid]
     return SweepSpec(
         name=name or str(data.get("name") or stem),
         methods=_names(methods if methods is not None else data.get("methods", list(DEFAULT_METHODS)), "methods"),
         datasets=_names(datasets if datasets is not None else data.get("datasets", list(DEFAULT_DATASETS)), "datasets"),
         grid=values,
-        overrides=[*map(str, file_overrides), *overrides],
+        overrides=[*file_overrides, *overrides],
     )
 
 
