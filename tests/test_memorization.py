@@ -189,6 +189,10 @@ def test_png_folder_from_another_program_equals_the_same_images_as_tensors(tmp_p
     for i, image in enumerate(pixels.numpy()):
         mode_image = Image.fromarray(image)
         (mode_image.convert("RGB") if i == 4 else mode_image).save(folder / f"x{i}.png")
+    # what a file browser does not show is left out, as for dataset folders: a macOS sidecar, a notebook checkpoint
+    (folder / "._x0.png").write_bytes(b"\0\5\26\7junk")
+    (folder / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(pixels[0].numpy()).save(folder / ".ipynb_checkpoints" / "x0-checkpoint.png")
     np.save(tmp_path / "same.npy", pixels.numpy())
     torch.save(pixels[:, None].float() / 127.5 - 1, tmp_path / "same.pt")
     reports = []

@@ -9,6 +9,7 @@ compares shapes with the training set.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import torch
 from PIL import Image
 
 from ..errors import StudioError
-from .sources import IMAGE_SUFFIXES, _pil_loader
+from .sources import IMAGE_SUFFIXES, _pil_loader, describe_skipped, list_image_files
+
+log = logging.getLogger("analytic_diffusion")
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
 FLOAT_LIMIT = 2.0  # model-space floats beyond this are not model space (0..255 or 0..1 pixels saved as floats)
@@ -75,7 +78,10 @@ def find_sample_inputs(path: Path) -> list[SampleInput]:
     runs = sorted(p.parent for p in path.rglob("samples.pt") if is_run_directory(p.parent))
     if runs:
         return [SampleInput("run", run) for run in runs]
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    listing = list_image_files(path)  # what a file browser shows, as for dataset folders
+    if listing.skipped:
+        log.info("%s: left out %s", path, describe_skipped(listing.report()["skipped"]))
+    files = listing.files
     if not files:
         raise StudioError(f"{path} holds no run directories and no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                           "pass a run directory, a sweep folder, a folder of images or a tensor file")
