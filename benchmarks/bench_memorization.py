@@ -25,7 +25,6 @@ import platform
 import time
 
 import faiss
-import numpy as np
 import torch
 from memory_probe import peak_extra_mib
 

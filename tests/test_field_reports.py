@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path

@@ -7,7 +7,6 @@ import torch
 
 from analytic_diffusion.config import load_config
 from analytic_diffusion.data.store import DatasetStore
-from analytic_diffusion.denoisers import NoiseLevel
 from analytic_diffusion.denoisers.optimal import OptimalDenoiser, OptimalParams
 from analytic_diffusion.denoisers.scfdm import ScfdmParams, SmoothedClosedFormDenoiser
 from analytic_diffusion.errors import StudioError
