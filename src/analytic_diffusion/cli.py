@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 from .errors import StudioError
 
@@ -19,11 +20,19 @@ DEFAULT_TRAINING_CONFIG = "unet_train/mnist5k_small"
 def _config_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_CONFIG) -> None:
     parser.add_argument("-c", "--config", default=default,
                         help=f"config under configs/ (e.g. optimal/cifar10) or a YAML path (default: {default})")
-    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. sampling.num_samples=16 experiment.device=cpu")
+    parser.add_argument("overrides", nargs="*", default=[], help="dot-list overrides, e.g. sampling.num_samples=16 experiment.device=cpu")
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, with its usage errors as the studio's other errors: one `error:` line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ads", description="Analytic Diffusion Studio: sample closed-form diffusion denoisers.")
+    parser = _OneLineErrors(prog="ads", description="Analytic Diffusion Studio: sample closed-form diffusion denoisers.")
     commands = parser.add_subparsers(dest="command", required=True)
     _config_arguments(commands.add_parser("generate", help="sample images with a method and write a run directory"))
     _config_arguments(commands.add_parser("config", help="print the resolved config without running anything"))
@@ -38,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     analysis.add_argument("-c", "--config", default=None,
                           help="config whose dataset is the training set (default: the run's own config.yaml, "
                                f"else {DEFAULT_CONFIG})")
-    analysis.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. memorization.reference_size=500")
+    analysis.add_argument("overrides", nargs="*", default=[], help="dot-list overrides, e.g. memorization.reference_size=500")
     commands.add_parser("list", help="list methods, datasets and configs")
     sweep = commands.add_parser("sweep", help="every method x dataset x grid from the same noise: runs, figure, table")
     sweep.add_argument("-c", "--config", default=None,
@@ -49,16 +58,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="a config key and its values, e.g. model.params.temperature=0.5,1,2 (repeatable)")
     sweep.add_argument("--name", help="the sweep folder under <paths.runs>/sweeps/ (default: the file's name)")
     sweep.add_argument("--force", action="store_true", help="rerun every cell, even those already complete")
-    sweep.add_argument("overrides", nargs="*", help="dot-list overrides for every cell, e.g. sampling.num_samples=16")
+    sweep.add_argument("overrides", nargs="*", default=[], help="dot-list overrides for every cell, e.g. sampling.num_samples=16")
     cache = commands.add_parser("cache", help="list cached dataset stores and statistics, or remove some")
     actions = cache.add_subparsers(dest="action")
     listing = actions.add_parser("list", help="every cache entry with its size, dataset and last use (the default)")
-    listing.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. paths.cache=/scratch/cache")
+    listing.add_argument("overrides", nargs="*", default=[], help="dot-list overrides, e.g. paths.cache=/scratch/cache")
     clear = actions.add_parser("clear", help="remove cache entries: those unused for a while, or of one dataset")
     clear.add_argument("--older-than", metavar="AGE", help="last used more than AGE ago: 30d, 12h, 2w, 90m")
     clear.add_argument("--dataset", metavar="NAME", help="computed from this dataset")
     clear.add_argument("--all", action="store_true", help="every entry")
-    clear.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. paths.cache=/scratch/cache")
+    clear.add_argument("overrides", nargs="*", default=[], help="dot-list overrides, e.g. paths.cache=/scratch/cache")
     return parser
 
 
