@@ -28,6 +28,7 @@ from .metrics.agreement import eps_cosine
 from .noise import batch_noise_sources
 from .runs import RunDirectory
 from .sampling import Step, epsilon_from_x0, make_scheduler, noise_level, sample
+from .figures import pyplot
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -134,10 +135,7 @@ def _cosine_table(cfg, method, network, scheduler, candidates, sample_shape, dev
 def plot_calibration(cosine: torch.Tensor, candidates: list[int], timesteps: list[int], chosen: list[int],
                      path: Path, method: str) -> None:
     """Mean eps_cosine against patch size, one curve per step, the chosen size marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     colours = plt.cm.viridis(torch.linspace(0, 1, len(timesteps)).numpy())

@@ -23,6 +23,7 @@ from .fileio import atomic_write
 from .noise import NoiseSource
 from .metrics import agreement
 from .sampling import Step, StepCallback, epsilon_from_x0, noise_level, sample
+from .figures import pyplot
 
 KINDS = ("trajectory", "single_step")
 METRICS = tuple(f"{kind}_{name}" for kind in KINDS for name in agreement.NAMES)
@@ -132,15 +133,6 @@ class BaselineComparison:
         )
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 TITLES = {"r2": "r2 (1 = identical)", "mse": "mse", "pearson_r": "pearson_r", "explained_variance": "explained_variance",
           "eps_cosine": "eps_cosine"}
 
@@ -148,7 +140,7 @@ TITLES = {"r2": "r2 (1 = identical)", "mse": "mse", "pearson_r": "pearson_r", "e
 def plot_comparison(result: ComparisonResult, path: Path, method: str = "method", baseline: str = "UNet") -> None:
     """One PNG, one panel per agreement metric against the timestep (sampling order, left to right): the mean over
     samples of both comparisons (own trajectories, single step) and their per-sample range; mse on a log scale."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(agreement.NAMES), figsize=(4.2 * len(agreement.NAMES), 3.8))
     tables = result.metrics()
     labels = {"trajectory": "own trajectories", "single_step": f"{baseline} at {method}'s x_t"}
@@ -179,7 +171,7 @@ def save_side_by_side(result: ComparisonResult, path: Path, method: str = "metho
     """One PNG: the method's final images (left) and the baseline's from the same noise (right), same order."""
     from torchvision.utils import make_grid
 
-    plt = _pyplot()
+    plt = pyplot()
     count = result.method_images.shape[0]
     columns = columns or max(1, math.ceil(math.sqrt(count)))
     grids = [make_grid(((images + 1) / 2).clamp(0, 1), nrow=columns, padding=2, pad_value=1.0)

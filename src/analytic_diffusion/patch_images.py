@@ -15,6 +15,7 @@ from .denoisers.base import NoiseLevel
 from .fileio import atomic_write
 from .mask_images import default_mask_pixels
 from .runs import to_unit_range
+from .figures import pyplot
 
 COLOURS = ("tab:red", "tab:orange", "tab:green", "tab:cyan", "tab:purple", "tab:pink")
 
@@ -31,10 +32,7 @@ def save_patch_figure(denoiser, x_t: torch.Tensor, samples: torch.Tensor, level:
     """One row per sample (up to `max_samples`): the sample with the chosen pixels marked, then per pixel the
     training image whose window had the largest weight, the window outlined. Returns what it drew as a dict
     (pixel, image index, window top-left) for metrics.json."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     count = min(max_samples, samples.shape[0])
     _, height, width = denoiser.store.sample_shape

@@ -1,4 +1,4 @@
-"""Figures of analyses: neighbour mosaics, histograms (matplotlib, headless)."""
+"""Figures of analyses: neighbour mosaics, histograms; `pyplot()`, the one headless matplotlib every figure uses."""
 
 
 def pyplot():

@@ -17,6 +17,7 @@ from torchvision.utils import make_grid
 from ..compare import R2_PLOT_FLOOR
 from ..fileio import atomic_write
 from ..runs import legible, to_unit_range
+from ..figures import pyplot
 
 MAX_COLUMNS = 12  # the comparison shows at most this many samples per row
 PADDING = 2  # pixels between images
@@ -24,19 +25,10 @@ DPI = 100
 LABEL_CHAR_PX = 7  # rough width of a label character at the label font size (9 pt at DPI)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_comparison(rows: Sequence[tuple[str, torch.Tensor]], path: Path, title: str) -> None:
     """One PNG: a labelled row per (label, samples [N, C, H, W] in model space), the first MAX_COLUMNS samples,
     drawn pixel for pixel (one image pixel per `legible` block, no interpolation)."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(MAX_COLUMNS, min(images.shape[0] for _, images in rows))
     strips = [make_grid(legible(to_unit_range(images[:columns])), nrow=columns, padding=PADDING, pad_value=1.0)
               for _, images in rows]
@@ -63,7 +55,7 @@ def save_comparison(rows: Sequence[tuple[str, torch.Tensor]], path: Path, title:
 
 def save_agreement(curves: Sequence[tuple[str, list[int], list[float | None]]], path: Path, title: str) -> None:
     """One PNG: per (label, timesteps, mean R² per step), R² against the timestep (sampling order, left to right)."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.2))
     lowest = 1.0
     for label, timesteps, r2 in curves:

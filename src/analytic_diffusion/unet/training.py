@@ -30,6 +30,7 @@ from .checkpoint import FILENAME, UNetCheckpoint, build_network, read_checkpoint
 from .model import UNet, UNetConfig, count_parameters
 from .networks import NETWORKS, build_unet, export_network
 from .schedule import NoiseSchedule
+from ..figures import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +252,7 @@ def _save(trainer: _Trainer, path: Path, config: TrainingConfig, store: DatasetS
 
 def save_loss_plot(path: Path, losses: list[float], epoch_losses: list[float], steps_per_epoch: int) -> None:
     """loss.png: the loss of every step, a running mean, and the mean of each epoch, on a log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(figsize=(7, 4))
     steps = torch.arange(1, len(losses) + 1)
