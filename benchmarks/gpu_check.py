@@ -11,7 +11,9 @@ embedded MNIST digits, CIFAR-shaped random uint8 stores), it measures:
   einsum; the speed-up is their ratio), and the GPU memory each holds plus the most one call adds;
 - on CUDA the same call with TF32 switched on (kernels keep IEEE float32 inside, so their result must not move);
 - a few optimizer steps of UNet training under autocast, and one `ads generate` per method end to end.
-It prints a table, writes JSON (--json) and exits with status 1 if any check failed. With --device cpu the CPU is
+It prints each row's numbers as it finishes and a table at the end, rewrites the JSON (--json) after every row
+("complete": false until the end: a run stopped by a time limit keeps its rows), and exits with status 1 if any
+check failed. With --device cpu the CPU is
 checked against itself and against the float64 formulas (CI runs `--device cpu --quick`, a few seconds). Offline:
 the datasets are the embedded digits and generated arrays; datasets, caches and runs go to a temporary root.
 The package is imported from this checkout's src/ when there is one.
@@ -181,10 +183,12 @@ def tf32(enabled: bool) -> Iterator[None]:
 class Runner:
     """Runs the checks of the selected groups on one device and keeps their rows."""
 
-    def __init__(self, device: torch.device, sizes: Sizes, groups: list[str] | None = None):
-        self.device, self.sizes, self.groups = device, sizes, groups
+    def __init__(self, device: torch.device, sizes: Sizes, groups: list[str] | None = None,
+                 report: Path | None = None):
+        self.device, self.sizes, self.groups, self.report = device, sizes, groups, report
         self.cuda = device.type == "cuda"
         self.checks: list[Check] = []
+        self.started = time.perf_counter()
 
     def wants(self, group: str) -> bool:
         return self.groups is None or group in self.groups
@@ -271,13 +275,14 @@ class Runner:
                 row.tf32_error = compare(fast, result)
         except Exception as exc:  # a check that cannot run is a failed check, and the others still run
             row.failure = _describe(exc)
-        self.checks.append(row)
-        _progress(row)
-        return row
+        return self.record(row)
 
     def record(self, row: Check) -> Check:
+        """Keep the row, print it, and rewrite the JSON report (marked incomplete until the run ends)."""
         self.checks.append(row)
         _progress(row)
+        if self.report is not None:
+            write_report(self.report, self, complete=False)
         return row
 
 
@@ -292,8 +297,15 @@ def _describe(exc: BaseException) -> str:
 
 
 def _progress(row: Check) -> None:
+    """One line per row as it finishes, with its numbers: a run stopped part-way still has them in its log."""
     verdict = "skip" if row.skipped and row.passed else "ok  " if row.passed else "FAIL"
-    print(f"  {verdict} {row.name}", file=sys.stderr, flush=True)
+    integer = row.metric in COUNTS
+    numbers = [f"vs CPU {_cell(row.error, 2, integer)}", f"vs float64 {_cell(row.reference_error, 2, integer)}",
+               f"TF32 Δ {_cell(row.tf32_error, 2, integer)}", f"ms {_cell(row.ms)}",
+               f"its ms {_cell(row.baseline_ms)}", f"MiB {_cell(row.mib)}"]
+    reason = row.failure or row.skipped
+    print(f"  {verdict} {row.name}: " + ", ".join(numbers) + (f" ({reason})" if reason else ""),
+          file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -659,9 +671,11 @@ def check_registry_method(runner: Runner, name: str, mnist: Inputs, skipped: dic
 
     method = denoiser_class(name)
     try:
-        params = (load_config(f"{name}/mnist5k").model.params if (configs_dir() / name / "mnist5k.yaml").is_file()
-                  else method.Params())
-        count = min(runner.sizes.registry_images, mnist.store.num_images)
+        config = load_config(f"{name}/mnist5k") if (configs_dir() / name / "mnist5k.yaml").is_file() else None
+        params = config.model.params if config is not None else method.Params()
+        # no more images than the method's own config uses (els: 100; its CPU reference grows with N x patches)
+        subset = config.dataset.subset_size if config is not None else None
+        count = min(runner.sizes.registry_images, subset or mnist.store.num_images, mnist.store.num_images)
         data = Inputs("mnist5k", DatasetStore.from_tensor(mnist.store.images[:count], "mnist5k"), max(2, mnist.batch // 2),
                       mnist.alphas_cumprod)
         scheduler = make_scheduler(SchedulerOptions())
@@ -774,6 +788,21 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def write_report(path: Path, runner: Runner, complete: bool, quick: bool | None = None) -> None:
+    """The rows so far as JSON: `complete` is false while the run goes on (a run stopped by a time limit keeps
+    every finished row)."""
+    failed = [c.name for c in runner.checks if not c.passed]
+    report = {**machine(runner.device), "quick": runner.sizes is QUICK if quick is None else quick,
+              "complete": complete, "seconds": time.perf_counter() - runner.started, "passed": complete and not failed,
+              "failed": failed, "skipped": [c.name for c in runner.checks if c.skipped],
+              "tolerances": TOLERANCES, "default_tolerance": DEFAULT_TOLERANCE,
+              "checks": [c.as_json() for c in runner.checks]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
+    staging.replace(path)
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
@@ -802,7 +831,7 @@ def run(args: argparse.Namespace, root: Path) -> Runner:
     device = torch.device(args.device)
     sizes = QUICK if args.quick else FULL
     methods = sorted(DENOISERS)
-    runner = Runner(device, sizes, args.only)
+    runner = Runner(device, sizes, args.only, args.json)
     alphas = make_scheduler(SchedulerOptions()).alphas_cumprod
     started = time.perf_counter()
     mnist_store, _ = load_or_build_store(StoreRequest("mnist5k", subset_size=sizes.mnist), root / "datasets", root / "cache")
@@ -866,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     failed = [c.name for c in runner.checks if not c.passed]
     info = machine(device)
+    if args.json is not None:
+        write_report(args.json, runner, complete=True, quick=args.quick)
     print(f"\n{info.get('gpu', info['cpu'])} ({info['device']}), torch {info['torch']}, CPU {info['cpu']} "
           f"({info['cpu_threads']} threads; the host may be shared), {'quick' if args.quick else 'full'} inputs, "
           f"{seconds:.0f} s\n")
@@ -874,13 +905,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(runner.checks) - len(failed)} of {len(runner.checks)} checks passed" +
           (f" ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else "") +
           (f"; FAILED: {', '.join(failed)}" if failed else ""))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {**info, "quick": args.quick, "seconds": seconds, "passed": not failed, "failed": failed,
-                  "skipped": skipped,
-                  "tolerances": TOLERANCES, "default_tolerance": DEFAULT_TOLERANCE,
-                  "checks": [c.as_json() for c in runner.checks]}
-        args.json.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
     return 1 if failed or not runner.checks else 0
 
 

@@ -101,6 +101,28 @@ def test_main_exits_non_zero_when_a_kernel_disagrees(gpu_check, monkeypatch, tmp
     assert all(c["error"] == 0 and c["reference_error"] > 1e-5 for c in report["checks"])
 
 
+def test_a_run_stopped_part_way_keeps_its_finished_rows_and_their_numbers(gpu_check, monkeypatch, tmp_path, capsys):
+    """A time limit (the GPU lease) can stop the check: the JSON written after every row and the progress lines on
+    stderr keep what was measured, marked incomplete."""
+    digits = torch.randint(0, 256, (40, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    monkeypatch.setattr(gpu_check, "load_or_build_store", lambda *args: (DatasetStore.from_tensor(digits), {}))
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check, "check_pca_locality", stopped)
+    report_path = tmp_path / "report.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--device", "cpu", "--quick", "--only", "wiener", "pca_locality", "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert report["complete"] is False and report["passed"] is False and report["quick"] is True
+    wiener = [c for c in report["checks"] if c["name"].startswith("wiener")]
+    assert len(wiener) == len(report["checks"]) == 2 * len(gpu_check.QUICK.timesteps)
+    assert all(c["passed"] and c["reference_error"] is not None for c in wiener)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("ok")]
+    assert len(lines) == len(wiener) and all("vs float64" in line and "ms " in line for line in lines)
+
+
 def test_unknown_group_and_missing_cuda_are_refused(gpu_check, capsys):
     assert gpu_check.main(["--only", "wienr"]) == 2
     assert "unknown group(s) wienr" in capsys.readouterr().err

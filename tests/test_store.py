@@ -95,6 +95,18 @@ def test_decode_matches_totensor_then_normalize(tmp_path):
     assert torch.equal(store.model_space(), expected)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_every_pixel_value_decodes_as_torchvision_on_every_device(device):
+    # CUDA divides by a scalar through its reciprocal (last-bit differences): the decoding must not depend on that
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    expected = reference(Image.fromarray(pixels[0].numpy()))
+    store = DatasetStore.from_tensor(pixels[None])
+    assert torch.equal(store.model_space(device=device).cpu()[0], expected)
+    assert torch.equal(store.model_space(device=device, dtype=torch.float64).cpu()[0], expected.double())
+
+
 def test_image_folder_recursive_and_edit_invalidates(tmp_path):
     folder = tmp_path / "pics"
     _write_images(folder, 6)

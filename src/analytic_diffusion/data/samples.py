@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..errors import StudioError
+from .pixels import decode_pixels
 from .sources import IMAGE_SUFFIXES, _pil_loader, describe_skipped, list_image_files
 
 log = logging.getLogger("analytic_diffusion")
@@ -164,11 +165,6 @@ def _model_space(value: np.ndarray | torch.Tensor, path: Path) -> torch.Tensor:
         raise StudioError(f"{path} holds floats up to {peak:.4g}, far outside model space [-1, 1]; save uint8 "
                           "pixels, or floats as pixels / 127.5 - 1")
     return images
-
-
-def decode_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [..] to model space, bit-identical to the dataset store's decoding (ToTensor, Normalize(0.5, 0.5))."""
-    return pixels.to(torch.float32).div_(255).sub_(0.5).div_(0.5)
 
 
 def _pixels(image: Image.Image, path: Path) -> np.ndarray:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..cache import touch
 from ..errors import StudioError
 from ..fileio import atomic_write_json, make_directory
+from .pixels import decode_pixels
 from .sources import ImageSource, SourceRequest, dataset_source, describe_skipped
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,11 @@ class DatasetStore:
         return self.images.dtype == torch.uint8
 
     def decode(self, raw: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Map stored values to model space [-1, 1], bit-identical to ToTensor() then Normalize(0.5, 0.5)."""
+        """Map stored values to model space [-1, 1], bit-identical to ToTensor() then Normalize(0.5, 0.5) on every
+        device (`pixels.decode_pixels`)."""
         if raw.dtype != torch.uint8:
             return raw.to(dtype)
-        return raw.to(torch.float32).div_(255).sub_(0.5).div_(0.5).to(dtype)
+        return decode_pixels(raw, dtype)
 
     def model_space(
         self, start: int = 0, stop: int | None = None, device: torch.device | str = "cpu", dtype=torch.float32
