@@ -127,6 +127,27 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert (result.plan.folder / "comparison_mnist5k.png").is_file()
 
 
+def test_a_sweep_with_a_failed_cell_exits_1_and_says_so(fresh_root, monkeypatch, capsys):
+    def broken(self, store):
+        raise RuntimeError("eigendecomposition exploded")
+
+    monkeypatch.setattr(Wiener, "fit", broken)
+    assert main(["sweep", "--methods", "wiener,nearest_dataset", "--name", "f", *TINY_RUN]) == 1
+    captured = capsys.readouterr()
+    error = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert error == [f"error: 1 of 2 cells failed (wiener_mnist5k); their errors are in "
+                     f"{fresh_root / 'runs' / 'sweeps' / 'f' / 'summary.md'}; rerun the same command to run only the "
+                     "unfinished cells"]
+    assert "sweep.yaml, summary.csv, summary.md" in captured.out
+
+
+def test_a_subset_larger_than_the_dataset_fails_its_cell_instead_of_running_on_fewer_images(fresh_root, capsys):
+    assert main(["sweep", "--methods", "optimal", "--name", "big", *TINY_RUN, "dataset.subset_size=6000"]) == 1
+    table = (fresh_root / "runs" / "sweeps" / "big" / "summary.md").read_text()
+    assert "dataset.subset_size=6000 but mnist5k (train) has 5000 images" in table
+    assert not (fresh_root / "runs" / "sweeps" / "big" / "optimal_mnist5k" / "metrics.json").exists()
+
+
 def test_with_a_backbone_the_sweep_adds_its_row_agreement_columns_and_curves(tmp_path):
     weights = {k: v.clone() for k, v in random_unet(size=28).state_dict().items()}
     save_checkpoint(tmp_path / "unet" / "checkpoint.pt", UNetCheckpoint(TINY, (1, 28, 28), weights, dict(weights)))
