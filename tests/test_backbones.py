@@ -4,6 +4,9 @@ a backbone on another noise schedule is sampled through the alpha_bar mapping.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,6 +116,18 @@ def test_diffusers_model_folder_loads_with_diffusers_itself(tmp_path):
     backbone = _assert_same_eps(tmp_path / "flat", unet, 1, 28, call=lambda x, t: unet(x, t).sample)
     assert backbone.format == "diffusers" and backbone.resolution == 28
     assert backbone.architecture["block_out_channels"] == [16, 32] and "assumed" in backbone.schedule_source
+
+
+def test_loading_a_diffusers_folder_prints_nothing_in_a_fresh_process(tmp_path):
+    """diffusers' default low_cpu_mem_usage=True prints a multi-line 'pip install accelerate' notice when accelerate
+    is missing (once per process, so only a fresh process shows it)."""
+    _diffusers_unet().save_pretrained(tmp_path / "flat")
+    code = f"from analytic_diffusion.backbones import load_backbone; load_backbone({str(tmp_path / 'flat')!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "accelerate" not in done.stderr, done.stderr
 
 
 def _cosine_pipeline(folder: Path):
