@@ -71,6 +71,38 @@ def test_ddpm_unet_has_the_published_parameter_names_and_shapes(size):
         config.ch, config.ch_mult, config.attn, config.num_res_blocks, config.in_channels)
 
 
+GOLDEN_CONFIG = {"T": 1000, "ch": 32, "ch_mult": [1, 2], "attn": [0, 1], "num_res_blocks": 1}  # attention at 16 and 8 px
+
+
+def seeded_ddpm_weights(template: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights for a DDPM UNet state dict drawn from one seeded generator in sorted key order (the fixed sinusoidal
+    table kept): the same numbers for pytorch-ddpm's model and the studio's, whoever builds them."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key in sorted(template):
+        tensor = template[key]
+        if key.endswith("timembedding.0.weight"):
+            weights[key] = tensor.clone()
+        elif tensor.dim() > 1:
+            weights[key] = torch.randn(tensor.shape, generator=generator) / tensor[0].numel() ** 0.5
+        else:
+            weights[key] = 0.1 * torch.randn(tensor.shape, generator=generator) + key.endswith("norm.weight")
+    return weights
+
+
+def test_ddpm_unet_gives_pytorch_ddpms_own_eps():
+    """An independent oracle: tests/data/pytorch_ddpm_eps.pt holds the eps that pytorch-ddpm's own model.py
+    (w86763777/pytorch-ddpm at f804ccb, run outside this project) computed for these seeded weights; the studio's
+    network must reproduce them (bit for bit on the machine that wrote them; 1e-5 allows other CPUs' kernels)."""
+    golden = torch.load(DATA / "pytorch_ddpm_eps.pt")
+    network = DDPMUNet(DDPMUNetConfig(**GOLDEN_CONFIG, dropout=0.0)).eval()
+    network.load_state_dict(seeded_ddpm_weights(network.state_dict()))
+    with torch.no_grad():
+        eps = network(golden["x"], golden["t"])
+    assert eps.abs().max() > 0.1  # not a degenerate network
+    torch.testing.assert_close(eps, golden["eps"], rtol=0, atol=1e-5)
+
+
 def test_time_embedding_rows_interleave_sine_and_cosine():
     table = _ddpm(GREY_28).state_dict()["time_embedding.timembedding.0.weight"]
     f1 = torch.exp(torch.tensor(-(2 / 32) * 9.210340371976184))  # ln 10000
