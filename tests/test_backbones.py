@@ -303,9 +303,11 @@ def test_generate_against_a_reference_file_and_a_diffusers_folder_end_to_end(tmp
             "sampling.num_samples=3", "sampling.batch_size=2", f"paths.runs={tmp_path / 'runs'}"]
     for path, kind in ((tmp_path / "ddpm.pt", "ddpm_unet"), (tmp_path / "pipeline", "diffusers")):
         assert main(["generate", "-c", "optimal/mnist5k", *fast, f"baseline.checkpoint={path}"]) == 0
-        assert "pearson_r" in capsys.readouterr().out
+        out = capsys.readouterr().out
         [metrics_file] = sorted((tmp_path / "runs").glob("*/*/metrics.json"), key=lambda p: p.stat().st_mtime)[-1:]
         baseline = json.loads(metrics_file.read_text())["baseline"]
+        # the summary says the baseline's time is apart from the method's sampling time, and how much it was
+        assert "pearson_r" in out and f"the baseline took {baseline['seconds']:.2f} s more (not in the sampling" in out
         assert baseline["backbone"]["format"] == kind and baseline["timesteps"] == [666, 333, 0]
         for name in METRICS:
             per_step = baseline["per_step"][name]
