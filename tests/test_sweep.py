@@ -148,6 +148,19 @@ def test_a_subset_larger_than_the_dataset_fails_its_cell_instead_of_running_on_f
     assert not (fresh_root / "runs" / "sweeps" / "big" / "optimal_mnist5k" / "metrics.json").exists()
 
 
+def test_memorization_of_a_sweep_folder_skips_cells_its_last_run_no_longer_has(tmp_path, caplog):
+    from analytic_diffusion.memorization import memorization
+
+    _sweep(tmp_path, "nearest_dataset,wiener")
+    result = _sweep(tmp_path, "nearest_dataset")  # the grid changed: wiener's folder stays on disk
+    assert (result.plan.folder / "wiener_mnist5k" / "samples.pt").is_file()
+    with caplog.at_level("INFO", logger="analytic_diffusion"):
+        analysis = memorization(result.plan.folder, None, ["experiment.device=cpu", f"paths.runs={tmp_path}/runs"])
+    assert [a.name for a in analysis.analyses] == ["nearest_dataset_mnist5k"]
+    assert analysis.out_dir.parent == tmp_path / "runs" / "memorization"  # beside other analyses, not in sweeps/
+    assert "left out 1 run directories that are not cells of the sweep's last run (wiener_mnist5k)" in caplog.text
+
+
 def test_with_a_backbone_the_sweep_adds_its_row_agreement_columns_and_curves(tmp_path):
     weights = {k: v.clone() for k, v in random_unet(size=28).state_dict().items()}
     save_checkpoint(tmp_path / "unet" / "checkpoint.pt", UNetCheckpoint(TINY, (1, 28, 28), weights, dict(weights)))

@@ -27,7 +27,7 @@ from .errors import StudioError
 from .figures.memorization import save_distance_histograms, save_neighbours
 from .fileio import atomic_write_text
 from .metrics.memorization import exclude_self, memorization_metrics, summarize
-from .runs import RunDirectory
+from .runs import SWEEPS_FOLDER, RunDirectory
 from .search import knn_search
 
 log = logging.getLogger("analytic_diffusion")
@@ -216,8 +216,11 @@ def memorization(images: str | Path, config: str | None = None, overrides: list[
     prepared = [_prepare(found, config, fallback_config, list(overrides)) for found in find_sample_inputs(path)]
     first = prepared[0].cfg
     device = resolve_device(first.experiment.device)
-    run = RunDirectory.create(Path(first.paths.runs), EXPERIMENT, prepared[0].samples.input.name if len(prepared) == 1
-                              else path.name, append_timestamp=True)
+    runs = Path(first.paths.runs)
+    if runs.name == SWEEPS_FOLDER:  # a sweep cell's config: its runs folder is <paths.runs>/sweeps
+        runs = runs.parent
+    run = RunDirectory.create(runs, EXPERIMENT, prepared[0].samples.input.name if len(prepared) == 1 else path.name,
+                              append_timestamp=True)
     try:
         references: dict[tuple, Reference] = {}
         analyses = []
