@@ -21,6 +21,7 @@ import torch
 
 from .config import StudioConfig, load_config
 from .data.samples import SampleInput, SampleSet, find_sample_inputs, load_samples, with_channels
+from .data.sources import DATASETS_WITH_TEST_SPLIT
 from .data.store import DatasetStore, StoreRequest, load_or_build_store
 from .devices import resolve_device
 from .errors import StudioError
@@ -32,7 +33,6 @@ from .search import knn_search
 
 log = logging.getLogger("analytic_diffusion")
 
-HELD_OUT_SPLITS = ("mnist", "fashion_mnist", "cifar10", "afhq")  # datasets with a test split (afhq: its val/)
 CSV_COLUMNS = ("d1", "d2", "ratio", "memorized", "nn_cosine", "nearest_index", "second_index")
 EXPERIMENT = "memorization"  # analysis folders live in <paths.runs>/memorization/
 
@@ -82,11 +82,11 @@ def evenly_spaced(count: int, wanted: int) -> torch.Tensor:
 
 
 def _reference_kind(cfg: StudioConfig) -> str:
-    held_out = cfg.dataset.name in HELD_OUT_SPLITS and cfg.dataset.split == "train"
+    held_out = cfg.dataset.name in DATASETS_WITH_TEST_SPLIT and cfg.dataset.split == "train"
     kind = cfg.memorization.reference
     if kind == "test" and not held_out:
         raise StudioError(f"dataset '{cfg.dataset.name}' (split '{cfg.dataset.split}') has no held-out test split "
-                          f"here (only {', '.join(HELD_OUT_SPLITS)} with split=train); set "
+                          f"here (only {', '.join(DATASETS_WITH_TEST_SPLIT)} with split=train); set "
                           "memorization.reference=leave_one_out")
     return "test_split" if kind == "test" or (kind == "auto" and held_out) else "leave_one_out"
 

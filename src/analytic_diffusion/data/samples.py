@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import StudioError
 from .pixels import decode_pixels
-from .sources import IMAGE_SUFFIXES, _pil_loader, describe_skipped, list_image_files
+from .sources import IMAGE_SUFFIXES, open_image, describe_skipped, list_image_files
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -207,7 +207,7 @@ def _image_folder(found: SampleInput) -> SampleSet:
     """Every image file under the folder, recursively, in sorted path order, each decoded without resizing."""
     files, arrays = found.files or [], []
     for file in files:
-        array = _pixels(_pil_loader(file), file)
+        array = _pixels(open_image(file), file)
         if arrays and array.shape[1:] != arrays[0].shape[1:]:
             raise StudioError(f"{file} is {array.shape[2]}x{array.shape[1]} pixels but {files[0]} is "
                               f"{arrays[0].shape[2]}x{arrays[0].shape[1]}; the images of one folder must share a size")
