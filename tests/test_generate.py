@@ -131,3 +131,14 @@ def test_a_file_in_the_way_of_an_output_folder_is_a_one_line_error(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot ") and message in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_run_log_keeps_what_was_logged_before_the_run_directory_existed(fresh_root, capsys):
+    """The store and the fit run before the run directory exists (bad input leaves nothing behind); their log lines
+    still open run.log, in order."""
+    assert main(["generate", "-c", "wiener/mnist5k", *FAST, "sampling.num_samples=2", "logging.level=info"]) == 0
+    run_dir = Path(capsys.readouterr().out.split("Outputs in ")[1].split(":")[0])
+    lines = (run_dir / "run.log").read_text().splitlines()
+    fitted = next(i for i, line in enumerate(lines) if "INFO statistics of mnist5k written to" in line)
+    opened = next(i for i, line in enumerate(lines) if f"INFO run {run_dir}" in line)
+    assert fitted < opened

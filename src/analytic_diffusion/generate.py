@@ -21,7 +21,7 @@ from .denoisers.unet import UNetDenoiser, UNetParams
 from .errors import StudioError
 from .devices import resolve_device, synchronize
 from .noise import batch_noise_sources
-from .runs import RunDirectory, save_grid, save_images, save_tensor
+from .runs import RunDirectory, records_before_run, save_grid, save_images, save_tensor
 from .mask_images import save_mask_images
 from .patch_images import save_patch_figure
 from .metrics.memorization import memorization_metrics, summarize
@@ -181,22 +181,23 @@ def _save_masks(denoiser: Denoiser, scheduler, path: Path, count: int = 5) -> No
 
 def generate(cfg: StudioConfig) -> GenerateResult:
     """Run the configured method and write the run directory; the directory stays marked incomplete on failure."""
-    device = resolve_device(cfg.experiment.device)
-    wandb = wandb_module(cfg)
-    torch.manual_seed(cfg.experiment.seed)
-    request = StoreRequest(**asdict(cfg.dataset))
-    store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
-    baseline = load_baseline(cfg, store, device)  # a wrong file stops the run before its directory exists
-    scheduler = make_scheduler(cfg.sampling)
-    denoiser_class(cfg.model.name).check_schedule(cfg.model.params, scheduler.timesteps.tolist(), store.sample_shape)
-    # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with more
-    # lists than images, a baseline for other images) stops here and leaves nothing behind.
-    denoiser, fit_seconds = build_denoiser(cfg, store, device)
-    denoiser.use_schedule(scheduler.timesteps.tolist())
-    comparison = build_comparison(cfg, baseline, scheduler)
-    run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
-    run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
-    handler = run.attach_log(log)
+    with records_before_run(log) as early:  # written to run.log once the run directory exists
+        device = resolve_device(cfg.experiment.device)
+        wandb = wandb_module(cfg)
+        torch.manual_seed(cfg.experiment.seed)
+        request = StoreRequest(**asdict(cfg.dataset))
+        store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+        baseline = load_baseline(cfg, store, device)  # a wrong file stops the run before its directory exists
+        scheduler = make_scheduler(cfg.sampling)
+        denoiser_class(cfg.model.name).check_schedule(cfg.model.params, scheduler.timesteps.tolist(), store.sample_shape)
+        # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with
+        # more lists than images, a baseline for other images) stops here and leaves nothing behind.
+        denoiser, fit_seconds = build_denoiser(cfg, store, device)
+        denoiser.use_schedule(scheduler.timesteps.tolist())
+        comparison = build_comparison(cfg, baseline, scheduler)
+        run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
+        run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
+    handler = run.attach_log(log, early)
     try:
         result = _generate_into(run, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison)
         if wandb is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,27 @@ from .fileio import atomic_write, atomic_write_json, atomic_write_text, make_dir
 INCOMPLETE = "INCOMPLETE"
 LEGIBLE_SIDE = 64  # figures show every image at least this many pixels on its shorter side
 SWEEPS_FOLDER = "sweeps"  # under paths.runs: the folder of every `ads sweep` (<runs>/sweeps/<sweep>/<cell>)
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def records_before_run(logger: logging.Logger) -> Iterator[list[logging.LogRecord]]:
+    """Keep what `logger` logs while a job checks its inputs, before its run directory exists (store build, fit),
+    so that `RunDirectory.attach_log` can write it to run.log first."""
+    kept = _Kept()
+    logger.addHandler(kept)
+    try:
+        yield kept.records
+    finally:
+        logger.removeHandler(kept)
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -87,10 +110,12 @@ class RunDirectory:
     def write_json(self, name: str, data: Any) -> None:
         atomic_write_json(self.path / name, data)
 
-    def attach_log(self, logger: logging.Logger) -> logging.Handler:
-        """Send `logger`'s records to <run>/run.log as well."""
+    def attach_log(self, logger: logging.Logger, earlier: list[logging.LogRecord] = ()) -> logging.Handler:
+        """Send `logger`'s records to <run>/run.log as well, after the `earlier` ones (`records_before_run`)."""
         handler = logging.FileHandler(self.path / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        for record in earlier:
+            handler.handle(record)
         logger.addHandler(handler)
         return handler
 
