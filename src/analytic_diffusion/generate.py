@@ -16,10 +16,13 @@ from .backbones import timestep_mapping
 from .compare import BaselineComparison, plot_comparison, save_side_by_side
 from .config import StudioConfig, to_yaml
 from .data.store import DatasetStore, StoreRequest, files_sentence, load_or_build_store
-from .denoisers import Denoiser, denoiser_class
+from .denoisers import Denoised, Denoiser, denoiser_class
 from .denoisers.unet import UNetDenoiser, UNetParams
 from .errors import StudioError
 from .devices import resolve_device, synchronize
+from . import distributed
+from .distributed import Ranks
+from .distributed.samples import check_samples_strategy, gather_batches
 from .noise import batch_noise_sources
 from .runs import RunDirectory, save_grid, save_images, save_tensor
 from .mask_images import save_mask_images
@@ -179,26 +182,52 @@ def _save_masks(denoiser: Denoiser, scheduler, path: Path, count: int = 5) -> No
     save_mask_images(denoiser, [noise_level(scheduler, t) for t in picked], None, path)
 
 
-def generate(cfg: StudioConfig) -> GenerateResult:
-    """Run the configured method and write the run directory; the directory stays marked incomplete on failure."""
-    device = resolve_device(cfg.experiment.device)
-    wandb = wandb_module(cfg)
+def generate(cfg: StudioConfig) -> GenerateResult | None:
+    """Run the configured method and write the run directory; the directory stays marked incomplete on failure.
+
+    Under torchrun (docs/distributed.md) every rank runs this; rank 0 writes the one run directory and returns the
+    result, the other ranks return None."""
+    name = distributed.device_name(cfg.experiment.device) if distributed.launched() else cfg.experiment.device
+    device = resolve_device(name)
+    ranks = distributed.start(cfg.distributed.strategy, cfg.distributed.timeout_seconds, device)
+    if ranks is None:
+        return _generate(cfg, device, None)
+    with distributed.failures_published(ranks):
+        result = _generate(cfg, device, ranks)
+        distributed.finish(ranks)
+    return result
+
+
+def _generate(cfg: StudioConfig, device: torch.device, ranks: Ranks | None) -> GenerateResult | None:
+    writer = ranks is None or ranks.is_writer
+    if not writer:
+        log.setLevel(logging.WARNING)  # rank 0 reports; the others only warn
+    wandb = wandb_module(cfg) if writer else None
     torch.manual_seed(cfg.experiment.seed)
     request = StoreRequest(**asdict(cfg.dataset))
-    store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+    store, store_info = _open_store(request, cfg, ranks)
+    if ranks is not None and cfg.baseline.checkpoint:
+        raise StudioError("baseline.checkpoint is not supported under torchrun yet; compare with the baseline in a "
+                          "one-process run (or set baseline.checkpoint=null)")
     baseline = load_baseline(cfg, store, device)  # a wrong file stops the run before its directory exists
     scheduler = make_scheduler(cfg.sampling)
     denoiser_class(cfg.model.name).check_schedule(cfg.model.params, scheduler.timesteps.tolist(), store.sample_shape)
+    if ranks is not None and ranks.strategy == "samples":
+        num_batches = -(-cfg.sampling.num_samples // cfg.sampling.batch_size)
+        check_samples_strategy(cfg.sampling.per_sample_seeds, num_batches, ranks)
     # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with more
     # lists than images, a baseline for other images) stops here and leaves nothing behind.
     denoiser, fit_seconds = build_denoiser(cfg, store, device)
     denoiser.use_schedule(scheduler.timesteps.tolist())
     comparison = build_comparison(cfg, baseline, scheduler)
+    if not writer:
+        return _generate_into(None, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison, ranks)
     run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
     handler = run.attach_log(log)
     try:
-        result = _generate_into(run, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison)
+        result = _generate_into(run, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison,
+                                ranks)
         if wandb is not None:
             log_run(wandb, cfg, run.path, result.metrics)
     except BaseException as exc:
@@ -211,12 +240,46 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     return result
 
 
-def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
-                   denoiser: Denoiser, fit_seconds: float, scheduler,
-                   comparison: BaselineComparison | None) -> GenerateResult:
-    run.write_text("config.yaml", to_yaml(cfg))
-    log.info("run %s: %s on %s (%d images, %s) on %s", run.path, cfg.model.name, cfg.dataset.name,
+def _open_store(request: StoreRequest, cfg: StudioConfig, ranks: Ranks | None) -> tuple[DatasetStore, dict]:
+    """The dataset store; under torchrun rank 0 builds it (when not cached) before the others open it."""
+    if ranks is None:
+        return load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+    if not ranks.is_writer:
+        distributed.group.collective(torch.distributed.barrier)
+    opened = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+    if ranks.is_writer:
+        distributed.group.collective(torch.distributed.barrier)
+    return opened
+
+
+def _peers_checked(recorder: TrajectoryRecorder) -> Callable[[Step], None]:
+    """The recorder, then a look for another rank's failure: a rank that raised stops this one within a step."""
+
+    def callback(step: Step) -> None:
+        recorder(step)
+        distributed.check_peers()
+
+    return callback
+
+
+def _portable(batch: Denoised, recorder: TrajectoryRecorder, seconds: float) -> tuple:
+    """A finished batch as rank 0 receives it: tensors on the CPU, no progress bar."""
+    recorder.progress = None
+    if recorder.final_x_t is not None:
+        recorder.final_x_t = recorder.final_x_t.cpu()
+    cpu = Denoised(batch.x0_hat.detach().cpu(), {k: v.detach().cpu() for k, v in batch.diagnostics.items()})
+    return cpu, recorder, seconds
+
+
+def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
+                   denoiser: Denoiser, fit_seconds: float, scheduler, comparison: BaselineComparison | None,
+                   ranks: Ranks | None = None) -> GenerateResult | None:
+    if run is not None:
+        run.write_text("config.yaml", to_yaml(cfg))
+    log.info("run %s: %s on %s (%d images, %s) on %s", run.path if run else None, cfg.model.name, cfg.dataset.name,
              store.num_images, "x".join(map(str, store.sample_shape)), device)
+    if ranks is not None:
+        log.info("distributed: %d ranks (%s), strategy %s", ranks.world_size, ranks.backend, ranks.strategy)
     if "files" in store_info:
         log.info("%s", files_sentence(store_info["files"]))
     warnings = [w for w in (start_warning(scheduler),) if w]
@@ -227,14 +290,17 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
     # The baseline's own copy of the run's noise: after x_T it supplies the scheduler noise when eta > 0.
     baseline_sources = batch_noise_sources(cfg.experiment.seed, cfg.sampling.num_samples, cfg.sampling.batch_size,
                                            store.sample_shape, device, cfg.sampling.per_sample_seeds)
+    split = ranks is not None and ranks.strategy == "samples"
+    chosen = ranks.share(len(sources)) if split else range(len(sources))
     recorders, batches = [], []
-    total_steps = len(sources) * len(scheduler.timesteps)
+    total_steps = len(chosen) * len(scheduler.timesteps)
     started = time.perf_counter()
-    with tqdm(total=total_steps, desc=f"sampling {cfg.model.name}", unit="step") as progress:
-        for noise, baseline_noise in zip(sources, baseline_sources):
+    with tqdm(total=total_steps, desc=f"sampling {cfg.model.name}", unit="step", disable=run is None) as progress:
+        for index in chosen:
+            noise, baseline_noise = sources[index], baseline_sources[index]
             recorder = TrajectoryRecorder(device, keep_images=cfg.output.intermediates, progress=progress)
             x_T = noise.randn()
-            callback = recorder
+            callback = recorder if ranks is None else _peers_checked(recorder)
             if comparison is not None:
                 baseline_noise.randn()  # the baseline's x_T is the method's; skip its copy
                 callback = _compared(recorder, comparison.start_batch(x_T, baseline_noise))
@@ -245,6 +311,14 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
                 comparison.finish_batch(batches[-1].x0_hat)
     synchronize(device)
     sampling_seconds = time.perf_counter() - started - (comparison.seconds if comparison else 0.0)
+    if split:
+        gathered = gather_batches(ranks, [_portable(b, r, sampling_seconds) for b, r in zip(batches, recorders)])
+        if gathered is None:
+            return None
+        batches, recorders = [g[0] for g in gathered], [g[1] for g in gathered]
+        sampling_seconds = max(g[2] for g in gathered)  # the slowest rank's wall time
+    elif run is None:
+        return None
     samples = torch.cat([b.x0_hat.detach().cpu() for b in batches])
     final = {k: torch.cat([b.diagnostics[k].detach().cpu() for b in batches]) for k in batches[0].diagnostics}
 

@@ -1,0 +1,5 @@
+"""Running one job on many processes (torchrun: GPUs with NCCL, CPUs with gloo), DESIGN.md §9, docs/distributed.md."""
+
+from .group import PeerFailure, Ranks, check_peers, device_name, failures_published, finish, launched, start
+
+__all__ = ["PeerFailure", "Ranks", "check_peers", "device_name", "failures_published", "finish", "launched", "start"]
