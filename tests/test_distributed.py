@@ -115,6 +115,47 @@ def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, digits:
     assert _without_timings(metrics[0]) == _without_timings(metrics[1])
 
 
+DATASET_METHODS = ("nearest_dataset", "optimal", "wiener", "pca_locality")
+
+
+def test_dataset_strategy_equals_one_process(tmp_path: Path, digits: list[str]) -> None:
+    """Each rank holds half the store; every method's samples match the one-process run's (nearest_dataset and
+    every k-NN index bit for bit, optimal and wiener within 1e-6, pca_locality within its own float32 chunking
+    noise), and the sample records too."""
+    common = [*SMALL, *digits, "sampling.timestep_spacing=trailing", "sampling.batch_size=2"]
+    runs = [(f"{method}/mnist5k", [*common, f"experiment.run_name={method}_dataset", "distributed.strategy=dataset",
+                                   f"paths.cache={tmp_path / 'sharded_cache'}"])
+            for method in DATASET_METHODS]
+    for method in DATASET_METHODS:  # the one-process runs, with a cache of their own (statistics computed apart)
+        _one_process(f"{method}/mnist5k", [*common, f"experiment.run_name={method}_one"])
+    ranks = _launch(tmp_path, runs)
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(runs)] * 2, ranks
+    for method in DATASET_METHODS:
+        one, two = _run_dir(f"{method}_one", method), _run_dir(f"{method}_dataset", method)
+        expected, actual = torch.load(one / "samples.pt"), torch.load(two / "samples.pt")
+        if method == "nearest_dataset":
+            assert torch.equal(expected, actual)
+        else:  # pca_locality sums float32 logits: one process moves by 3.4e-6 with its chunk size (120 vs 240) too
+            assert (expected - actual).abs().max() <= (1e-5 if method == "pca_locality" else 1e-6), method
+        records = [json.loads((d / "metrics.json").read_text())["samples"] for d in (one, two)]
+        for key in ("nearest_train_index", "second_train_index", "nearest_index", "top_index"):
+            assert [r.get(key) for r in records[0]] == [r.get(key) for r in records[1]], (method, key)
+        for key in ("nearest_train_distance", "effective_count", "top_weight", "mask_mean_size"):
+            for a, b in zip(records[0], records[1]):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (method, key)
+
+
+def test_dataset_strategy_refuses_other_methods() -> None:
+    from types import SimpleNamespace
+
+    from analytic_diffusion.distributed.dataset import build_sharded_denoiser
+
+    cfg = SimpleNamespace(model=SimpleNamespace(name="els", params=None))
+    with pytest.raises(StudioError, match="supports nearest_dataset, optimal, pca_locality, wiener"):
+        build_sharded_denoiser(cfg, None, torch.device("cpu"), Ranks(0, 2, 0, "dataset", "gloo"))
+
+
 @pytest.mark.parametrize("fault", ["raise", "kill"])
 def test_a_failed_rank_stops_the_other_with_one_line(tmp_path: Path, fault: str, digits: list[str]) -> None:
     """Rank 1 raises (or dies) at its second step: rank 0 stops well within the timeout with one line naming rank 1

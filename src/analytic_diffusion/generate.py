@@ -22,6 +22,7 @@ from .errors import StudioError
 from .devices import resolve_device, synchronize
 from . import distributed
 from .distributed import Ranks
+from .distributed.dataset import ShardedDataset, build_sharded_denoiser
 from .distributed.samples import check_samples_strategy, gather_batches
 from .noise import batch_noise_sources
 from .runs import RunDirectory, save_grid, save_images, save_tensor
@@ -136,15 +137,16 @@ def _merge_batches(recorders: list[TrajectoryRecorder]) -> dict[str, Any]:
 
 
 def _sample_records(
-    samples: torch.Tensor, store: DatasetStore, final: dict[str, torch.Tensor], threshold: float
+    samples: torch.Tensor, store: DatasetStore, final: dict[str, torch.Tensor], threshold: float,
+    sharded: ShardedDataset | None = None,
 ) -> tuple[list[dict], dict | None]:
     """Per sample: the nearest training image of the final sample (provenance), its memorization statistics (d2,
     ratio = d1/d2, memorized, nn_cosine, second_train_index; None with a one-image dataset) and the method's final
-    diagnostics; and their summary over samples. One exact k = 2 search."""
-    found = knn_search(samples, store, k=2)
+    diagnostics; and their summary over samples. One exact k = 2 search (over the shards, merged, when sharded)."""
+    found = sharded.search(samples, k=2) if sharded is not None else knn_search(samples, store, k=2)
     memorization = None
     if found.indices.shape[1] == 2:
-        nearest = store.gather(found.indices[:, 0], samples.device)
+        nearest = (sharded or store).gather(found.indices[:, 0], samples.device)
         memorization = memorization_metrics(samples, nearest, found.distances, found.indices, threshold)
     records = []
     for i in range(samples.shape[0]):
@@ -217,17 +219,22 @@ def _generate(cfg: StudioConfig, device: torch.device, ranks: Ranks | None) -> G
         check_samples_strategy(cfg.sampling.per_sample_seeds, num_batches, ranks)
     # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with more
     # lists than images, a baseline for other images) stops here and leaves nothing behind.
-    denoiser, fit_seconds = build_denoiser(cfg, store, device)
+    sharded = None
+    if ranks is not None and ranks.strategy == "dataset":
+        denoiser, fit_seconds, sharded = build_sharded_denoiser(cfg, store, device, ranks)
+    else:
+        denoiser, fit_seconds = build_denoiser(cfg, store, device)
     denoiser.use_schedule(scheduler.timesteps.tolist())
     comparison = build_comparison(cfg, baseline, scheduler)
     if not writer:
-        return _generate_into(None, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison, ranks)
+        return _generate_into(None, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison, ranks,
+                              sharded)
     run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
     handler = run.attach_log(log)
     try:
         result = _generate_into(run, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison,
-                                ranks)
+                                ranks, sharded)
         if wandb is not None:
             log_run(wandb, cfg, run.path, result.metrics)
     except BaseException as exc:
@@ -273,7 +280,7 @@ def _portable(batch: Denoised, recorder: TrajectoryRecorder, seconds: float) -> 
 
 def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
                    denoiser: Denoiser, fit_seconds: float, scheduler, comparison: BaselineComparison | None,
-                   ranks: Ranks | None = None) -> GenerateResult | None:
+                   ranks: Ranks | None = None, sharded: ShardedDataset | None = None) -> GenerateResult | None:
     if run is not None:
         run.write_text("config.yaml", to_yaml(cfg))
     log.info("run %s: %s on %s (%d images, %s) on %s", run.path if run else None, cfg.model.name, cfg.dataset.name,
@@ -317,10 +324,11 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
             return None
         batches, recorders = [g[0] for g in gathered], [g[1] for g in gathered]
         sampling_seconds = max(g[2] for g in gathered)  # the slowest rank's wall time
-    elif run is None:
-        return None
     samples = torch.cat([b.x0_hat.detach().cpu() for b in batches])
     final = {k: torch.cat([b.diagnostics[k].detach().cpu() for b in batches]) for k in batches[0].diagnostics}
+    records, memorization = _sample_records(samples, store, final, cfg.memorization.threshold, sharded)
+    if run is None:  # dataset strategy: every rank took part in every step and search; rank 0 writes
+        return None
 
     if cfg.output.tensors:
         save_tensor(samples, run.path / "samples.pt")
@@ -338,7 +346,6 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
     if cfg.output.intermediates:
         _save_intermediates(recorders, run.path / "intermediates", cfg.output.tensors)
     trajectory = _merge_batches(recorders)
-    records, memorization = _sample_records(samples, store, final, cfg.memorization.threshold)
     metrics = {
         "method": cfg.model.name,
         "dataset": cfg.dataset.name,
