@@ -22,7 +22,7 @@ from analytic_diffusion.errors import StudioError
 from analytic_diffusion.runs import INCOMPLETE
 
 SMALL = ["sampling.num_samples=4", "sampling.batch_size=1", "sampling.num_inference_steps=3",
-         "sampling.per_sample_seeds=true", "output.images=false", "output.grid=false", "experiment.append_timestamp=false"]
+         "sampling.per_sample_seeds=true", "output.images=false", "output.grid=false", "output.masks=false", "output.patches=false", "experiment.append_timestamp=false"]
 TIMINGS = ("fit_seconds", "sampling_seconds", "seconds_per_step", "store")
 
 
@@ -103,16 +103,27 @@ def _without_timings(metrics: dict) -> dict:
     return kept
 
 
+SAMPLES_METHODS = ("nearest_dataset", "optimal", "pca_locality", "local_score", "scfdm")  # the samples strategy
+# changes no method: one of each kind (search, softmax, statistics, patches, stochastic) keeps the test short
+
+
 def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, digits: list[str]) -> None:
-    """Rank 0 writes one run directory whose samples and metrics (timings aside) are the one-process run's."""
-    _one_process("optimal/mnist5k", [*SMALL, *digits, "experiment.run_name=one"])
-    ranks = _launch(tmp_path, [("optimal/mnist5k", [*SMALL, *digits, "experiment.run_name=two"])])
-    assert [r[0]["code"] for r in ranks] == [0, 0], ranks
-    one, two = _run_dir("one", "optimal"), _run_dir("two", "optimal")
-    assert not (two / INCOMPLETE).exists()
-    assert torch.equal(torch.load(one / "samples.pt"), torch.load(two / "samples.pt"))
-    metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
-    assert _without_timings(metrics[0]) == _without_timings(metrics[1])
+    """For every analytic method, rank 0 writes one run directory whose samples and metrics (timings aside) are the
+    one-process run's, bit for bit."""
+    def overrides(method: str, name: str) -> list[str]:
+        patch = ["model.params.patch_size=5"] if method in ("els", "local_score", "pspc") else []
+        return [*SMALL, *digits, *patch, f"experiment.run_name={method}_{name}"]
+
+    for method in SAMPLES_METHODS:
+        _one_process(f"{method}/mnist5k", overrides(method, "s1"))
+    ranks = _launch(tmp_path, [(f"{method}/mnist5k", overrides(method, "s2")) for method in SAMPLES_METHODS])
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(SAMPLES_METHODS)] * 2, ranks
+    for method in SAMPLES_METHODS:
+        one, two = _run_dir(f"{method}_s1", method), _run_dir(f"{method}_s2", method)
+        assert not (two / INCOMPLETE).exists()
+        assert torch.equal(torch.load(one / "samples.pt"), torch.load(two / "samples.pt")), method
+        metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+        assert _without_timings(metrics[0]) == _without_timings(metrics[1]), method
 
 
 DATASET_METHODS = ("nearest_dataset", "optimal", "wiener", "pca_locality")
