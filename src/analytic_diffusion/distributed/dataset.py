@@ -46,28 +46,35 @@ def shard_of(store: DatasetStore, ranks: Ranks) -> tuple[DatasetStore, int]:
     return shard, part.start
 
 
-def _all_gather(ranks: Ranks, tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's `tensor` (same shape everywhere), stacked in rank order: [K, *shape]."""
-    tensor = tensor.contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(ranks.world_size)]
-    collective(dist.all_gather, parts, tensor)
-    return torch.stack(parts)
+def _all_gather(ranks: Ranks, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensors` (each [B, ...], same shapes on every rank), each stacked in rank order: [K, B, ...].
+    One collective for all of them (packed as float64 columns: integers below 2^53 are exact), since on a busy
+    host each collective costs a scheduling round trip."""
+    batch = tensors[0].shape[0]
+    columns = [t.reshape(batch, -1).to(torch.float64) for t in tensors]
+    packed = torch.cat(columns, 1).contiguous()
+    parts = [torch.empty_like(packed) for _ in range(ranks.world_size)]
+    collective(dist.all_gather, parts, packed)
+    stacked = torch.stack(parts)
+    out, start = [], 0
+    for tensor, column in zip(tensors, columns):
+        part = stacked[:, :, start : start + column.shape[1]].reshape(ranks.world_size, *tensor.shape)
+        out.append(part.to(tensor.dtype))
+        start += column.shape[1]
+    return out
 
 
 def merge_softmax(ranks: Ranks, maximum: torch.Tensor, total: torch.Tensor, numerator: torch.Tensor,
-                  squares: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Merge per-shard streaming-softmax states (max m [*b], normaliser s [*b], weighted sum v [*b, *v], and
-    optionally sum of squared weights [*b]) into the state over the whole dataset, identical on every rank."""
-    m = _all_gather(ranks, maximum)
+                  *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Merge per-shard streaming-softmax states (max m [*b], normaliser s [*b], weighted sum v [*b, *v]) into the
+    state over the whole dataset, identical on every rank. Returns M, s, v, the shard holding M (the lowest on ties)
+    [*b], the factors e^(m_r - M) [K, *b], then `others` gathered alongside ([K, ...]); one collective in all."""
+    m, totals, values, *rest = _all_gather(ranks, maximum, total, numerator, *others)
     top = m.amax(0)
     factor = torch.exp(m - top.masked_fill(top == -math.inf, 0))  # [K, *b]; shards with only -inf logits add 0
-    merged_total = (factor * _all_gather(ranks, total)).sum(0)
-    values = _all_gather(ranks, numerator)
+    merged_total = (factor * totals).sum(0)
     merged_numerator = (factor.reshape(*factor.shape, *[1] * (values.ndim - factor.ndim)) * values).sum(0)
-    merged = (top, merged_total, merged_numerator)
-    if squares is not None:
-        merged += ((factor.square() * _all_gather(ranks, squares)).sum(0),)
-    return merged
+    return (top, merged_total, merged_numerator, m.argmax(0), factor, *rest)
 
 
 class ShardedDataset:
@@ -92,8 +99,8 @@ class ShardedDataset:
             pad = k - local.shape[1]
             squared = torch.cat([squared, squared.new_full((squared.shape[0], pad), math.inf)], 1)
             local = torch.cat([local, local.new_full((local.shape[0], pad), self.num_images)], 1)
-        indices = _all_gather(self.ranks, local + self.offset).permute(1, 0, 2).flatten(1)  # [B, K k]
-        distances = _all_gather(self.ranks, squared).permute(1, 0, 2).flatten(1)
+        indices, distances = (part.permute(1, 0, 2).flatten(1)  # [B, K k]
+                              for part in _all_gather(self.ranks, local + self.offset, squared))
         by_index, order = indices.sort(dim=1)
         best, order2 = distances.gather(1, order).sort(dim=1, stable=True)
         chosen = by_index.gather(1, order2)[:, :k]
@@ -145,9 +152,10 @@ class ShardedOptimal(Denoiser):
         total = 1 / part.diagnostics["top_weight"].to(self.device, torch.float64)  # the top weight is e^0 / s
         squares = total.square() / part.diagnostics["effective_count"].to(self.device, torch.float64)
         numerator = part.x0_hat.reshape(x_t.shape[0], -1).to(self.device, torch.float64) * total[:, None]
-        top_logit, total, numerator, squares = merge_softmax(self.dataset.ranks, maximum, total, numerator, squares)
-        shards = _all_gather(self.dataset.ranks, maximum).argmax(0)  # the first shard with the largest logit
-        top_index = _all_gather(self.dataset.ranks, top + self.dataset.offset).gather(0, shards[None])[0]
+        _, total, numerator, shard, factor, squares, tops = merge_softmax(
+            self.dataset.ranks, maximum, total, numerator, squares, top + self.dataset.offset)
+        squares = (factor.square() * squares).sum(0)
+        top_index = tops.gather(0, shard[None])[0]  # the first shard with the largest logit: the lowest index
         diagnostics = {
             "effective_count": (total.square() / squares).to(torch.float32).to(x_t.device),
             "top_weight": (1 / total).to(torch.float32).to(x_t.device),
@@ -166,7 +174,7 @@ class ShardedPcaLocality(PcaLocality):
 
     def _softmax_average(self, x_active, plan, level) -> torch.Tensor:
         state = self._softmax_state(x_active, plan, level)
-        _, total, numerator = merge_softmax(self.dataset.ranks, state.max, state.total, state.numerator)
+        _, total, numerator, *_ = merge_softmax(self.dataset.ranks, state.max, state.total, state.numerator)
         return numerator / total
 
 
@@ -180,9 +188,9 @@ def share_statistics(store: DatasetStore, dataset: ShardedDataset, cache_dir: Pa
     if cached[0] and path.is_file():
         return
     local = compute_moments(dataset.shard, device)
-    summary = torch.cat([torch.tensor([float(local.count)], dtype=torch.float64, device=device), local.mean])
-    gathered = _all_gather(ranks, summary)
-    counts, means = gathered[:, 0], gathered[:, 1:]
+    counts, means = _all_gather(ranks, torch.tensor([[float(local.count)]], dtype=torch.float64, device=device),
+                                local.mean[None])
+    counts, means = counts[:, 0, 0], means[:, 0]
     count = int(counts.sum().item())
     mean = (counts[:, None] * means).sum(0) / count
     delta = local.mean - mean
