@@ -1,6 +1,7 @@
 """Benchmark of distributed.strategy=dataset (docs/distributed.md): one step of `optimal` (exact) and
 `pca_locality` on a 60,000-image MNIST-shaped random uint8 store, on 1 process against K processes (gloo, one
-thread each), with seconds per step and peak memory per process; and the 1-process vs K-process x0_hat difference.
+thread each), with seconds per step (wall clock, the slowest rank; and CPU seconds of each process, which a busy
+machine inflates less) and peak memory per process; and the 1-process vs K-process x0_hat difference.
 
     PYTHONPATH=src python benchmarks/bench_distributed.py [--processes 2] [--repeats 3] [--images 60000]
         [--batch 16] [--pca-batch 2]
@@ -77,11 +78,12 @@ def worker(args: argparse.Namespace) -> None:
         denoiser.fit(store)
     fit_seconds = time.perf_counter() - started
     x0_hat = denoiser(x_t, level).x0_hat  # warm-up (pca_locality: compiles the mask plan)
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(args.repeats):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         x0_hat = denoiser(x_t, level).x0_hat
         seconds.append(time.perf_counter() - started)
+        cpu_seconds.append(time.process_time() - cpu_started)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -89,8 +91,21 @@ def worker(args: argparse.Namespace) -> None:
         torch.save(x0_hat, Path(args.out) / f"{args.method}-{world}.pt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(json.dumps({"method": args.method, "world": world, "rank": rank, "batch": batch,
-                      "step_seconds": statistics.median(seconds), "fit_seconds": fit_seconds, "peak_mib": peak,
+                      "step_seconds": statistics.median(seconds),
+                      "cpu_seconds": statistics.median(cpu_seconds), "fit_seconds": fit_seconds, "peak_mib": peak,
                       "added_mib": peak - imported}))
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's answer elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _free_port() -> int:
@@ -134,7 +149,7 @@ def main() -> None:
         args.method = args.worker
         worker(args)
         return
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at the start (a shared machine: timings are noisy); torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -142,19 +157,20 @@ def main() -> None:
         np.save(store, np.random.default_rng(0).integers(0, 256, (args.images, 1, 28, 28), dtype=np.uint8))
         print(f"store: {args.images} random uint8 images 1x28x28 ({store.stat().st_size / 2**20:.0f} MiB), "
               f"ab = {ALPHA_BAR}, median of {args.repeats} steps, one thread per process")
-        print("| method | B | processes | s/step | speed-up | peak MiB per process (above the imports) | "
-              "max \\|x0_hat - 1 process\\| |")
-        print("|---|---|---|---|---|---|---|")
+        print("| method | B | processes | s/step (wall) | speed-up | CPU s/step per process | peak MiB per process "
+              "(above the imports) | max \\|x0_hat - 1 process\\| |")
+        print("|---|---|---|---|---|---|---|---|")
         for method in args.methods.split(","):
             rows = {world: launch(method, world, args, store, folder) for world in (1, args.processes)}
             single = torch.load(folder / f"{method}-1.pt")
             for world, results in rows.items():
                 step = max(r["step_seconds"] for r in results)  # the slowest rank sets the pace
                 speedup = rows[1][0]["step_seconds"] / step
+                cpu = ", ".join(f"{r['cpu_seconds']:.3f}" for r in sorted(results, key=lambda r: r["rank"]))
                 peaks = ", ".join(f"{r['peak_mib']:.0f} ({r['added_mib']:.0f})"
                                   for r in sorted(results, key=lambda r: r["rank"]))
                 difference = (torch.load(folder / f"{method}-{world}.pt") - single).abs().max().item()
-                print(f"| {method} | {results[0]['batch']} | {world} | {step:.3f} | {speedup:.2f} | {peaks} | "
+                print(f"| {method} | {results[0]['batch']} | {world} | {step:.3f} | {speedup:.2f} | {cpu} | {peaks} | "
                       f"{difference:.1e} |")
 
 

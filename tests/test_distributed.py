@@ -21,8 +21,9 @@ from analytic_diffusion.distributed.samples import check_samples_strategy
 from analytic_diffusion.errors import StudioError
 from analytic_diffusion.runs import INCOMPLETE
 
-SMALL = ["sampling.num_samples=4", "sampling.batch_size=1", "sampling.num_inference_steps=3",
-         "sampling.per_sample_seeds=true", "output.images=false", "output.grid=false", "output.masks=false", "output.patches=false", "experiment.append_timestamp=false"]
+SMALL = ["sampling.num_samples=2", "sampling.batch_size=1", "sampling.num_inference_steps=2",
+         "sampling.per_sample_seeds=true", "output.images=false", "output.grid=false", "output.masks=false",
+         "output.patches=false", "experiment.append_timestamp=false"]
 TIMINGS = ("fit_seconds", "sampling_seconds", "seconds_per_step", "store")
 
 

@@ -249,13 +249,11 @@ def _generate(cfg: StudioConfig, device: torch.device, ranks: Ranks | None) -> G
 
 def _open_store(request: StoreRequest, cfg: StudioConfig, ranks: Ranks | None) -> tuple[DatasetStore, dict]:
     """The dataset store; under torchrun rank 0 builds it (when not cached) before the others open it."""
-    if ranks is None:
-        return load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
-    if not ranks.is_writer:
-        distributed.group.collective(torch.distributed.barrier)
+    if ranks is not None and not ranks.is_writer:
+        distributed.wait_for("store")
     opened = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
-    if ranks.is_writer:
-        distributed.group.collective(torch.distributed.barrier)
+    if ranks is not None and ranks.is_writer:
+        distributed.announce("store")
     return opened
 
 

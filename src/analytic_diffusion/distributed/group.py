@@ -29,8 +29,10 @@ import torch.distributed as dist
 from ..errors import StudioError, unknown_name
 
 STRATEGIES = ("samples", "dataset")
-FAILURE_KEY = "ads/failed/"  # + rank: the one line of a rank that failed
+KEYS = f"ads/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted launch does not see old keys
+FAILURE_KEY = KEYS + "failed/"  # + rank: the one line of a rank that failed
 LOOK_FOR_PEERS = 2.0  # seconds a failed collective waits for a peer's line before it reports what it saw itself
+POLL_SECONDS = 0.5  # how often a rank waiting for rank 0 (e.g. building the store) looks again
 
 T = TypeVar("T")
 
@@ -135,6 +137,25 @@ def peer_failure(wait: float = 0.0) -> str | None:
             time.sleep(0.1)
     except Exception:  # the store's host (rank 0 or the launcher) is gone
         return None
+
+
+def announce(name: str) -> None:
+    """Rank 0: `name` is done (e.g. the dataset store is built); the ranks in wait_for(name) go on."""
+    _store().set(f"{KEYS}done/{name}", "1")
+
+
+def wait_for(name: str) -> None:
+    """Wait, without a time limit, until rank 0 announces `name` (building a large store can take hours, longer
+    than any collective's timeout); stop with one line if a rank fails or rank 0's store goes away."""
+    store = _store()
+    while True:
+        try:
+            if store.check([f"{KEYS}done/{name}"]):
+                return
+        except Exception as exc:  # the store's host is gone
+            raise PeerFailure(f"rank 0 went away while rank {dist.get_rank()} waited for it ({name}): {exc}") from exc
+        check_peers()
+        time.sleep(POLL_SECONDS)
 
 
 def check_peers() -> None:
