@@ -1,7 +1,8 @@
 """Benchmark of distributed.strategy=dataset (docs/distributed.md): one step of `optimal` (exact) and
 `pca_locality` on a 60,000-image MNIST-shaped random uint8 store, on 1 process against K processes (gloo, one
 thread each), with seconds per step (wall clock, the slowest rank; and CPU seconds of each process, which a busy
-machine inflates less) and peak memory per process; and the 1-process vs K-process x0_hat difference.
+machine inflates less) and peak memory per process; the 1-process vs K-process x0_hat difference; and, as the
+control, one process on N / K images (one rank's work without the collectives).
 
     PYTHONPATH=src python benchmarks/bench_distributed.py [--processes 2] [--repeats 3] [--images 60000]
         [--batch 16] [--pca-batch 2]
@@ -50,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB: Python, torch, the studio
-    images = torch.from_numpy(np.load(args.store, mmap_mode="c"))
+    images = torch.from_numpy(np.load(args.store, mmap_mode="c"))[: args.subset]
     store = DatasetStore("random60k", f"random{images.shape[0]}", images)
     device = torch.device("cpu")
     batch = args.batch if args.method == "optimal" else args.pca_batch
@@ -87,7 +88,7 @@ def worker(args: argparse.Namespace) -> None:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 and args.subset is None:
         torch.save(x0_hat, Path(args.out) / f"{args.method}-{world}.pt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(json.dumps({"method": args.method, "world": world, "rank": rank, "batch": batch,
@@ -114,8 +115,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(method: str, world: int, args: argparse.Namespace, store: Path, folder: Path) -> list[dict]:
-    """`world` worker processes of this script (the torchrun environment set by hand); their JSON lines."""
+def launch(method: str, world: int, args: argparse.Namespace, store: Path, folder: Path,
+           subset: int | None = None) -> list[dict]:
+    """`world` worker processes of this script (the torchrun environment set by hand); their JSON lines. `subset`:
+    one process on the first `subset` images only (one rank's share of the work, without collectives)."""
     port, processes = _free_port(), []
     for rank in range(world):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -125,6 +128,7 @@ def launch(method: str, world: int, args: argparse.Namespace, store: Path, folde
         command = [sys.executable, __file__, "--worker", method, "--store", str(store), "--out", str(folder),
                    "--cache", str(folder / f"cache-{world}"), "--repeats", str(args.repeats),
                    "--batch", str(args.batch), "--pca-batch", str(args.pca_batch)]
+        command += ["--subset", str(subset)] if subset else []
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
     lines = [process.communicate()[0].strip().splitlines()[-1] for process in processes]
     if any(process.returncode for process in processes):
@@ -144,6 +148,7 @@ def main() -> None:
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--subset", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.method = args.worker
@@ -162,6 +167,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|")
         for method in args.methods.split(","):
             rows = {world: launch(method, world, args, store, folder) for world in (1, args.processes)}
+            share = args.images // args.processes
+            rows["share"] = launch(method, 1, args, store, folder, share)
             single = torch.load(folder / f"{method}-1.pt")
             for world, results in rows.items():
                 step = max(r["step_seconds"] for r in results)  # the slowest rank sets the pace
@@ -169,9 +176,13 @@ def main() -> None:
                 cpu = ", ".join(f"{r['cpu_seconds']:.3f}" for r in sorted(results, key=lambda r: r["rank"]))
                 peaks = ", ".join(f"{r['peak_mib']:.0f} ({r['added_mib']:.0f})"
                                   for r in sorted(results, key=lambda r: r["rank"]))
-                difference = (torch.load(folder / f"{method}-{world}.pt") - single).abs().max().item()
-                print(f"| {method} | {results[0]['batch']} | {world} | {step:.3f} | {speedup:.2f} | {cpu} | {peaks} | "
-                      f"{difference:.1e} |")
+                if world == "share":
+                    label, difference = f"1 on {share} images (one rank's work)", "-"
+                else:
+                    label = str(world)
+                    difference = f"{(torch.load(folder / f'{method}-{world}.pt') - single).abs().max().item():.1e}"
+                print(f"| {method} | {results[0]['batch']} | {label} | {step:.3f} | {speedup:.2f} | {cpu} | {peaks} | "
+                      f"{difference} |")
 
 
 if __name__ == "__main__":
