@@ -4,6 +4,9 @@ a backbone on another noise schedule is sampled through the alpha_bar mapping.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +71,38 @@ def test_ddpm_unet_has_the_published_parameter_names_and_shapes(size):
         config.ch, config.ch_mult, config.attn, config.num_res_blocks, config.in_channels)
 
 
+GOLDEN_CONFIG = {"T": 1000, "ch": 32, "ch_mult": [1, 2], "attn": [0, 1], "num_res_blocks": 1}  # attention at 16 and 8 px
+
+
+def seeded_ddpm_weights(template: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights for a DDPM UNet state dict drawn from one seeded generator in sorted key order (the fixed sinusoidal
+    table kept): the same numbers for pytorch-ddpm's model and the studio's, whoever builds them."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key in sorted(template):
+        tensor = template[key]
+        if key.endswith("timembedding.0.weight"):
+            weights[key] = tensor.clone()
+        elif tensor.dim() > 1:
+            weights[key] = torch.randn(tensor.shape, generator=generator) / tensor[0].numel() ** 0.5
+        else:
+            weights[key] = 0.1 * torch.randn(tensor.shape, generator=generator) + key.endswith("norm.weight")
+    return weights
+
+
+def test_ddpm_unet_gives_pytorch_ddpms_own_eps():
+    """An independent oracle: tests/data/pytorch_ddpm_eps.pt holds the eps that pytorch-ddpm's own model.py
+    (w86763777/pytorch-ddpm at f804ccb, run outside this project) computed for these seeded weights; the studio's
+    network must reproduce them (bit for bit on the machine that wrote them; 1e-5 allows other CPUs' kernels)."""
+    golden = torch.load(DATA / "pytorch_ddpm_eps.pt")
+    network = DDPMUNet(DDPMUNetConfig(**GOLDEN_CONFIG, dropout=0.0)).eval()
+    network.load_state_dict(seeded_ddpm_weights(network.state_dict()))
+    with torch.no_grad():
+        eps = network(golden["x"], golden["t"])
+    assert eps.abs().max() > 0.1  # not a degenerate network
+    torch.testing.assert_close(eps, golden["eps"], rtol=0, atol=1e-5)
+
+
 def test_time_embedding_rows_interleave_sine_and_cosine():
     table = _ddpm(GREY_28).state_dict()["time_embedding.timembedding.0.weight"]
     f1 = torch.exp(torch.tensor(-(2 / 32) * 9.210340371976184))  # ln 10000
@@ -113,6 +148,18 @@ def test_diffusers_model_folder_loads_with_diffusers_itself(tmp_path):
     backbone = _assert_same_eps(tmp_path / "flat", unet, 1, 28, call=lambda x, t: unet(x, t).sample)
     assert backbone.format == "diffusers" and backbone.resolution == 28
     assert backbone.architecture["block_out_channels"] == [16, 32] and "assumed" in backbone.schedule_source
+
+
+def test_loading_a_diffusers_folder_prints_nothing_in_a_fresh_process(tmp_path):
+    """diffusers' default low_cpu_mem_usage=True prints a multi-line 'pip install accelerate' notice when accelerate
+    is missing (once per process, so only a fresh process shows it)."""
+    _diffusers_unet().save_pretrained(tmp_path / "flat")
+    code = f"from analytic_diffusion.backbones import load_backbone; load_backbone({str(tmp_path / 'flat')!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "accelerate" not in done.stderr, done.stderr
 
 
 def _cosine_pipeline(folder: Path):
@@ -256,9 +303,11 @@ def test_generate_against_a_reference_file_and_a_diffusers_folder_end_to_end(tmp
             "sampling.num_samples=3", "sampling.batch_size=2", f"paths.runs={tmp_path / 'runs'}"]
     for path, kind in ((tmp_path / "ddpm.pt", "ddpm_unet"), (tmp_path / "pipeline", "diffusers")):
         assert main(["generate", "-c", "optimal/mnist5k", *fast, f"baseline.checkpoint={path}"]) == 0
-        assert "pearson_r" in capsys.readouterr().out
+        out = capsys.readouterr().out
         [metrics_file] = sorted((tmp_path / "runs").glob("*/*/metrics.json"), key=lambda p: p.stat().st_mtime)[-1:]
         baseline = json.loads(metrics_file.read_text())["baseline"]
+        # the summary says the baseline's time is apart from the method's sampling time, and how much it was
+        assert "pearson_r" in out and f"the baseline took {baseline['seconds']:.2f} s more (not in the sampling" in out
         assert baseline["backbone"]["format"] == kind and baseline["timesteps"] == [666, 333, 0]
         for name in METRICS:
             per_step = baseline["per_step"][name]

@@ -127,6 +127,40 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert (result.plan.folder / "comparison_mnist5k.png").is_file()
 
 
+def test_a_sweep_with_a_failed_cell_exits_1_and_says_so(fresh_root, monkeypatch, capsys):
+    def broken(self, store):
+        raise RuntimeError("eigendecomposition exploded")
+
+    monkeypatch.setattr(Wiener, "fit", broken)
+    assert main(["sweep", "--methods", "wiener,nearest_dataset", "--name", "f", *TINY_RUN]) == 1
+    captured = capsys.readouterr()
+    error = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert error == [f"error: 1 of 2 cells failed (wiener_mnist5k); their errors are in "
+                     f"{fresh_root / 'runs' / 'sweeps' / 'f' / 'summary.md'}; rerun the same command to run only the "
+                     "unfinished cells"]
+    assert "sweep.yaml, summary.csv, summary.md" in captured.out
+
+
+def test_a_subset_larger_than_the_dataset_fails_its_cell_instead_of_running_on_fewer_images(fresh_root, capsys):
+    assert main(["sweep", "--methods", "optimal", "--name", "big", *TINY_RUN, "dataset.subset_size=6000"]) == 1
+    table = (fresh_root / "runs" / "sweeps" / "big" / "summary.md").read_text()
+    assert "dataset.subset_size=6000 but mnist5k (train) has 5000 images" in table
+    assert not (fresh_root / "runs" / "sweeps" / "big" / "optimal_mnist5k" / "metrics.json").exists()
+
+
+def test_memorization_of_a_sweep_folder_skips_cells_its_last_run_no_longer_has(tmp_path, caplog):
+    from analytic_diffusion.memorization import memorization
+
+    _sweep(tmp_path, "nearest_dataset,wiener")
+    result = _sweep(tmp_path, "nearest_dataset")  # the grid changed: wiener's folder stays on disk
+    assert (result.plan.folder / "wiener_mnist5k" / "samples.pt").is_file()
+    with caplog.at_level("INFO", logger="analytic_diffusion"):
+        analysis = memorization(result.plan.folder, None, ["experiment.device=cpu", f"paths.runs={tmp_path}/runs"])
+    assert [a.name for a in analysis.analyses] == ["nearest_dataset_mnist5k"]
+    assert analysis.out_dir.parent == tmp_path / "runs" / "memorization"  # beside other analyses, not in sweeps/
+    assert "left out 1 run directories that are not cells of the sweep's last run (wiener_mnist5k)" in caplog.text
+
+
 def test_with_a_backbone_the_sweep_adds_its_row_agreement_columns_and_curves(tmp_path):
     weights = {k: v.clone() for k, v in random_unet(size=28).state_dict().items()}
     save_checkpoint(tmp_path / "unet" / "checkpoint.pt", UNetCheckpoint(TINY, (1, 28, 28), weights, dict(weights)))

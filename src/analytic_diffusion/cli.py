@@ -98,7 +98,8 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("analytic_diffusion").setLevel(level.upper())
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int | None:
+    """Run the command; a status other than None is the exit status (a sweep with failed cells: 1)."""
     from .config import available_configs, load_config, to_yaml
     from .distributed import launched
 
@@ -117,8 +118,7 @@ def _run(args: argparse.Namespace) -> None:
         print("sweeps: " + ", ".join(available_configs("sweep")))
         return
     if args.command == "sweep":
-        _sweep(args)
-        return
+        return _sweep(args)
     if args.command == "cache":
         _cache(args)
         return
@@ -150,14 +150,21 @@ def _run(args: argparse.Namespace) -> None:
         print(summary(result))
 
 
-def _sweep(args: argparse.Namespace) -> None:
+def _sweep(args: argparse.Namespace) -> int:
     from .sweep import load_spec, plan_sweep, run_sweep, summary
 
     _setup_logging("info")
     spec = load_spec(args.config, args.methods, args.datasets, args.grid, args.overrides, args.name)
     plan = plan_sweep(spec)  # every cell's config checked before anything is written
     logging.getLogger("analytic_diffusion").setLevel(plan.cells[0].config.logging.level.upper())
-    print(summary(run_sweep(plan, force=args.force)))
+    result = run_sweep(plan, force=args.force)
+    print(summary(result))
+    failed = [o.cell.name for o in result.outcomes if o.status == "failed"]
+    if failed:
+        print(f"error: {len(failed)} of {len(result.outcomes)} cells failed ({', '.join(failed)}); their errors are "
+              f"in {plan.folder / 'summary.md'}; rerun the same command to run only the unfinished cells", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cache(args: argparse.Namespace) -> None:
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        _run(args)
+        status = _run(args)
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -210,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
         }.get(args.command, "a run directory, if one was created, stays marked INCOMPLETE")
         print(f"interrupted; {advice}", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

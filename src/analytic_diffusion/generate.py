@@ -395,7 +395,8 @@ def summary(result: GenerateResult) -> str:
         baseline = (" Against the baseline at the last step: " + "; ".join(
             f"r2 {mean[f'{kind}_r2']} (mean), pearson_r {median[f'{kind}_pearson_r']} (median) ({label})"
             for kind, label in (("trajectory", "own trajectories"), ("single_step", "single step")))
-            + "; all five metrics in metrics.json, see comparison.png, side_by_side.png.")
+            + f"; the baseline took {m['baseline']['seconds']:.2f} s more (not in the sampling time); all five "
+            "metrics in metrics.json, see comparison.png, side_by_side.png.")
     files = f" {files_sentence(m['store']['files'])}." if "files" in m["store"] else ""
     warnings = "".join(f" Warning: {w}." for w in m.get("warnings", []))
     memorized = ""

@@ -21,18 +21,18 @@ import torch
 
 from .config import StudioConfig, load_config
 from .data.samples import SampleInput, SampleSet, find_sample_inputs, load_samples, with_channels
+from .data.sources import DATASETS_WITH_TEST_SPLIT
 from .data.store import DatasetStore, StoreRequest, load_or_build_store
 from .devices import resolve_device
 from .errors import StudioError
 from .figures.memorization import save_distance_histograms, save_neighbours
 from .fileio import atomic_write_text
 from .metrics.memorization import exclude_self, memorization_metrics, summarize
-from .runs import RunDirectory
+from .runs import SWEEPS_FOLDER, RunDirectory
 from .search import knn_search
 
 log = logging.getLogger("analytic_diffusion")
 
-HELD_OUT_SPLITS = ("mnist", "fashion_mnist", "cifar10", "afhq")  # datasets with a test split (afhq: its val/)
 CSV_COLUMNS = ("d1", "d2", "ratio", "memorized", "nn_cosine", "nearest_index", "second_index")
 EXPERIMENT = "memorization"  # analysis folders live in <paths.runs>/memorization/
 
@@ -82,11 +82,11 @@ def evenly_spaced(count: int, wanted: int) -> torch.Tensor:
 
 
 def _reference_kind(cfg: StudioConfig) -> str:
-    held_out = cfg.dataset.name in HELD_OUT_SPLITS and cfg.dataset.split == "train"
+    held_out = cfg.dataset.name in DATASETS_WITH_TEST_SPLIT and cfg.dataset.split == "train"
     kind = cfg.memorization.reference
     if kind == "test" and not held_out:
         raise StudioError(f"dataset '{cfg.dataset.name}' (split '{cfg.dataset.split}') has no held-out test split "
-                          f"here (only {', '.join(HELD_OUT_SPLITS)} with split=train); set "
+                          f"here (only {', '.join(DATASETS_WITH_TEST_SPLIT)} with split=train); set "
                           "memorization.reference=leave_one_out")
     return "test_split" if kind == "test" or (kind == "auto" and held_out) else "leave_one_out"
 
@@ -216,8 +216,11 @@ def memorization(images: str | Path, config: str | None = None, overrides: list[
     prepared = [_prepare(found, config, fallback_config, list(overrides)) for found in find_sample_inputs(path)]
     first = prepared[0].cfg
     device = resolve_device(first.experiment.device)
-    run = RunDirectory.create(Path(first.paths.runs), EXPERIMENT, prepared[0].samples.input.name if len(prepared) == 1
-                              else path.name, append_timestamp=True)
+    runs = Path(first.paths.runs)
+    if runs.name == SWEEPS_FOLDER:  # a sweep cell's config: its runs folder is <paths.runs>/sweeps
+        runs = runs.parent
+    run = RunDirectory.create(runs, EXPERIMENT, prepared[0].samples.input.name if len(prepared) == 1 else path.name,
+                              append_timestamp=True)
     try:
         references: dict[tuple, Reference] = {}
         analyses = []

@@ -20,6 +20,7 @@ from .fileio import atomic_write, atomic_write_json, atomic_write_text, make_dir
 
 INCOMPLETE = "INCOMPLETE"
 LEGIBLE_SIDE = 64  # figures show every image at least this many pixels on its shorter side
+SWEEPS_FOLDER = "sweeps"  # under paths.runs: the folder of every `ads sweep` (<runs>/sweeps/<sweep>/<cell>)
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:

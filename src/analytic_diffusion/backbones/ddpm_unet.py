@@ -84,11 +84,15 @@ class AttnBlock(nn.Module):
         self.proj = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the operations, layouts and scaling of the published implementation (pytorch-ddpm's model.py), so that
+        # its checkpoints give its own eps bit for bit (another order of the same products differs by ~1e-6)
         b, c, h, w = x.shape
         g = self.group_norm(x)
-        q, k, v = (p(g).flatten(2).transpose(1, 2) for p in (self.proj_q, self.proj_k, self.proj_v))  # [B, HW, C]
-        weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(b, c, h, w)
+        q = self.proj_q(g).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C]
+        k = self.proj_k(g).reshape(b, c, h * w)  # [B, C, HW]
+        v = self.proj_v(g).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        weights = torch.softmax(torch.bmm(q, k) * c**-0.5, dim=-1)
+        out = torch.bmm(weights, v).reshape(b, h, w, c).permute(0, 3, 1, 2)
         return x + self.proj(out)
 
 

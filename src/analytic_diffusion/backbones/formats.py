@@ -13,6 +13,8 @@ Anything else is a one-line StudioError naming these formats.
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import logging
 from pathlib import Path
@@ -156,7 +158,9 @@ def _load_diffusers(folder: Path, subfolder: str | None, scheduler_file: Path | 
         raise StudioError(f"{model_dir} holds a diffusers {config.get('_class_name')}, not an unconditional "
                           f"UNet2DModel; give {RECOGNISED}")
     try:
-        unet = UNet2DModel.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+        # without accelerate, diffusers' default (low_cpu_mem_usage=True) prints a multi-line install notice
+        unet = UNet2DModel.from_pretrained(folder, subfolder=subfolder, local_files_only=True,
+                                           low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except Exception as exc:
         raise StudioError(f"diffusers cannot load the UNet2DModel in {model_dir} ({_reason(exc)}); give "
                           f"{RECOGNISED}") from None

@@ -9,6 +9,7 @@ compares shapes with the training set.
 
 from __future__ import annotations
 
+import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image
 
 from ..errors import StudioError
 from .pixels import decode_pixels
-from .sources import IMAGE_SUFFIXES, _pil_loader, describe_skipped, list_image_files
+from .sources import IMAGE_SUFFIXES, open_image, describe_skipped, list_image_files
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -77,6 +78,13 @@ def find_sample_inputs(path: Path) -> list[SampleInput]:
         raise StudioError(f"run directory {path} has no samples.pt (the run set output.tensors=false or did not "
                           f"finish); pass its images/ folder with -c {path / 'config.yaml'} instead")
     runs = sorted(p.parent for p in path.rglob("samples.pt") if is_run_directory(p.parent))
+    cells = _sweep_cells(path)
+    if cells is not None:  # an `ads sweep` folder: the cells of its last run, not those a changed grid left behind
+        stale = [run for run in runs if run.parent == path and run.name not in cells]
+        if stale:
+            log.info("%s: left out %d run directories that are not cells of the sweep's last run (%s)", path,
+                     len(stale), ", ".join(run.name for run in stale[:5]))
+        runs = [run for run in runs if run not in stale]
     if runs:
         return [SampleInput("run", run) for run in runs]
     listing = list_image_files(path)  # what a file browser shows, as for dataset folders
@@ -87,6 +95,14 @@ def find_sample_inputs(path: Path) -> list[SampleInput]:
         raise StudioError(f"{path} holds no run directories and no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                           "pass a run directory, a sweep folder, a folder of images or a tensor file")
     return [SampleInput("folder", path, files)]
+
+
+def _sweep_cells(path: Path) -> set[str] | None:
+    """The cell names in the summary of an `ads sweep` folder (sweep.yaml and summary.csv), else None."""
+    if not ((path / "sweep.yaml").is_file() and (path / "summary.csv").is_file()):
+        return None
+    with open(path / "summary.csv", newline="") as f:
+        return {row["run"] for row in csv.DictReader(f) if row.get("run")}
 
 
 def load_samples(found: SampleInput) -> SampleSet:
@@ -191,7 +207,7 @@ def _image_folder(found: SampleInput) -> SampleSet:
     """Every image file under the folder, recursively, in sorted path order, each decoded without resizing."""
     files, arrays = found.files or [], []
     for file in files:
-        array = _pixels(_pil_loader(file), file)
+        array = _pixels(open_image(file), file)
         if arrays and array.shape[1:] != arrays[0].shape[1:]:
             raise StudioError(f"{file} is {array.shape[2]}x{array.shape[1]} pixels but {files[0]} is "
                               f"{arrays[0].shape[2]}x{arrays[0].shape[1]}; the images of one folder must share a size")

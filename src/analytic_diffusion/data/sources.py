@@ -55,6 +55,7 @@ class ImageSource:
 
 SourceBuilder = Callable[[SourceRequest], ImageSource]
 DATASETS: dict[str, SourceBuilder] = {}
+DATASETS_WITH_TEST_SPLIT = ("mnist", "fashion_mnist", "cifar10", "afhq")  # split=test works (afhq: its val/)
 
 
 def register_dataset(name: str):
@@ -105,7 +106,7 @@ def array_source(name: str, images: np.ndarray, describe: str) -> ImageSource:
     return ImageSource(name, len(images), lambda i: images[i], {"sha256": array_digest(images)}, describe, alpha)
 
 
-def _pil_loader(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     """The image as a viewer shows it: decoded, and turned upright by its EXIF orientation tag."""
     try:
         with Image.open(path) as image:
@@ -217,7 +218,7 @@ def folder_source(name: str, root: Path, hint: str) -> ImageSource:
         return counts
 
     signature = {"files": file_listing(files, root), "rules": FOLDER_RULES}
-    return ImageSource(name, len(files), lambda i: _pil_loader(files[i]), signature, str(root),
+    return ImageSource(name, len(files), lambda i: open_image(files[i]), signature, str(root),
                        may_have_alpha=True, channel_counts=channel_counts, report=report)
 
 

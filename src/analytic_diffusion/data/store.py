@@ -231,7 +231,10 @@ def _check_subset(request: StoreRequest, length: int) -> int:
         return length
     if request.subset_size < 1:
         raise StudioError(f"dataset.subset_size must be at least 1, got {request.subset_size}")
-    return min(request.subset_size, length)
+    if request.subset_size > length:  # silently fewer images would mislabel every result (and every sweep cell)
+        raise StudioError(f"dataset.subset_size={request.subset_size} but {request.name} ({request.split}) has "
+                          f"{length} images; use at most {length}, or dataset.subset_size=null for all of them")
+    return request.subset_size
 
 
 def _build(path: Path, source: ImageSource, request: StoreRequest, count: int, channels: int, floating: bool) -> None:

@@ -101,7 +101,7 @@ def _prepare_stores(cells: list[Cell]) -> None:
 def _write_outputs(plan: SweepPlan, outcomes: list[CellOutcome]) -> list[Path]:
     """summary.csv, summary.md and per dataset the comparison figure and, with a backbone, the agreement figure."""
     write_summary(plan, outcomes)
-    files = [plan.folder / "summary.csv", plan.folder / "summary.md"]
+    files = [plan.folder / "sweep.yaml", plan.folder / "summary.csv", plan.folder / "summary.md"]
     finished = [o for o in outcomes if o.status in ("ran", "reused")]
     for dataset in plan.spec.datasets:
         mine = [o for o in finished if o.cell.dataset == dataset and (o.cell.run_dir / "samples.pt").is_file()]
@@ -129,10 +129,10 @@ def run_sweep(plan: SweepPlan, force: bool = False) -> SweepResult:
     """Run the plan's cells in order (one outer progress bar over cells, above each run's own bar) and write
     sweep.yaml, summary.csv, summary.md and the figures into the sweep folder."""
     started = time.perf_counter()
+    states = {cell.name: "absent" if force else cell_state(cell) for cell in plan.cells}
+    _prepare_stores([c for c in plan.cells if states[c.name] != "complete"])  # a bad dataset fails before any write
     make_directory(plan.folder, "paths.runs")
     atomic_write_text(plan.folder / "sweep.yaml", _spec_yaml(plan))
-    states = {cell.name: "absent" if force else cell_state(cell) for cell in plan.cells}
-    _prepare_stores([c for c in plan.cells if states[c.name] != "complete"])
     outcomes: list[CellOutcome] = []
     with logging_redirect_tqdm(), tqdm(total=len(plan.cells), desc=f"sweep {plan.spec.name}", unit="cell",
                                        position=0) as bar:

@@ -33,6 +33,7 @@ from ..denoisers import denoiser_class
 from ..errors import StudioError, closest, unknown_name
 from ..sampling import make_scheduler
 from ..backbones import load_backbone
+from ..runs import SWEEPS_FOLDER
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -264,7 +265,7 @@ def _load_cell(spec: SweepSpec, method: str | None, dataset: str, grid: dict[str
             raise StudioError(f"no config {config}.yaml in {configs_dir()} for method '{method}' on dataset '{dataset}'; "
                               "add one (see README, Adding a method) or leave the pair out")
         cfg = load_config(config, [*spec.overrides, *items, *_forced(spec, name)])
-    cfg.paths.runs = str(Path(cfg.paths.runs) / "sweeps")  # the cell's run directory: <runs>/sweeps/<sweep>/<cell>
+    cfg.paths.runs = str(Path(cfg.paths.runs) / SWEEPS_FOLDER)  # the cell's run directory: <runs>/sweeps/<sweep>/<cell>
     return Cell(name, method or BACKBONE_METHOD, dataset, dict(grid), cfg, method is None)
 
 
