@@ -197,6 +197,13 @@ def test_samples_strategy_requires_per_sample_seeds() -> None:
         check_samples_strategy(True, 1, ranks)
 
 
+def test_bad_distributed_options_are_one_line_errors_even_in_one_process(capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "-c", "optimal/mnist5k", "distributed.strategy=sample"]) == 2
+    assert "unknown distributed.strategy 'sample' (did you mean 'samples'?)" in capsys.readouterr().err
+    assert main(["generate", "-c", "optimal/mnist5k", "distributed.timeout_seconds=0"]) == 2
+    assert "distributed.timeout_seconds must be > 0" in capsys.readouterr().err
+
+
 def test_share_splits_contiguously() -> None:
     shares = [list(Ranks(r, 3, r, "samples", "gloo").share(8)) for r in range(3)]
     assert shares == [[0, 1, 2], [3, 4, 5], [6, 7]]

@@ -74,15 +74,20 @@ def device_name(requested: str) -> str:
     return requested
 
 
-def start(strategy: str, timeout_seconds: float, device: torch.device) -> Ranks | None:
-    """Join the process group of a torchrun launch (None when not launched: one process, nothing changes).
-    Checks the strategy first, so a bad value stops every rank with the same line."""
-    if not launched():
-        return None
+def check_options(strategy: str, timeout_seconds: float) -> None:
+    """The distributed section's values, checked in every run (one process too: a typo is never ignored)."""
     if strategy not in STRATEGIES:
         raise unknown_name("distributed.strategy", strategy, STRATEGIES)
     if not timeout_seconds > 0:
         raise StudioError(f"distributed.timeout_seconds must be > 0, got {timeout_seconds}")
+
+
+def start(strategy: str, timeout_seconds: float, device: torch.device) -> Ranks | None:
+    """Join the process group of a torchrun launch (None when not launched: one process, nothing changes).
+    Checks the options first, so a bad value stops every rank with the same line."""
+    check_options(strategy, timeout_seconds)
+    if not launched():
+        return None
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if device.type == "cuda":
