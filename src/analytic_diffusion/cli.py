@@ -101,6 +101,11 @@ def _setup_logging(level: str) -> None:
 def _run(args: argparse.Namespace) -> int | None:
     """Run the command; a status other than None is the exit status (a sweep with failed cells: 1)."""
     from .config import available_configs, load_config, to_yaml
+    from .distributed import launched
+
+    if launched() and args.command != "generate":
+        raise StudioError(f"ads {args.command} does not run under torchrun; only ads generate does "
+                          "(docs/distributed.md): launch it as one process")
 
     if args.command == "list":
         from .data import DATASETS
@@ -140,7 +145,9 @@ def _run(args: argparse.Namespace) -> int | None:
         return
     from .generate import generate, summary
 
-    print(summary(generate(cfg)))
+    result = generate(cfg)
+    if result is not None:  # under torchrun, rank 0 reports
+        print(summary(result))
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -16,10 +16,14 @@ from .backbones import timestep_mapping
 from .compare import BaselineComparison, plot_comparison, save_side_by_side
 from .config import StudioConfig, to_yaml
 from .data.store import DatasetStore, StoreRequest, files_sentence, load_or_build_store
-from .denoisers import Denoiser, denoiser_class
+from .denoisers import Denoised, Denoiser, denoiser_class
 from .denoisers.unet import UNetDenoiser, UNetParams
 from .errors import StudioError
 from .devices import resolve_device, synchronize
+from . import distributed
+from .distributed import Ranks
+from .distributed.dataset import ShardedDataset, build_sharded_denoiser
+from .distributed.samples import check_samples_strategy, gather_batches
 from .noise import batch_noise_sources
 from .runs import RunDirectory, records_before_run, save_grid, save_images, save_tensor
 from .mask_images import save_mask_images
@@ -133,15 +137,16 @@ def _merge_batches(recorders: list[TrajectoryRecorder]) -> dict[str, Any]:
 
 
 def _sample_records(
-    samples: torch.Tensor, store: DatasetStore, final: dict[str, torch.Tensor], threshold: float
+    samples: torch.Tensor, store: DatasetStore, final: dict[str, torch.Tensor], threshold: float,
+    sharded: ShardedDataset | None = None,
 ) -> tuple[list[dict], dict | None]:
     """Per sample: the nearest training image of the final sample (provenance), its memorization statistics (d2,
     ratio = d1/d2, memorized, nn_cosine, second_train_index; None with a one-image dataset) and the method's final
-    diagnostics; and their summary over samples. One exact k = 2 search."""
-    found = knn_search(samples, store, k=2)
+    diagnostics; and their summary over samples. One exact k = 2 search (over the shards, merged, when sharded)."""
+    found = sharded.search(samples, k=2) if sharded is not None else knn_search(samples, store, k=2)
     memorization = None
     if found.indices.shape[1] == 2:
-        nearest = store.gather(found.indices[:, 0], samples.device)
+        nearest = (sharded or store).gather(found.indices[:, 0], samples.device)
         memorization = memorization_metrics(samples, nearest, found.distances, found.indices, threshold)
     records = []
     for i in range(samples.shape[0]):
@@ -179,27 +184,61 @@ def _save_masks(denoiser: Denoiser, scheduler, path: Path, count: int = 5) -> No
     save_mask_images(denoiser, [noise_level(scheduler, t) for t in picked], None, path)
 
 
-def generate(cfg: StudioConfig) -> GenerateResult:
-    """Run the configured method and write the run directory; the directory stays marked incomplete on failure."""
+def generate(cfg: StudioConfig) -> GenerateResult | None:
+    """Run the configured method and write the run directory; the directory stays marked incomplete on failure.
+
+    Under torchrun (docs/distributed.md) every rank runs this; rank 0 writes the one run directory and returns the
+    result, the other ranks return None."""
+    name = distributed.device_name(cfg.experiment.device) if distributed.launched() else cfg.experiment.device
+    device = resolve_device(name)
+    ranks = distributed.start(cfg.distributed.strategy, cfg.distributed.timeout_seconds, device)
+    if ranks is None:
+        return _generate(cfg, device, None)
+    with distributed.failures_published(ranks):
+        result = _generate(cfg, device, ranks)
+        distributed.finish(ranks)
+    return result
+
+
+def _generate(cfg: StudioConfig, device: torch.device, ranks: Ranks | None) -> GenerateResult | None:
+    writer = ranks is None or ranks.is_writer
+    if not writer:
+        log.setLevel(logging.WARNING)  # rank 0 reports; the others only warn
     with records_before_run(log) as early:  # written to run.log once the run directory exists
-        device = resolve_device(cfg.experiment.device)
-        wandb = wandb_module(cfg)
+        wandb = wandb_module(cfg) if writer else None
         torch.manual_seed(cfg.experiment.seed)
         request = StoreRequest(**asdict(cfg.dataset))
-        store, store_info = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+        store, store_info = _open_store(request, cfg, ranks)
+        if ranks is not None and cfg.baseline.checkpoint:
+            raise StudioError("baseline.checkpoint is not supported under torchrun yet; compare with the baseline in "
+                              "a one-process run (or set baseline.checkpoint=null)")
         baseline = load_baseline(cfg, store, device)  # a wrong file stops the run before its directory exists
         scheduler = make_scheduler(cfg.sampling)
-        denoiser_class(cfg.model.name).check_schedule(cfg.model.params, scheduler.timesteps.tolist(), store.sample_shape)
+        denoiser_class(cfg.model.name).check_schedule(cfg.model.params, scheduler.timesteps.tolist(),
+                                                      store.sample_shape)
+        if ranks is not None and ranks.strategy == "samples":
+            num_batches = -(-cfg.sampling.num_samples // cfg.sampling.batch_size)
+            check_samples_strategy(cfg.sampling.per_sample_seeds, num_batches, ranks)
         # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with
         # more lists than images, a baseline for other images) stops here and leaves nothing behind.
-        denoiser, fit_seconds = build_denoiser(cfg, store, device)
+        sharded = None
+        if ranks is not None and ranks.strategy == "dataset":
+            denoiser, fit_seconds, sharded = build_sharded_denoiser(cfg, store, device, ranks)
+        else:
+            denoiser, fit_seconds = build_denoiser(cfg, store, device)
         denoiser.use_schedule(scheduler.timesteps.tolist())
         comparison = build_comparison(cfg, baseline, scheduler)
-        run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
-        run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name, cfg.experiment.append_timestamp)
+        if writer:
+            run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
+            run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name,
+                                      cfg.experiment.append_timestamp)
+    if not writer:
+        return _generate_into(None, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison, ranks,
+                              sharded)
     handler = run.attach_log(log, early)
     try:
-        result = _generate_into(run, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison)
+        result = _generate_into(run, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison,
+                                ranks, sharded)
         if wandb is not None:
             log_run(wandb, cfg, run.path, result.metrics)
     except BaseException as exc:
@@ -212,12 +251,44 @@ def generate(cfg: StudioConfig) -> GenerateResult:
     return result
 
 
-def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
-                   denoiser: Denoiser, fit_seconds: float, scheduler,
-                   comparison: BaselineComparison | None) -> GenerateResult:
-    run.write_text("config.yaml", to_yaml(cfg))
-    log.info("run %s: %s on %s (%d images, %s) on %s", run.path, cfg.model.name, cfg.dataset.name,
+def _open_store(request: StoreRequest, cfg: StudioConfig, ranks: Ranks | None) -> tuple[DatasetStore, dict]:
+    """The dataset store; under torchrun rank 0 builds it (when not cached) before the others open it."""
+    if ranks is not None and not ranks.is_writer:
+        distributed.wait_for("store")
+    opened = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+    if ranks is not None and ranks.is_writer:
+        distributed.announce("store")
+    return opened
+
+
+def _peers_checked(recorder: TrajectoryRecorder) -> Callable[[Step], None]:
+    """The recorder, then a look for another rank's failure: a rank that raised stops this one within a step."""
+
+    def callback(step: Step) -> None:
+        recorder(step)
+        distributed.check_peers()
+
+    return callback
+
+
+def _portable(batch: Denoised, recorder: TrajectoryRecorder, seconds: float) -> tuple:
+    """A finished batch as rank 0 receives it: tensors on the CPU, no progress bar."""
+    recorder.progress = None
+    if recorder.final_x_t is not None:
+        recorder.final_x_t = recorder.final_x_t.cpu()
+    cpu = Denoised(batch.x0_hat.detach().cpu(), {k: v.detach().cpu() for k, v in batch.diagnostics.items()})
+    return cpu, recorder, seconds
+
+
+def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
+                   denoiser: Denoiser, fit_seconds: float, scheduler, comparison: BaselineComparison | None,
+                   ranks: Ranks | None = None, sharded: ShardedDataset | None = None) -> GenerateResult | None:
+    if run is not None:
+        run.write_text("config.yaml", to_yaml(cfg))
+    log.info("run %s: %s on %s (%d images, %s) on %s", run.path if run else None, cfg.model.name, cfg.dataset.name,
              store.num_images, "x".join(map(str, store.sample_shape)), device)
+    if ranks is not None:
+        log.info("distributed: %d ranks (%s), strategy %s", ranks.world_size, ranks.backend, ranks.strategy)
     if "files" in store_info:
         log.info("%s", files_sentence(store_info["files"]))
     warnings = [w for w in (start_warning(scheduler),) if w]
@@ -228,14 +299,17 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
     # The baseline's own copy of the run's noise: after x_T it supplies the scheduler noise when eta > 0.
     baseline_sources = batch_noise_sources(cfg.experiment.seed, cfg.sampling.num_samples, cfg.sampling.batch_size,
                                            store.sample_shape, device, cfg.sampling.per_sample_seeds)
+    split = ranks is not None and ranks.strategy == "samples"
+    chosen = ranks.share(len(sources)) if split else range(len(sources))
     recorders, batches = [], []
-    total_steps = len(sources) * len(scheduler.timesteps)
+    total_steps = len(chosen) * len(scheduler.timesteps)
     started = time.perf_counter()
-    with tqdm(total=total_steps, desc=f"sampling {cfg.model.name}", unit="step") as progress:
-        for noise, baseline_noise in zip(sources, baseline_sources):
+    with tqdm(total=total_steps, desc=f"sampling {cfg.model.name}", unit="step", disable=run is None) as progress:
+        for index in chosen:
+            noise, baseline_noise = sources[index], baseline_sources[index]
             recorder = TrajectoryRecorder(device, keep_images=cfg.output.intermediates, progress=progress)
             x_T = noise.randn()
-            callback = recorder
+            callback = recorder if ranks is None else _peers_checked(recorder)
             if comparison is not None:
                 baseline_noise.randn()  # the baseline's x_T is the method's; skip its copy
                 callback = _compared(recorder, comparison.start_batch(x_T, baseline_noise))
@@ -246,8 +320,17 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
                 comparison.finish_batch(batches[-1].x0_hat)
     synchronize(device)
     sampling_seconds = time.perf_counter() - started - (comparison.seconds if comparison else 0.0)
+    if split:
+        gathered = gather_batches(ranks, [_portable(b, r, sampling_seconds) for b, r in zip(batches, recorders)])
+        if gathered is None:
+            return None
+        batches, recorders = [g[0] for g in gathered], [g[1] for g in gathered]
+        sampling_seconds = max(g[2] for g in gathered)  # the slowest rank's wall time
     samples = torch.cat([b.x0_hat.detach().cpu() for b in batches])
     final = {k: torch.cat([b.diagnostics[k].detach().cpu() for b in batches]) for k in batches[0].diagnostics}
+    records, memorization = _sample_records(samples, store, final, cfg.memorization.threshold, sharded)
+    if run is None:  # dataset strategy: every rank took part in every step and search; rank 0 writes
+        return None
 
     if cfg.output.tensors:
         save_tensor(samples, run.path / "samples.pt")
@@ -265,7 +348,6 @@ def _generate_into(run: RunDirectory, cfg: StudioConfig, store: DatasetStore, st
     if cfg.output.intermediates:
         _save_intermediates(recorders, run.path / "intermediates", cfg.output.tensors)
     trajectory = _merge_batches(recorders)
-    records, memorization = _sample_records(samples, store, final, cfg.memorization.threshold)
     metrics = {
         "method": cfg.model.name,
         "dataset": cfg.dataset.name,

@@ -42,8 +42,18 @@ class DatasetStatistics:
         return int((lam > tol * lam[0].clamp_min(0)).sum()) if lam.numel() else 0
 
 
-def compute_statistics(store: DatasetStore, device: torch.device | str = "cpu") -> DatasetStatistics:
-    """Mean, covariance (divide by N - 1) and its symmetric eigendecomposition, in one pass over the store."""
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and centred second moment M2 = sum_i (y_i - mu)(y_i - mu)^T of a set of images (float64): what
+    two parts of a dataset merge exactly by Chan et al.'s formula (distributed/dataset.py merges shards so)."""
+
+    count: int
+    mean: torch.Tensor  # mu [n]
+    m2: torch.Tensor  # M2 [n, n]
+
+
+def compute_moments(store: DatasetStore, device: torch.device | str = "cpu") -> Moments:
+    """Mean and centred second moment of the store's images, in one streaming pass in float64."""
     n, total = store.dim, store.num_images
     chunk = max(1, CHUNK_BYTES // (8 * n))
     count = 0
@@ -59,18 +69,34 @@ def compute_statistics(store: DatasetStore, device: torch.device | str = "cpu") 
         m2.addmm_(centred.T, centred).addr_(delta, delta, alpha=count * k / (count + k))
         mean += delta * (k / (count + k))
         count += k
-    covariance = m2.div_(max(count - 1, 1))  # one image: zero covariance, the model is that image
+    return Moments(count, mean, m2)
+
+
+def statistics_from_moments(fingerprint: str, moments: Moments) -> DatasetStatistics:
+    """Covariance S = M2 / (N - 1) and its symmetric eigendecomposition (M2 is overwritten)."""
+    count = moments.count
+    covariance = moments.m2.div_(max(count - 1, 1))  # one image: zero covariance, the model is that image
     variance = covariance.diagonal().clone()
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    del covariance, m2
+    del covariance
     return DatasetStatistics(
-        fingerprint=store.fingerprint,
+        fingerprint=fingerprint,
         num_images=count,
-        mean=mean.cpu(),
+        mean=moments.mean.cpu(),
         pixel_variance=variance.cpu(),
         eigenvalues=eigenvalues.flip(0).clamp_min(0).cpu(),
         eigenvectors=eigenvectors.flip(1).cpu(),
     )
+
+
+def compute_statistics(store: DatasetStore, device: torch.device | str = "cpu") -> DatasetStatistics:
+    """Mean, covariance (divide by N - 1) and its symmetric eigendecomposition, in one pass over the store."""
+    return statistics_from_moments(store.fingerprint, compute_moments(store, device))
+
+
+def save_statistics(stats: DatasetStatistics, path: Path) -> None:
+    """Write statistics to the cache file `path`, atomically."""
+    atomic_write(path, lambda tmp: torch.save(vars(stats), tmp))
 
 
 def statistics_path(cache_dir: Path, store: DatasetStore) -> Path:
@@ -92,6 +118,6 @@ def dataset_statistics(
             return DatasetStatistics(**saved)
     stats = compute_statistics(store, device)
     if path is not None:
-        atomic_write(path, lambda tmp: torch.save(vars(stats), tmp))
+        save_statistics(stats, path)
         log.info("statistics of %s written to %s", store.name, path)
     return stats

@@ -104,6 +104,12 @@ class TrainingSection(TrainingConfig):
 
 
 @dataclass
+class DistributedConfig:
+    strategy: str = "samples"  # under torchrun: samples (split the samples) | dataset (one store shard per rank)
+    timeout_seconds: float = 300.0  # a collective waiting longer for a peer fails the run (the failure bound)
+
+
+@dataclass
 class StudioConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -116,3 +122,4 @@ class StudioConfig:
     training: TrainingSection = field(default_factory=TrainingSection)  # train-unet only
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # calibrate only
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)  # memorization and generate
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # generate under torchrun only

@@ -185,6 +185,11 @@ class PcaLocality(Denoiser):
 
     def _softmax_average(self, x_active: torch.Tensor, plan: MaskPlan, level: NoiseLevel) -> torch.Tensor:
         """sum_i w_iq y_i[q] for the active pixels, [n_a, B], streamed over dataset chunks."""
+        return self._softmax_state(x_active, plan, level).mean()
+
+    def _softmax_state(self, x_active: torch.Tensor, plan: MaskPlan, level: NoiseLevel) -> StreamingSoftmax:
+        """The streamed softmax over the store's images (per active pixel and sample: max, normaliser and weighted
+        sum), before its division: what the shards of a distributed run merge (distributed/dataset.py)."""
         n_active, batch = x_active.shape
         dtype, device = x_active.dtype, x_active.device
         # the logit scale -1 / (2 (1 - a) tau) is folded into the mask values, so sums come out as logits
@@ -207,4 +212,4 @@ class PcaLocality(Denoiser):
                 rows.addmm_(band_weights, squared[band.start : band.stop])
             values = images.unsqueeze(-1)  # [n_a, K, 1]
             softmax.update(logits.view(n_active, batch, size), lambda p: torch.bmm(p, values).squeeze(-1))
-        return softmax.mean()
+        return softmax

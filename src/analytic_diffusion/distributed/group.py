@@ -1,0 +1,195 @@
+"""The process group of a run launched by torchrun (or any launcher that sets its environment variables), and
+how a failure on one rank stops the others.
+
+Detection: RANK and WORLD_SIZE > 1 in the environment (torchrun, `srun` with the same variables). The backend is
+NCCL when the rank works on a CUDA device (cuda:LOCAL_RANK), gloo otherwise. Without them nothing is started.
+
+Failures (docs/distributed.md): a rank that raises writes one line, `rank R of K: <error>`, into the process
+group's key-value store before it exits. The others look for such a line at every sampling step and after any
+collective that fails, and stop with a StudioError naming the rank. A rank that dies without a word (killed) is
+noticed by the first collective that needs it: immediately where its sockets close (gloo, NCCL), after
+`distributed.timeout_seconds` at the latest; torchrun also stops the remaining workers itself (SIGTERM, turned
+into the same one-line error here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ..errors import StudioError, unknown_name
+
+STRATEGIES = ("samples", "dataset")
+KEYS = f"ads/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted launch does not see old keys
+FAILURE_KEY = KEYS + "failed/"  # + rank: the one line of a rank that failed
+LOOK_FOR_PEERS = 2.0  # seconds a failed collective waits for a peer's line before it reports what it saw itself
+POLL_SECONDS = 0.5  # how often a rank waiting for rank 0 (e.g. building the store) looks again
+
+T = TypeVar("T")
+
+
+class PeerFailure(StudioError):
+    """Another rank failed (or vanished); this rank stopped. Not reported again by this rank."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run's process group."""
+
+    rank: int  # 0 .. world_size - 1; rank 0 writes the run directory
+    world_size: int  # K, the number of processes
+    local_rank: int  # rank on this host: the CUDA device it uses
+    strategy: str  # samples | dataset
+    backend: str  # gloo | nccl
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def share(self, count: int) -> range:
+        """This rank's contiguous part of `count` items: the first count % K ranks take one more."""
+        size, extra = divmod(count, self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return range(start, start + size + (self.rank < extra))
+
+
+def launched() -> bool:
+    """True in a process started by torchrun (or srun, mpirun with the same variables) with more than one rank."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def device_name(requested: str) -> str:
+    """The device of this rank: auto or cuda -> cuda:LOCAL_RANK where CUDA exists; an explicit device unchanged."""
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return requested
+
+
+def check_options(strategy: str, timeout_seconds: float) -> None:
+    """The distributed section's values, checked in every run (one process too: a typo is never ignored)."""
+    if strategy not in STRATEGIES:
+        raise unknown_name("distributed.strategy", strategy, STRATEGIES)
+    if not timeout_seconds > 0:
+        raise StudioError(f"distributed.timeout_seconds must be > 0, got {timeout_seconds}")
+
+
+def start(strategy: str, timeout_seconds: float, device: torch.device) -> Ranks | None:
+    """Join the process group of a torchrun launch (None when not launched: one process, nothing changes).
+    Checks the options first, so a bad value stops every rank with the same line."""
+    check_options(strategy, timeout_seconds)
+    if not launched():
+        return None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), strategy,
+                  dist.get_backend())
+    signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    return ranks
+
+
+def _stopped_by_launcher(signum: int, frame: Any) -> None:
+    """torchrun terminates the other workers when one fails: say which one failed, as a one-line error."""
+    raise PeerFailure(peer_failure(wait=0.5) or "stopped by the launcher (SIGTERM): another rank failed")
+
+
+def finish(ranks: Ranks) -> None:
+    """Leave the process group after a successful run (every rank reaches this)."""
+    collective(dist.barrier)
+    dist.destroy_process_group()
+
+
+def _store():
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def report_failure(ranks: Ranks, exc: BaseException) -> None:
+    """Publish this rank's error for the others (best effort: the store may already be gone)."""
+    line = f"rank {ranks.rank} of {ranks.world_size} failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    try:
+        _store().set(f"{FAILURE_KEY}{ranks.rank}", line)
+    except Exception:  # the store's host is gone too: the peers see their sockets close instead
+        pass
+
+
+def peer_failure(wait: float = 0.0) -> str | None:
+    """The line of a rank that failed, if one was published (looking for up to `wait` seconds)."""
+    if not dist.is_initialized():
+        return None
+    me, deadline = dist.get_rank(), time.monotonic() + wait
+    keys = [f"{FAILURE_KEY}{r}" for r in range(dist.get_world_size()) if r != me]
+    try:
+        store = _store()
+        while True:
+            for key in keys:
+                if store.check([key]):
+                    return store.get(key).decode()
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
+    except Exception:  # the store's host (rank 0 or the launcher) is gone
+        return None
+
+
+def announce(name: str) -> None:
+    """Rank 0: `name` is done (e.g. the dataset store is built); the ranks in wait_for(name) go on."""
+    _store().set(f"{KEYS}done/{name}", "1")
+
+
+def wait_for(name: str) -> None:
+    """Wait, without a time limit, until rank 0 announces `name` (building a large store can take hours, longer
+    than any collective's timeout); stop with one line if a rank fails or rank 0's store goes away."""
+    store = _store()
+    while True:
+        try:
+            if store.check([f"{KEYS}done/{name}"]):
+                return
+        except Exception as exc:  # the store's host is gone
+            raise PeerFailure(f"rank 0 went away while rank {dist.get_rank()} waited for it ({name}): {exc}") from exc
+        check_peers()
+        time.sleep(POLL_SECONDS)
+
+
+def check_peers() -> None:
+    """Raise PeerFailure if another rank has failed (called once per sampling step; one store round trip)."""
+    line = peer_failure()
+    if line is not None:
+        raise PeerFailure(f"{line}; rank {dist.get_rank()} stopped")
+
+
+def collective(operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a collective; if it fails (a peer raised, died or exceeded the timeout), one line naming the rank."""
+    try:
+        return operation(*args, **kwargs)
+    except (RuntimeError, dist.DistError) as exc:
+        line = peer_failure(wait=LOOK_FOR_PEERS)
+        me = dist.get_rank()
+        if line is None:
+            first = (str(exc).strip().splitlines() or ["no details"])[0].split(". This is typically")[0]
+            line = f"a peer of rank {me} stopped without a message (killed, or slower than distributed.timeout_seconds): {first}"
+        raise PeerFailure(f"{line}; rank {me} stopped") from exc
+
+
+@contextmanager
+def failures_published(ranks: Ranks) -> Iterator[None]:
+    """Publish any error of this rank for the others; the process group is left as it is (the process exits)."""
+    try:
+        yield
+    except PeerFailure:
+        raise
+    except BaseException as exc:
+        report_failure(ranks, exc)
+        raise

@@ -1,0 +1,209 @@
+"""ads generate on two gloo processes (the torchrun environment, spawned here) against the one-process run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from analytic_diffusion.cli import main
+from analytic_diffusion.distributed.group import Ranks
+from analytic_diffusion.distributed.samples import check_samples_strategy
+from analytic_diffusion.errors import StudioError
+from analytic_diffusion.runs import INCOMPLETE
+
+SMALL = ["sampling.num_samples=2", "sampling.batch_size=1", "sampling.num_inference_steps=2",
+         "sampling.per_sample_seeds=true", "output.images=false", "output.grid=false", "output.masks=false",
+         "output.patches=false", "experiment.append_timestamp=false"]
+TIMINGS = ("fit_seconds", "sampling_seconds", "seconds_per_step", "store")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The dataset overrides of a small uint8 store: 240 smooth random 12 x 12 images (a .npy array)."""
+    generator = np.random.default_rng(0)
+    coarse = generator.integers(0, 256, size=(240, 4, 4)).astype(np.float64)
+    images = np.kron(coarse, np.ones((3, 3))) + generator.normal(0, 20, size=(240, 12, 12))
+    path = tmp_path_factory.mktemp("digits") / "digits.npy"
+    np.save(path, images.clip(0, 255).astype(np.uint8))
+    return ["dataset.name=array", f"dataset.path={path}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fail_on_rank_one(fault: str) -> None:
+    """Rank 1's optimal denoiser raises (or its process dies) at its second call."""
+    from analytic_diffusion.denoisers.optimal import OptimalDenoiser
+
+    original, calls = OptimalDenoiser.denoise, []
+
+    def denoise(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            if fault == "kill":
+                os._exit(9)
+            raise ValueError("injected failure")
+        return original(self, *args, **kwargs)
+
+    OptimalDenoiser.denoise = denoise
+
+
+def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: str, fault: str | None) -> None:
+    """One rank: the torchrun environment, then `ads generate` for each (config, overrides); results as JSON."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    if fault and rank == 1:
+        _fail_on_rank_one(fault)
+    results = []
+    for (config, overrides), port in zip(runs, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        stderr, started = io.StringIO(), time.monotonic()
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(["generate", "-c", config, *overrides])
+            except Exception as exc:  # the injected failure: main re-raises what is not a StudioError
+                code = f"{type(exc).__name__}: {exc}"
+        results.append({"code": code, "stderr": stderr.getvalue(), "seconds": time.monotonic() - started})
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def _launch(tmp_path: Path, runs: list[tuple[str, list[str]]], fault: str | None = None) -> list[list[dict]]:
+    """Run the ranks as two forked processes (no second import of torch); each rank's results, per run."""
+    ports = [_free_port() for _ in runs]
+    context = mp.start_processes(_rank, (runs, ports, str(tmp_path), fault), nprocs=2, join=False, start_method="fork")
+    for process in context.processes:
+        process.join(120)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) if (tmp_path / f"rank{r}.json").exists() else None
+            for r in range(2)]
+
+
+def _one_process(config: str, overrides: list[str]) -> None:
+    assert main(["generate", "-c", config, *overrides]) == 0
+
+
+def _run_dir(name: str, method: str) -> Path:
+    return Path(os.environ["ADS_ROOT"]) / "runs" / method / name
+
+
+def _without_timings(metrics: dict) -> dict:
+    kept = {k: v for k, v in metrics.items() if k not in TIMINGS}
+    kept["steps"] = [{k: v for k, v in step.items() if k != "seconds"} for step in metrics["steps"]]
+    return kept
+
+
+SAMPLES_METHODS = ("nearest_dataset", "optimal", "pca_locality", "local_score", "scfdm")  # the samples strategy
+# changes no method: one of each kind (search, softmax, statistics, patches, stochastic) keeps the test short
+
+
+def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, digits: list[str]) -> None:
+    """For every analytic method, rank 0 writes one run directory whose samples and metrics (timings aside) are the
+    one-process run's, bit for bit."""
+    def overrides(method: str, name: str) -> list[str]:
+        patch = ["model.params.patch_size=5"] if method in ("els", "local_score", "pspc") else []
+        return [*SMALL, *digits, *patch, f"experiment.run_name={method}_{name}"]
+
+    for method in SAMPLES_METHODS:
+        _one_process(f"{method}/mnist5k", overrides(method, "s1"))
+    ranks = _launch(tmp_path, [(f"{method}/mnist5k", overrides(method, "s2")) for method in SAMPLES_METHODS])
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(SAMPLES_METHODS)] * 2, ranks
+    for method in SAMPLES_METHODS:
+        one, two = _run_dir(f"{method}_s1", method), _run_dir(f"{method}_s2", method)
+        assert not (two / INCOMPLETE).exists()
+        assert torch.equal(torch.load(one / "samples.pt"), torch.load(two / "samples.pt")), method
+        metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+        assert _without_timings(metrics[0]) == _without_timings(metrics[1]), method
+
+
+DATASET_METHODS = ("nearest_dataset", "optimal", "wiener", "pca_locality")
+
+
+def test_dataset_strategy_equals_one_process(tmp_path: Path, digits: list[str]) -> None:
+    """Each rank holds half the store; every method's samples match the one-process run's (nearest_dataset and
+    every k-NN index bit for bit, optimal and wiener within 1e-6, pca_locality within its own float32 chunking
+    noise), and the sample records too."""
+    common = [*SMALL, *digits, "sampling.timestep_spacing=trailing", "sampling.batch_size=2"]
+    runs = [(f"{method}/mnist5k", [*common, f"experiment.run_name={method}_dataset", "distributed.strategy=dataset",
+                                   f"paths.cache={tmp_path / 'sharded_cache'}"])
+            for method in DATASET_METHODS]
+    for method in DATASET_METHODS:  # the one-process runs, with a cache of their own (statistics computed apart)
+        _one_process(f"{method}/mnist5k", [*common, f"experiment.run_name={method}_one"])
+    ranks = _launch(tmp_path, runs)
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(runs)] * 2, ranks
+    for method in DATASET_METHODS:
+        one, two = _run_dir(f"{method}_one", method), _run_dir(f"{method}_dataset", method)
+        expected, actual = torch.load(one / "samples.pt"), torch.load(two / "samples.pt")
+        if method == "nearest_dataset":
+            assert torch.equal(expected, actual)
+        else:  # pca_locality sums float32 logits: one process moves by 3.4e-6 with its chunk size (120 vs 240) too
+            assert (expected - actual).abs().max() <= (1e-5 if method == "pca_locality" else 1e-6), method
+        records = [json.loads((d / "metrics.json").read_text())["samples"] for d in (one, two)]
+        for key in ("nearest_train_index", "second_train_index", "nearest_index", "top_index"):
+            assert [r.get(key) for r in records[0]] == [r.get(key) for r in records[1]], (method, key)
+        for key in ("nearest_train_distance", "effective_count", "top_weight", "mask_mean_size"):
+            for a, b in zip(records[0], records[1]):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (method, key)
+
+
+def test_dataset_strategy_refuses_other_methods() -> None:
+    from types import SimpleNamespace
+
+    from analytic_diffusion.distributed.dataset import build_sharded_denoiser
+
+    cfg = SimpleNamespace(model=SimpleNamespace(name="els", params=None))
+    with pytest.raises(StudioError, match="supports nearest_dataset, optimal, pca_locality, wiener"):
+        build_sharded_denoiser(cfg, None, torch.device("cpu"), Ranks(0, 2, 0, "dataset", "gloo"))
+
+
+@pytest.mark.parametrize("fault", ["raise", "kill"])
+def test_a_failed_rank_stops_the_other_with_one_line(tmp_path: Path, fault: str, digits: list[str]) -> None:
+    """Rank 1 raises (or dies) at its second step: rank 0 stops well within the timeout with one line naming rank 1
+    (or saying its peer vanished), and the run directory stays INCOMPLETE."""
+    name = f"failed_{fault}"
+    overrides = [*SMALL, *digits, f"experiment.run_name={name}", "distributed.timeout_seconds=30"]
+    rank0, rank1 = _launch(tmp_path, [("optimal/mnist5k", overrides)], fault)
+    result = rank0[0]
+    assert result["code"] == 2
+    lines = [line for line in result["stderr"].splitlines() if "error" in line.lower()]  # log lines aside
+    assert len(lines) == 1 and lines[0].startswith("error: "), result["stderr"]
+    if fault == "raise":
+        assert "rank 1 of 2 failed: ValueError: injected failure; rank 0 stopped" in lines[0]
+        assert rank1[0]["code"] == "ValueError: injected failure"
+    else:
+        assert "stopped without a message" in lines[0] and rank1 is None
+    assert result["seconds"] < 30
+    assert (_run_dir(name, "optimal") / INCOMPLETE).exists()
+    assert not (_run_dir(name, "optimal") / "samples.pt").exists()
+
+
+def test_samples_strategy_requires_per_sample_seeds() -> None:
+    ranks = Ranks(0, 2, 0, "samples", "gloo")
+    with pytest.raises(StudioError, match="set sampling.per_sample_seeds=true"):
+        check_samples_strategy(False, 4, ranks)
+    with pytest.raises(StudioError, match="1 sampling batch"):
+        check_samples_strategy(True, 1, ranks)
+
+
+def test_bad_distributed_options_are_one_line_errors_even_in_one_process(capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "-c", "optimal/mnist5k", "distributed.strategy=sample"]) == 2
+    assert "unknown distributed.strategy 'sample' (did you mean 'samples'?)" in capsys.readouterr().err
+    assert main(["generate", "-c", "optimal/mnist5k", "distributed.timeout_seconds=0"]) == 2
+    assert "distributed.timeout_seconds must be > 0" in capsys.readouterr().err
+
+
+def test_share_splits_contiguously() -> None:
+    shares = [list(Ranks(r, 3, r, "samples", "gloo").share(8)) for r in range(3)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7]]
