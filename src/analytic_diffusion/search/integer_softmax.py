@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -48,7 +48,7 @@ FIRST_DIGITS = 2  # digits of a query in the first pass (13 to 15 bits) when non
 FEW_RESCORED = 1e-3  # first-pass logit errors c E up to this leave few candidates to rescore
 FIRST_MAX_DIGITS = 3  # the first pass has at most this many digits (more are a refinement pass's job)
 FIRST_RESCORED = 8  # candidates rescored per query first; x4 per round while the bound is not met
-RESCORE_COST = 150  # time of one float64 rescored value / one multiply-add of the int8 GEMM (measured, AVX2)
+RESCORE_COST = 300  # time of one float64 rescored value / one multiply-add of the int8 GEMM (measured, AVX2)
 REFINE_COLUMNS = 4  # digit columns a refinement pass typically costs; queries whose rescoring would cost more
 # (take_b RESCORE_COST > REFINE_COLUMNS N) are refined instead
 PROBE_QUERIES = 8  # queries whose first pass decides `concentrated`
@@ -79,15 +79,21 @@ class SoftmaxMean:
 
 @dataclass
 class _Piece:
-    """One part s X of a quantised query block: s [B] powers of two, X [B, n] integers (float64), and X's
-    balanced digits [D, B, n] int8, most significant first."""
+    """One part s X of a quantised query block: s [B] powers of two, X [B, n] integers (float64) that `places`
+    balanced digits of `bits` bits hold."""
 
     scale: torch.Tensor
     whole: torch.Tensor
-    digits: torch.Tensor
+    bits: int
+    places: int
+
+    @cached_property
+    def digits(self) -> torch.Tensor:
+        """int8 [places, B, n], most significant first (built when a GEMM or a bound needs them)."""
+        return _balanced_digits(self.whole, self.bits, self.places)
 
     def select(self, rows: torch.Tensor) -> _Piece:
-        return _Piece(self.scale[rows], self.whole[rows], self.digits[:, rows])
+        return _Piece(self.scale[rows], self.whole[rows], self.bits, self.places)
 
 
 @dataclass
@@ -236,6 +242,14 @@ class IntegerSoftmax:
         rescoring) get a refinement pass with more digits of the rest of the query; what the bound still leaves
         uncertain is rescored exactly; then the weighted sum."""
         first = self._first_piece(q, c)
+        direct = self._direct_plan(q, c, first.places + 1)
+        if direct is not None:  # as cheap as the first pass, and nothing to rescore: one pass
+            pieces, corrected = direct
+            dots = self._dots(pieces[0])
+            correction = self._correction(pieces) if corrected else None
+            approx, error = self._approx(q, pieces, dots, correction), self._score_error(q, pieces, corrected)
+            del dots, correction
+            return self._softmax_mean(q, c, self._candidates(approx, error, c), None)
         approx, error, dots = self._first_pass(q, first)
         candidates, limit = self._candidates(approx, error, c), self._refine_limit()
         take = self._rescore_counts(c, candidates, error, limit)
@@ -251,7 +265,11 @@ class IntegerSoftmax:
             candidates = self._candidates(approx, error, c)
             take[rows] = self._rescore_counts(c, candidates.select(rows), error[rows])
         del dots, approx
-        if bool(take.any()):
+        return self._softmax_mean(q, c, candidates, take)
+
+    def _softmax_mean(self, q: torch.Tensor, c: float, candidates: _Candidates, take: torch.Tensor | None):
+        """Rescore the take_b nearest candidates of each query (None: none), then the weights and the mean."""
+        if take is not None and bool(take.any()):
             self._rescore(q, candidates, take)
         valid = candidates.valid
         distances = candidates.distances.masked_fill_(~valid, math.inf)
@@ -266,7 +284,7 @@ class IntegerSoftmax:
 
     def _piece(self, values: torch.Tensor, places: int) -> _Piece:
         whole, scale = _quantise(values, self.bits, places)
-        return _Piece(scale, whole, _balanced_digits(whole, self.bits, places))
+        return _Piece(scale, whole, self.bits, places)
 
     def _first_piece(self, q: torch.Tensor, c: float) -> _Piece:
         """The first pass's digits: the fewest up to FIRST_MAX_DIGITS whose logit errors c E <= FEW_RESCORED (then
@@ -299,6 +317,17 @@ class IntegerSoftmax:
         """Rescored candidates per query beyond which a refinement pass (REFINE_COLUMNS digit columns over the
         whole store) is the cheaper way to certain weights."""
         return REFINE_COLUMNS * self.num_images // RESCORE_COST
+
+    def _direct_plan(self, q: torch.Tensor, c: float, columns: int) -> tuple[list[_Piece], bool] | None:
+        """The cheapest plan of at most `columns` digit columns (one more with the decoding correction) whose
+        logit errors c E <= LOGIT_ERROR (early steps), or None."""
+        for cost, places, corrected in sorted((p + k, p, k) for p in range(1, MAX_DIGITS + 1) for k in (0, 1)):
+            if cost > columns:
+                return None
+            pieces = [self._piece(q, places)]
+            if float((c * self._score_error(q, pieces, bool(corrected))).max()) <= LOGIT_ERROR:
+                return pieces, bool(corrected)
+        return None
 
     def _refinement(self, q: torch.Tensor, c: float, first: _Piece) -> tuple[list[_Piece], bool]:
         """The first piece plus digits of the rest q - s X, and whether to correct for decoding: the cheapest
@@ -406,17 +435,22 @@ class IntegerSoftmax:
         approx_logits = (-c * (sub - sub.amin(dim=1, keepdim=True))).clamp_min_(MIN_LOGIT)
         approx_weights = torch.exp(approx_logits).masked_fill_(~kept[pending], 0)
         total, counts = approx_weights.sum(1), kept[pending].sum(1)
-        position, k = torch.arange(pending.numel()), FIRST_RESCORED
-        while position.numel():
-            if limit is not None and k > limit:
-                take[pending[position]] = counts[position].clamp_min(limit + 1)
-                break
-            k = min(k, int(counts[position].max()))
+
+        def certain_with(k: int, position: torch.Tensor) -> torch.Tensor:
             head = approx_weights[position].topk(k, dim=1).values.sum(1)
             rest = (total[position] - head).clamp_min_(0) + 1e-14 * total[position]  # + its own rounding
             rows = pending[position]
-            certain = (factor[rows] * rest + skipped[rows] <= WEIGHTS_ACCURACY * head) | (counts[position] <= k)
-            take[rows[certain]] = torch.minimum(counts[position[certain]], torch.tensor(k))
+            return (factor[rows] * rest + skipped[rows] <= WEIGHTS_ACCURACY * head) | (counts[position] <= k)
+
+        position, k = torch.arange(pending.numel()), FIRST_RESCORED
+        if limit is not None and limit < int(counts.max()):  # one look at the limit first: spread rows stop here
+            beyond = ~certain_with(limit, position)
+            take[pending[beyond]] = counts[beyond]
+            position = position[~beyond]
+        while position.numel():
+            k = min(k, int(counts[position].max()), limit if limit is not None else k)
+            certain = certain_with(k, position)
+            take[pending[position[certain]]] = torch.minimum(counts[position[certain]], torch.tensor(k))
             position, k = position[~certain], 4 * k
         return take
 
