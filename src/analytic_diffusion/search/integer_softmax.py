@@ -46,6 +46,7 @@ SKIP_LOGITS = 40.0  # images this far (plus log N) below the largest logit are s
 MAX_DIGITS = 5  # digits of the weights, or of the refinement of a query, at most (35 to 40 bits)
 FIRST_DIGITS = 2  # digits of a query in the first pass (13 to 15 bits) when none reaches FEW_RESCORED
 FEW_RESCORED = 1e-3  # first-pass logit errors c E up to this leave few candidates to rescore
+RELAXED_ERROR = 1e-4  # a first refinement may stop at this c E (no decoding correction) and rescore a few
 FIRST_MAX_DIGITS = 3  # the first pass has at most this many digits (more are a refinement pass's job)
 FIRST_RESCORED = 8  # candidates rescored per query first; x4 per round while the bound is not met
 RESCORE_COST = 300  # time of one float64 rescored value / one multiply-add of the int8 GEMM (measured, AVX2)
@@ -253,17 +254,21 @@ class IntegerSoftmax:
         approx, error, dots = self._first_pass(q, first)
         candidates, limit = self._candidates(approx, error, c), self._refine_limit()
         take = self._rescore_counts(c, candidates, error, limit)
-        refine = take > limit  # rescoring would cost more than a refinement pass
-        if bool(refine.any()):
-            rows = refine.nonzero()[:, 0]
+        rows = (take > limit).nonzero()[:, 0]  # rescoring would cost more than a refinement pass
+        pieces = [first.select(rows)]
+        for strict in (False, True):  # a relaxed refinement (then rescoring), then one to c E <= LOGIT_ERROR
+            if rows.numel() == 0:
+                break
             sub = q[rows]
-            pieces, corrected = self._refinement(sub, c, first.select(rows))
-            dots_rows = dots[:, rows] + self._dots(pieces[1])
+            pieces, corrected = self._refinement(sub, c, pieces, strict)
+            dots[:, rows] += self._dots(pieces[-1])
             correction = self._correction(pieces) if corrected else None
-            approx[rows] = self._approx(sub, pieces, dots_rows, correction)
+            approx[rows] = self._approx(sub, pieces, dots[:, rows], correction)
             error[rows] = self._score_error(sub, pieces, corrected)
             candidates = self._candidates(approx, error, c)
-            take[rows] = self._rescore_counts(c, candidates.select(rows), error[rows])
+            take[rows] = counts = self._rescore_counts(c, candidates.select(rows), error[rows], None if strict else limit)
+            still = counts > limit
+            rows, pieces = rows[still], [piece.select(still.nonzero()[:, 0]) for piece in pieces]
         del dots, approx
         return self._softmax_mean(q, c, candidates, take)
 
@@ -329,18 +334,22 @@ class IntegerSoftmax:
                 return pieces, bool(corrected)
         return None
 
-    def _refinement(self, q: torch.Tensor, c: float, first: _Piece) -> tuple[list[_Piece], bool]:
-        """The first piece plus digits of the rest q - s X, and whether to correct for decoding: the cheapest
-        plan with logit errors c E <= LOGIT_ERROR, else the one with the least error (its candidates are rescored)."""
-        rest = q - first.scale[:, None] * first.whole
+    def _refinement(
+        self, q: torch.Tensor, c: float, pieces: list[_Piece], strict: bool
+    ) -> tuple[list[_Piece], bool]:
+        """The pieces plus digits of the rest q - v, and whether to correct for decoding: the cheapest plan with
+        logit errors c E <= LOGIT_ERROR (or, unless strict, without the correction's pass over the store and
+        c E <= RELAXED_ERROR: then the few candidates that carry the weight are rescored), else the one with the
+        least error (its candidates are rescored)."""
+        rest = q - _value(pieces)
         best = None
         for columns, places, corrected in sorted((p + k, p, k) for p in range(1, MAX_DIGITS + 1) for k in (0, 1)):
-            pieces = [first, self._piece(rest, places)]
-            worst = float((c * self._score_error(q, pieces, bool(corrected))).max())
-            if worst <= LOGIT_ERROR:
-                return pieces, bool(corrected)
+            plan = [*pieces, self._piece(rest, places)]
+            worst = float((c * self._score_error(q, plan, bool(corrected))).max())
+            if worst <= LOGIT_ERROR or (not strict and not corrected and worst <= RELAXED_ERROR):
+                return plan, bool(corrected)
             if best is None or worst < best[0] / 2:
-                best = (worst, pieces, bool(corrected))
+                best = (worst, plan, bool(corrected))
         return best[1], best[2]
 
     def _score_error(self, q: torch.Tensor, pieces: list[_Piece], corrected: bool) -> torch.Tensor:
