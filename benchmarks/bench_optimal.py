@@ -3,13 +3,13 @@ reference framework's top-200 step, the two-product floor and the code of an ear
 after, and what the top-k truncation changes along real sampling trajectories.
 
     PYTHONPATH=src python benchmarks/bench_optimal.py [--repeats 3] [--stores mnist5k,mnist60k,cifar50k]
-        [--batches 16,160] [--timesteps 900,500,100,0] [--before main] [--skip-step] [--skip-scfdm]
+        [--batches 16,160] [--timesteps 900,500,100,0] [--before 72eae68] [--skip-step] [--skip-scfdm]
         [--skip-truncation]
 
 Step: x_t = sqrt(ab_t) y + sqrt(1 - ab_t) eps for the first B store images y, one thread for torch and FAISS, the
 methods interleaved within each repeat (median of `repeats`, after one warm-up call each):
 - ours: OptimalDenoiser(mode=exact) of this tree (on uint8 stores on the CPU: search/integer_softmax.py);
-- before: the same denoiser as of the git revision `--before` (default main), imported from `git archive` as a
+- before: the same denoiser as of the git revision `--before` (default BEFORE), imported from `git archive` as a
   separate package, so that both run in one process on the same store and inputs ("-" skips it);
 - reference: FAISS IndexFlatL2 (float32 copy of the store in model space) search of x_t / sqrt(ab_t) for the 200
   nearest, softmax of -c D over them, weighted sum of the 200 gathered float32 rows (the reference framework);
@@ -50,6 +50,7 @@ from analytic_diffusion.noise import SharedNoise
 from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level, sample
 from analytic_diffusion.search.integer_softmax import digit_bits
 
+BEFORE = "72eae68"  # main before this round of issue 16 (the integer kernel for at most 32 queries)
 CPU_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
                   "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
@@ -245,7 +246,8 @@ def main() -> None:
     parser.add_argument("--batches", default="16,160")
     parser.add_argument("--timesteps", default="900,500,100,0")
     parser.add_argument("--scfdm-stores", default="mnist5k,mnist60k")
-    parser.add_argument("--before", default="main", help="git revision to compare with ('-': none; not for scfdm)")
+    parser.add_argument("--before", default=BEFORE,
+                        help="git revision to compare with ('-': none, which also skips the scfdm table)")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-scfdm", action="store_true")
     parser.add_argument("--skip-truncation", action="store_true")

@@ -46,12 +46,13 @@ SKIP_LOGITS = 40.0  # images this far (plus log N) below the largest logit are s
 MAX_DIGITS = 5  # digits of the weights, or of the refinement of a query, at most (35 to 40 bits)
 FIRST_DIGITS = 2  # digits of a query in the first pass (13 to 15 bits) when none reaches FEW_RESCORED
 FEW_RESCORED = 1e-3  # first-pass logit errors c E up to this leave few candidates to rescore
-RELAXED_ERROR = 1e-4  # a first refinement may stop at this c E (no decoding correction) and rescore a few
+RELAXED_ERROR = 1e-5  # a first refinement may stop at this c E (no decoding correction) and rescore a few
 FIRST_MAX_DIGITS = 3  # the first pass has at most this many digits (more are a refinement pass's job)
 FIRST_RESCORED = 8  # candidates rescored per query first; x4 per round while the bound is not met
 RESCORE_COST = 300  # time of one float64 rescored value / one multiply-add of the int8 GEMM (measured, AVX2)
 REFINE_COLUMNS = 4  # digit columns a refinement pass typically costs; queries whose rescoring would cost more
 # (take_b RESCORE_COST > REFINE_COLUMNS N) are refined instead
+PASS_COLUMNS = 24  # a pass over the store costs at least this many digit columns (reading it, measured AVX2)
 PROBE_QUERIES = 8  # queries whose first pass decides `concentrated`
 MIN_LOGIT = -700.0  # logits are floored here (relative to the largest, 0): e^-700 is no subnormal, which would
 # slow exp and every product after it tenfold, and N e^-700 of extra weight changes nothing
@@ -64,7 +65,7 @@ WORKING_BYTES = 512 << 20  # scores, weights and temporaries of one query block
 CHUNK_BYTES = 4 << 20  # uint8 images per GEMM call (cache-sized; the result does not depend on it)
 SUM_IMAGES = 1 << 16  # images per weighted-sum GEMM: 2^16 x 128 x 128 = 2^30 < 2^31, no int32 overflow
 COMPACT_SHARE = 8  # candidates are gathered into [B, K] when K <= N / COMPACT_SHARE
-SPARSE_SHARE = 1 / 16  # kept (query, image) pairs below this share of B x N: gathered weighted sum
+SPARSE_SHARE = 1 / 100  # kept (query, image) pairs below this share of B x N: gathered weighted sum
 SPARSE_ALWAYS = 64  # ... or below this many per query (exact in float64, so one kept image returns that image)
 
 
@@ -109,6 +110,34 @@ class _Candidates:
     def select(self, rows: torch.Tensor) -> _Candidates:
         index = None if self.index is None else self.index[rows]
         return _Candidates(self.distances[rows], index, self.valid[rows])
+
+
+class _Plans:
+    """Candidate plans for one query block: `base` pieces plus one piece of `places` digits of the rest q - v, and
+    their error bounds E [B] with and without the decoding correction, each computed once."""
+
+    def __init__(self, kernel: IntegerSoftmax, q: torch.Tensor, base: list[_Piece]):
+        self.kernel, self.q, self.base = kernel, q, base
+        self.rest = q - _value(base) if base else q
+        self.pieces: dict[int, list[_Piece]] = {}
+        self.errors: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def plan(self, places: int) -> list[_Piece]:
+        if places not in self.pieces:
+            self.pieces[places] = [*self.base, self.kernel._piece(self.rest, places)]
+        return self.pieces[places]
+
+    def worst(self, c: float, places: int, corrected: bool) -> float:
+        """max_b c E_b of the plan."""
+        if (places, corrected) not in self.errors:
+            self.errors[places, corrected] = self.kernel._score_error(self.q, self.plan(places), corrected)
+        return float((c * self.errors[places, corrected]).max())
+
+
+def _plan_order() -> list[tuple[int, int, bool]]:
+    """(digit columns, places, corrected) cheapest first: the correction costs one more column."""
+    return sorted((places + corrected, places, bool(corrected)) for places in range(1, MAX_DIGITS + 1)
+                  for corrected in (0, 1))
 
 
 def _value(pieces: list[_Piece]) -> torch.Tensor:
@@ -234,7 +263,7 @@ class IntegerSoftmax:
         images: early steps, where this kernel's digit columns cost more than float32 products on a CPU without
         VNNI). A speed heuristic only: both answers give results within the same bound."""
         q = query[:PROBE_QUERIES]
-        approx, error, _ = self._first_pass(q, self._first_piece(q, scale))
+        approx, error, _ = self._first_pass(q, self._first_piece(scale, _Plans(self, q, [])))
         candidates, limit = self._candidates(approx, error, scale), self._refine_limit()
         return not bool((self._rescore_counts(scale, candidates, error, limit) > limit).any())
 
@@ -242,8 +271,9 @@ class IntegerSoftmax:
         """Scores from a first pass of FIRST_DIGITS digits; queries whose weight is spread (many images would need
         rescoring) get a refinement pass with more digits of the rest of the query; what the bound still leaves
         uncertain is rescored exactly; then the weighted sum."""
-        first = self._first_piece(q, c)
-        direct = self._direct_plan(q, c, first.places + 1)
+        plans = _Plans(self, q, [])
+        first = self._first_piece(c, plans)
+        direct = self._direct_plan(c, plans, first.places + 1)
         if direct is not None:  # as cheap as the first pass, and nothing to rescore: one pass
             pieces, corrected = direct
             dots = self._dots(pieces[0])
@@ -254,7 +284,7 @@ class IntegerSoftmax:
         approx, error, dots = self._first_pass(q, first)
         candidates, limit = self._candidates(approx, error, c), self._refine_limit()
         take = self._rescore_counts(c, candidates, error, limit)
-        rows = (take > limit).nonzero()[:, 0]  # rescoring would cost more than a refinement pass
+        rows = self._to_refine(take, limit)
         pieces = [first.select(rows)]
         for strict in (False, True):  # a relaxed refinement (then rescoring), then one to c E <= LOGIT_ERROR
             if rows.numel() == 0:
@@ -266,9 +296,9 @@ class IntegerSoftmax:
             approx[rows] = self._approx(sub, pieces, dots[:, rows], correction)
             error[rows] = self._score_error(sub, pieces, corrected)
             candidates = self._candidates(approx, error, c)
-            take[rows] = counts = self._rescore_counts(c, candidates.select(rows), error[rows], None if strict else limit)
-            still = counts > limit
-            rows, pieces = rows[still], [piece.select(still.nonzero()[:, 0]) for piece in pieces]
+            take[rows] = counts = self._rescore_counts(c, candidates.select(rows), error[rows])
+            keep = torch.isin(rows, self._to_refine(torch.zeros_like(take).index_copy_(0, rows, counts), limit))
+            rows, pieces = rows[keep], [piece.select(keep.nonzero()[:, 0]) for piece in pieces]
         del dots, approx
         return self._softmax_mean(q, c, candidates, take)
 
@@ -291,15 +321,14 @@ class IntegerSoftmax:
         whole, scale = _quantise(values, self.bits, places)
         return _Piece(scale, whole, self.bits, places)
 
-    def _first_piece(self, q: torch.Tensor, c: float) -> _Piece:
+    def _first_piece(self, c: float, plans: _Plans) -> _Piece:
         """The first pass's digits: the fewest up to FIRST_MAX_DIGITS whose logit errors c E <= FEW_RESCORED (then
         few candidates need rescoring where the weight concentrates: middle steps), else FIRST_DIGITS (late steps:
         only near ties of the nearest image are rescored)."""
         for places in range(1, FIRST_MAX_DIGITS + 1):
-            piece = self._piece(q, places)
-            if float((c * self._score_error(q, [piece], False)).max()) <= FEW_RESCORED:
-                return piece
-        return self._piece(q, FIRST_DIGITS)
+            if plans.worst(c, places, False) <= FEW_RESCORED:
+                return plans.plan(places)[0]
+        return plans.plan(FIRST_DIGITS)[0]
 
     def _first_pass(self, q: torch.Tensor, first: _Piece) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """d_hat [B, N], E [B] and the products [N, B] of the first piece."""
@@ -318,20 +347,28 @@ class IntegerSoftmax:
         distances, index = approx.topk(most, dim=1, largest=False, sorted=False)
         return _Candidates(distances, index, distances <= threshold[:, None])
 
+    def _to_refine(self, take: torch.Tensor, limit: int) -> torch.Tensor:
+        """Queries [R] to refine: those whose rescoring would cost more than REFINE_COLUMNS digit columns over the
+        store, unless rescoring them all costs less than one pass (at least PASS_COLUMNS columns: few rows)."""
+        rows = (take > limit).nonzero()[:, 0]
+        pass_cost = self.num_images * max(REFINE_COLUMNS * rows.numel(), PASS_COLUMNS)
+        if int(take[rows].sum()) * RESCORE_COST <= pass_cost:
+            return rows[:0]
+        return rows
+
     def _refine_limit(self) -> int:
         """Rescored candidates per query beyond which a refinement pass (REFINE_COLUMNS digit columns over the
         whole store) is the cheaper way to certain weights."""
         return REFINE_COLUMNS * self.num_images // RESCORE_COST
 
-    def _direct_plan(self, q: torch.Tensor, c: float, columns: int) -> tuple[list[_Piece], bool] | None:
+    def _direct_plan(self, c: float, plans: _Plans, columns: int) -> tuple[list[_Piece], bool] | None:
         """The cheapest plan of at most `columns` digit columns (one more with the decoding correction) whose
         logit errors c E <= LOGIT_ERROR (early steps), or None."""
-        for cost, places, corrected in sorted((p + k, p, k) for p in range(1, MAX_DIGITS + 1) for k in (0, 1)):
+        for cost, places, corrected in _plan_order():
             if cost > columns:
                 return None
-            pieces = [self._piece(q, places)]
-            if float((c * self._score_error(q, pieces, bool(corrected))).max()) <= LOGIT_ERROR:
-                return pieces, bool(corrected)
+            if plans.worst(c, places, corrected) <= LOGIT_ERROR:
+                return plans.plan(places), corrected
         return None
 
     def _refinement(
@@ -341,15 +378,13 @@ class IntegerSoftmax:
         logit errors c E <= LOGIT_ERROR (or, unless strict, without the correction's pass over the store and
         c E <= RELAXED_ERROR: then the few candidates that carry the weight are rescored), else the one with the
         least error (its candidates are rescored)."""
-        rest = q - _value(pieces)
-        best = None
-        for columns, places, corrected in sorted((p + k, p, k) for p in range(1, MAX_DIGITS + 1) for k in (0, 1)):
-            plan = [*pieces, self._piece(rest, places)]
-            worst = float((c * self._score_error(q, plan, bool(corrected))).max())
+        plans, best = _Plans(self, q, pieces), None
+        for _, places, corrected in _plan_order():
+            worst = plans.worst(c, places, corrected)
             if worst <= LOGIT_ERROR or (not strict and not corrected and worst <= RELAXED_ERROR):
-                return plan, bool(corrected)
+                return plans.plan(places), corrected
             if best is None or worst < best[0] / 2:
-                best = (worst, plan, bool(corrected))
+                best = (worst, plans.plan(places), corrected)
         return best[1], best[2]
 
     def _score_error(self, q: torch.Tensor, pieces: list[_Piece], corrected: bool) -> torch.Tensor:
@@ -474,11 +509,14 @@ class IntegerSoftmax:
 
     def _weighted_sum(self, weights: torch.Tensor, candidates: _Candidates) -> torch.Tensor:
         """sum_i w_i y_i [B, n] for the candidates' weights [B, K] (zero where not valid), within (DROP_ACCURACY +
-        SUM_ACCURACY) sum_i w_i: weights below DROP_ACCURACY / 2 sum_j w_j / N are left out (moving the mean by at
-        most DROP_ACCURACY)."""
+        SUM_ACCURACY) sum_i w_i: the smallest weights, together at most DROP_ACCURACY / 2 sum_j w_j, are left out
+        (moving the mean by at most DROP_ACCURACY)."""
         batch = weights.shape[0]
         total = weights.sum(1)
-        kept = candidates.valid & (weights >= (DROP_ACCURACY / 2 / self.num_images) * total[:, None])
+        ascending = weights.sort(dim=1).values
+        below = (ascending.cumsum(1) <= (DROP_ACCURACY / 2) * total[:, None]).sum(1)  # these may all be left out
+        smallest_kept = ascending.gather(1, below.clamp_max(weights.shape[1] - 1)[:, None])
+        kept = candidates.valid & (weights >= smallest_kept)  # every weight left out is below it, so among them
         pairs = int(kept.sum())
         if pairs <= max(SPARSE_SHARE * self.num_images, SPARSE_ALWAYS) * batch:
             rows, places = kept.nonzero(as_tuple=True)
