@@ -52,6 +52,7 @@ FIRST_RESCORED = 8  # candidates rescored per query first; x4 per round while th
 RESCORE_COST = 300  # time of one float64 rescored value / one multiply-add of the int8 GEMM (measured, AVX2)
 REFINE_COLUMNS = 4  # digit columns a refinement pass typically costs; queries whose rescoring would cost more
 # (take_b RESCORE_COST > REFINE_COLUMNS N) are refined instead
+DIRECT_COLUMNS = 96  # query x digit columns up to which one pass with every digit costs about one pass
 PASS_COLUMNS = 24  # a pass over the store costs at least this many digit columns (reading it, measured AVX2)
 PROBE_QUERIES = 8  # queries whose first pass decides `concentrated`
 MIN_LOGIT = -700.0  # logits are floored here (relative to the largest, 0): e^-700 is no subnormal, which would
@@ -65,7 +66,7 @@ WORKING_BYTES = 512 << 20  # scores, weights and temporaries of one query block
 CHUNK_BYTES = 4 << 20  # uint8 images per GEMM call (cache-sized; the result does not depend on it)
 SUM_IMAGES = 1 << 16  # images per weighted-sum GEMM: 2^16 x 128 x 128 = 2^30 < 2^31, no int32 overflow
 COMPACT_SHARE = 8  # candidates are gathered into [B, K] when K <= N / COMPACT_SHARE
-SPARSE_SHARE = 1 / 100  # kept (query, image) pairs below this share of B x N: gathered weighted sum
+SPARSE_SHARE = 1 / 16  # kept (query, image) pairs below this share of B x N: gathered weighted sum
 SPARSE_ALWAYS = 64  # ... or below this many per query (exact in float64, so one kept image returns that image)
 
 
@@ -258,14 +259,20 @@ class IntegerSoftmax:
 
     @torch.no_grad()
     def concentrated(self, query: torch.Tensor, scale: float) -> bool:
-        """True if, for the first PROBE_QUERIES queries, the first pass leaves few images to rescore (the weight
-        sits on few images: late and middle steps) and none needs the refinement pass (weight spread over many
-        images: early steps, where this kernel's digit columns cost more than float32 products on a CPU without
-        VNNI). A speed heuristic only: both answers give results within the same bound."""
+        """True if, for the first PROBE_QUERIES queries, the first pass leaves few images to rescore and few
+        weights for the sum (the weight sits on few images: late steps, or middle steps on well separated data),
+        so no refinement pass and no dense weighted sum (weight spread over many images: early steps, where this
+        kernel's digit columns cost more than float32 products on a CPU without VNNI). A speed heuristic only:
+        both answers give results within the same bound."""
         q = query[:PROBE_QUERIES]
         approx, error, _ = self._first_pass(q, self._first_piece(scale, _Plans(self, q, [])))
         candidates, limit = self._candidates(approx, error, scale), self._refine_limit()
-        return not bool((self._rescore_counts(scale, candidates, error, limit) > limit).any())
+        if bool((self._rescore_counts(scale, candidates, error, limit) > limit).any()):
+            return False
+        distances = candidates.distances
+        weights = torch.exp(-scale * (distances - distances.amin(dim=1, keepdim=True))).masked_fill_(~candidates.valid, 0)
+        summed = self._summed(weights, candidates.valid, weights.sum(1))
+        return int(summed.sum()) <= self._sparse_pairs() * q.shape[0]  # a gathered weighted sum
 
     def _block(self, q: torch.Tensor, c: float) -> SoftmaxMean:
         """Scores from a first pass of FIRST_DIGITS digits; queries whose weight is spread (many images would need
@@ -273,8 +280,9 @@ class IntegerSoftmax:
         uncertain is rescored exactly; then the weighted sum."""
         plans = _Plans(self, q, [])
         first = self._first_piece(c, plans)
-        direct = self._direct_plan(c, plans, first.places + 1)
-        if direct is not None:  # as cheap as the first pass, and nothing to rescore: one pass
+        columns = max(first.places + 1, DIRECT_COLUMNS // q.shape[0])
+        direct = self._direct_plan(c, plans, columns)
+        if direct is not None:  # about as cheap as the first pass (or few queries), nothing to rescore: one pass
             pieces, corrected = direct
             dots = self._dots(pieces[0])
             correction = self._correction(pieces) if corrected else None
@@ -507,18 +515,23 @@ class IntegerSoftmax:
         cols = positions if candidates.index is None else candidates.index[rows, positions]
         candidates.distances[rows, positions] = self._exact(q, rows, cols)
 
+    def _summed(self, weights: torch.Tensor, valid: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """The weights [B, K] that enter the weighted sum: those at least DROP_ACCURACY / 2 sum_j w_j / N."""
+        return valid & (weights >= (DROP_ACCURACY / 2 / self.num_images) * total[:, None])
+
+    def _sparse_pairs(self) -> float:
+        """Kept images per query up to which the weighted sum gathers them (float64) instead of the dense GEMM."""
+        return max(SPARSE_SHARE * self.num_images, SPARSE_ALWAYS)
+
     def _weighted_sum(self, weights: torch.Tensor, candidates: _Candidates) -> torch.Tensor:
         """sum_i w_i y_i [B, n] for the candidates' weights [B, K] (zero where not valid), within (DROP_ACCURACY +
-        SUM_ACCURACY) sum_i w_i: the smallest weights, together at most DROP_ACCURACY / 2 sum_j w_j, are left out
-        (moving the mean by at most DROP_ACCURACY)."""
+        SUM_ACCURACY) sum_i w_i: weights below DROP_ACCURACY / 2 sum_j w_j / N are left out (moving the mean by at
+        most DROP_ACCURACY)."""
         batch = weights.shape[0]
         total = weights.sum(1)
-        ascending = weights.sort(dim=1).values
-        below = (ascending.cumsum(1) <= (DROP_ACCURACY / 2) * total[:, None]).sum(1)  # these may all be left out
-        smallest_kept = ascending.gather(1, below.clamp_max(weights.shape[1] - 1)[:, None])
-        kept = candidates.valid & (weights >= smallest_kept)  # every weight left out is below it, so among them
+        kept = self._summed(weights, candidates.valid, total)
         pairs = int(kept.sum())
-        if pairs <= max(SPARSE_SHARE * self.num_images, SPARSE_ALWAYS) * batch:
+        if pairs <= self._sparse_pairs() * batch:
             rows, places = kept.nonzero(as_tuple=True)
             cols = places if candidates.index is None else candidates.index[rows, places]
             values = weights[rows, places]
