@@ -8,12 +8,19 @@ and the mean sum_i w_i y_i (the optimal denoiser, DESIGN.md §3; docs/benchmarks
    d_hat_i = ||q||^2 + ||y_i||^2 - 2 (s X.(u_i / 127.5 - 1) + e.mu) misses d_i = ||q - y_i||^2 by at most E per
    query: the rounding e against ||y_i - mu|| (mu the dataset mean), decoding off the affine model (optionally
    corrected by a second one-digit GEMM against integer levels of y(u) - (u / 127.5 - 1)), float conversions, all
-   doubled. The plan (D, correction or not) is the cheapest with c E <= LOGIT_ERROR (then no image is rescored),
-   else one close to the least error, or REFINE_DIGITS when even that leaves many logits uncertain (late steps).
-2. Selection. Images with d_hat_i > min d_hat + 2 E + L / c weigh less than e^-L times the largest weight and are
-   skipped (N e^-L <= e^-40 of the mass). When c E > LOGIT_ERROR the candidates are rescored exactly (float64
-   squared differences), nearest first, until the mass the others may carry, times their logit error, moves
-   the mean by at most WEIGHTS_ACCURACY.
+   doubled. The query may come in pieces, v = s_1 X_1 + s_2 X_2 + ..., each piece's products added exactly, and
+   E bounds d_hat for their sum.
+2. Passes. A small block (at most DIRECT_COLUMNS digit columns: the GEMM is memory-bound) whose cheapest plan
+   with c E <= LOGIT_ERROR exists (early and middle steps) takes it in one pass: nothing is rescored. Otherwise a
+   first pass of 1 to FIRST_MAX_DIGITS digits: images with d_hat_i > min d_hat + 2 E + L / c weigh less than e^-L
+   times the largest weight and are skipped (N e^-L <= e^-40 of the mass), and the candidates are counted that
+   must be rescored exactly (float64 squared differences, nearest first) before the mass the others may carry,
+   times their logit error, moves the mean by at most WEIGHTS_ACCURACY. Where the weight sits on few images
+   (late steps) that count is small and they are rescored. Queries for which rescoring would cost more than
+   REFINE_COLUMNS digit columns over the store get a refinement pass with digits of the rest q - s_1 X_1: first
+   relaxed (c E <= RELAXED_ERROR, then rescoring), then, where that still leaves many, to c E <= LOGIT_ERROR.
+   Candidates are gathered into [B, K] when K <= N / COMPACT_SHARE, so that late steps touch [B, N] only a
+   few times.
 3. Weighted sum. Weights below DROP_ACCURACY / 2 of their sum / N are left out. Few kept images: gathered and
    summed in float64. Many: the weights become D_w int8 digits against a transposed uint8 copy of the store in
    the same exact GEMM, D_w the fewest for which the rounding of the weights moves the mean by at most
@@ -21,9 +28,10 @@ and the mean sum_i w_i y_i (the optimal denoiser, DESIGN.md §3; docs/benchmarks
 
 Every stage's error is bounded a priori, so every value of the mean is within WEIGHTS_ACCURACY + DROP_ACCURACY +
 SUM_ACCURACY = 8e-6 of the float64 formula (plus float rounding of order 1e-7: the float32 outputs of the
-weighted-sum GEMM, 2^-24 relative), whatever the data, timestep or chunking. The digit width is chosen at run time: 8 bits where the GEMM
-accumulates u8 x s8 products exactly (VNNI, AMX), 7 where pairs of products pass through int16 (AVX2 without
-VNNI: 2 x 255 x 64 < 2^15), and no integer path (the caller's float fallback) where neither self-test passes.
+weighted-sum GEMM, 2^-24 relative), whatever the data, timestep, chunking or path taken (the passes change the
+cost, never the bound). The digit width is chosen at run time: 8 bits where the GEMM accumulates u8 x s8 products
+exactly (VNNI, AMX), 7 where pairs of products pass through int16 (AVX2 without VNNI: 2 x 255 x 64 < 2^15), and no
+integer path (the caller's float fallback) where neither self-test passes.
 """
 
 from __future__ import annotations
@@ -270,7 +278,8 @@ class IntegerSoftmax:
         if bool((self._rescore_counts(scale, candidates, error, limit) > limit).any()):
             return False
         distances = candidates.distances
-        weights = torch.exp(-scale * (distances - distances.amin(dim=1, keepdim=True))).masked_fill_(~candidates.valid, 0)
+        weights = torch.exp(-scale * (distances - distances.amin(dim=1, keepdim=True)))
+        weights.masked_fill_(~candidates.valid, 0)
         summed = self._summed(weights, candidates.valid, weights.sum(1))
         return int(summed.sum()) <= self._sparse_pairs() * q.shape[0]  # a gathered weighted sum
 
