@@ -73,7 +73,7 @@ RESCORE_BYTES = 1 << 20  # float64 rows rescored together (cache-sized)
 WORKING_BYTES = 512 << 20  # scores, weights and temporaries of one query block
 CHUNK_BYTES = 4 << 20  # uint8 images per GEMM call (cache-sized; the result does not depend on it)
 SUM_IMAGES = 1 << 16  # images per weighted-sum GEMM: 2^16 x 128 x 128 = 2^30 < 2^31, no int32 overflow
-COMPACT_SHARE = 8  # candidates are gathered into [B, K] when K <= N / COMPACT_SHARE
+COMPACT_SHARE = 64  # candidates are gathered into [B, K] when K <= N / COMPACT_SHARE (a cheap top-k)
 SPARSE_SHARE = 1 / 16  # kept (query, image) pairs below this share of B x N: gathered weighted sum
 SPARSE_ALWAYS = 64  # ... or below this many per query (exact in float64, so one kept image returns that image)
 
