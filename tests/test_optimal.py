@@ -307,3 +307,21 @@ def test_generate_runs_end_to_end_with_diagnostics_in_the_metrics():
     steps = result.metrics["steps"]
     assert [len(step["diagnostics"]["effective_count"]) for step in steps] == [3, 3, 3]
     assert all(record["top_weight"] > 0.99 for record in result.metrics["samples"])  # collapsed at t = 0
+
+
+@pytest.mark.parametrize("timestep", [900, 500, 100])
+def test_batches_above_the_integer_query_limit_match_float64(timestep):
+    """More queries than INTEGER_MAX_QUERIES (scfdm-sized batches) take the integer kernel where the weight is
+    concentrated and the float path where it is spread: both within the tolerance, each query as if alone."""
+    store = DatasetStore.from_tensor(mnist_digits()[:400])
+    level = noise_level(SCHEDULE, timestep)
+    clean = torch.cat([held_out_digits(20), store.model_space(0, 20)])  # 40 queries > INTEGER_MAX_QUERIES
+    x_t = forward_noised(clean, level, seed=timestep)
+    denoiser = OptimalDenoiser().fit(store)
+    out = denoiser(x_t, level)
+    assert_matches_reference(out, x_t, store, level)
+    alone = denoiser(x_t[:3], level)  # three queries: the integer kernel whatever the step
+    assert (alone.x0_hat - out.x0_hat[:3]).abs().max().item() < 2 * TOLERANCE
+    query = x_t.flatten(1).double() / level.signal_scale
+    scale = level.alpha_bar / (2 * level.noise_variance)
+    assert denoiser.integer.concentrated(query, scale) == (timestep == 100)

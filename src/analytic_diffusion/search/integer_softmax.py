@@ -8,12 +8,19 @@ and the mean sum_i w_i y_i (the optimal denoiser, DESIGN.md §3; docs/benchmarks
    d_hat_i = ||q||^2 + ||y_i||^2 - 2 (s X.(u_i / 127.5 - 1) + e.mu) misses d_i = ||q - y_i||^2 by at most E per
    query: the rounding e against ||y_i - mu|| (mu the dataset mean), decoding off the affine model (optionally
    corrected by a second one-digit GEMM against integer levels of y(u) - (u / 127.5 - 1)), float conversions, all
-   doubled. The plan (D, correction or not) is the cheapest with c E <= LOGIT_ERROR (then no image is rescored),
-   else one close to the least error, or REFINE_DIGITS when even that leaves many logits uncertain (late steps).
-2. Selection. Images with d_hat_i > min d_hat + 2 E + L / c weigh less than e^-L times the largest weight and are
-   skipped (N e^-L <= e^-40 of the mass). When c E > LOGIT_ERROR the candidates are rescored exactly (float64
-   squared differences), nearest first, until the mass the others may carry, times their logit error, moves
-   the mean by at most WEIGHTS_ACCURACY.
+   doubled. The query may come in pieces, v = s_1 X_1 + s_2 X_2 + ..., each piece's products added exactly, and
+   E bounds d_hat for their sum.
+2. Passes. A small block (at most DIRECT_COLUMNS digit columns: the GEMM is memory-bound) whose cheapest plan
+   with c E <= LOGIT_ERROR exists (early and middle steps) takes it in one pass: nothing is rescored. Otherwise a
+   first pass of 1 to FIRST_MAX_DIGITS digits: images with d_hat_i > min d_hat + 2 E + L / c weigh less than e^-L
+   times the largest weight and are skipped (N e^-L <= e^-40 of the mass), and the candidates are counted that
+   must be rescored exactly (float64 squared differences, nearest first) before the mass the others may carry,
+   times their logit error, moves the mean by at most WEIGHTS_ACCURACY. Where the weight sits on few images
+   (late steps) that count is small and they are rescored. Queries for which rescoring would cost more than
+   REFINE_COLUMNS digit columns over the store get a refinement pass with digits of the rest q - s_1 X_1: first
+   relaxed (c E <= RELAXED_ERROR, then rescoring), then, where that still leaves many, to c E <= LOGIT_ERROR.
+   Candidates are gathered into [B, K] when K <= N / COMPACT_SHARE, so that late steps touch [B, N] only a
+   few times.
 3. Weighted sum. Weights below DROP_ACCURACY / 2 of their sum / N are left out. Few kept images: gathered and
    summed in float64. Many: the weights become D_w int8 digits against a transposed uint8 copy of the store in
    the same exact GEMM, D_w the fewest for which the rounding of the weights moves the mean by at most
@@ -21,16 +28,17 @@ and the mean sum_i w_i y_i (the optimal denoiser, DESIGN.md §3; docs/benchmarks
 
 Every stage's error is bounded a priori, so every value of the mean is within WEIGHTS_ACCURACY + DROP_ACCURACY +
 SUM_ACCURACY = 8e-6 of the float64 formula (plus float rounding of order 1e-7: the float32 outputs of the
-weighted-sum GEMM, 2^-24 relative), whatever the data, timestep or chunking. The digit width is chosen at run time: 8 bits where the GEMM
-accumulates u8 x s8 products exactly (VNNI, AMX), 7 where pairs of products pass through int16 (AVX2 without
-VNNI: 2 x 255 x 64 < 2^15), and no integer path (the caller's float fallback) where neither self-test passes.
+weighted-sum GEMM, 2^-24 relative), whatever the data, timestep, chunking or path taken (the passes change the
+cost, never the bound). The digit width is chosen at run time: 8 bits where the GEMM accumulates u8 x s8 products
+exactly (VNNI, AMX), 7 where pairs of products pass through int16 (AVX2 without VNNI: 2 x 255 x 64 < 2^15), and no
+integer path (the caller's float fallback) where neither self-test passes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -42,20 +50,30 @@ WEIGHTS_ACCURACY = 4e-6  # logit errors of the weights (2 (e^cE - 1) e^cE <= 4e-
 DROP_ACCURACY = 2e-6  # weights below DROP_ACCURACY / 2 sum_j w_j / N left out of the weighted sum
 SUM_ACCURACY = 2e-6  # rounding of the weights to integer digits for the dense weighted sum
 LOGIT_ERROR = 2e-6  # c E at or below this: scores used as they are, nothing rescored
-FEW_RESCORED = 1e-3  # c E of the most digits at or below this: score with about that many digits, rescore few
 SKIP_LOGITS = 40.0  # images this far (plus log N) below the largest logit are skipped
-MAX_DIGITS = 5  # digits of a query or of the weights at most (35 to 40 bits)
-REFINE_DIGITS = 2  # digits of the first pass when candidates are rescored anyway
+MAX_DIGITS = 5  # digits of the weights, or of the refinement of a query, at most (35 to 40 bits)
+FIRST_DIGITS = 2  # digits of a query in the first pass (13 to 15 bits) when none reaches FEW_RESCORED
+FEW_RESCORED = 1e-3  # first-pass logit errors c E up to this leave few candidates to rescore
+RELAXED_ERROR = 1e-5  # a first refinement may stop at this c E (no decoding correction) and rescore a few
+FIRST_MAX_DIGITS = 3  # the first pass has at most this many digits (more are a refinement pass's job)
 FIRST_RESCORED = 8  # candidates rescored per query first; x4 per round while the bound is not met
+RESCORE_COST = 300  # time of one float64 rescored value / one multiply-add of the int8 GEMM (measured, AVX2)
+REFINE_COLUMNS = 4  # digit columns a refinement pass typically costs; queries whose rescoring would cost more
+# (take_b RESCORE_COST > REFINE_COLUMNS N) are refined instead
+DIRECT_COLUMNS = 96  # query x digit columns up to which one pass with every digit costs about one pass
+PASS_COLUMNS = 24  # a pass over the store costs at least this many digit columns (reading it, measured AVX2)
+PROBE_QUERIES = 8  # queries whose first pass decides `concentrated`
 MIN_LOGIT = -700.0  # logits are floored here (relative to the largest, 0): e^-700 is no subnormal, which would
 # slow exp and every product after it tenfold, and N e^-700 of extra weight changes nothing
 SAFETY = 2.0  # rigorous bounds are doubled before use
 ZERO_POINT = 128  # the GEMM multiplies u - 128 in [-128, 127]
 LEVELS = 63  # decoding corrections are written as int levels in [-63, 63]: level + 128 <= 191, 2 x 191 x 64 < 2^15
 FLOAT32_EXACT = 2.0**24  # integers below this convert to float32 exactly
+RESCORE_BYTES = 1 << 20  # float64 rows rescored together (cache-sized)
 WORKING_BYTES = 512 << 20  # scores, weights and temporaries of one query block
 CHUNK_BYTES = 4 << 20  # uint8 images per GEMM call (cache-sized; the result does not depend on it)
 SUM_IMAGES = 1 << 16  # images per weighted-sum GEMM: 2^16 x 128 x 128 = 2^30 < 2^31, no int32 overflow
+COMPACT_SHARE = 64  # candidates are gathered into [B, K] when K <= N / COMPACT_SHARE (a cheap top-k)
 SPARSE_SHARE = 1 / 16  # kept (query, image) pairs below this share of B x N: gathered weighted sum
 SPARSE_ALWAYS = 64  # ... or below this many per query (exact in float64, so one kept image returns that image)
 
@@ -68,6 +86,72 @@ class SoftmaxMean:
     top_weight: torch.Tensor  # [B] float64, max_i w_i
     effective_count: torch.Tensor  # [B] float64, 1 / sum_i w_i^2
     top_index: torch.Tensor  # [B] int64, argmax_i w_i (lowest index on ties)
+
+
+@dataclass
+class _Piece:
+    """One part s X of a quantised query block: s [B] powers of two, X [B, n] integers (float64) that `places`
+    balanced digits of `bits` bits hold."""
+
+    scale: torch.Tensor
+    whole: torch.Tensor
+    bits: int
+    places: int
+
+    @cached_property
+    def digits(self) -> torch.Tensor:
+        """int8 [places, B, n], most significant first (built when a GEMM or a bound needs them)."""
+        return _balanced_digits(self.whole, self.bits, self.places)
+
+    def select(self, rows: torch.Tensor) -> _Piece:
+        return _Piece(self.scale[rows], self.whole[rows], self.bits, self.places)
+
+
+@dataclass
+class _Candidates:
+    """Per query the images not skipped: distances [B, K] (d_hat, exact where rescored), their image indices
+    [B, K] (None: K = N, all images in order) and which entries are kept [B, K]."""
+
+    distances: torch.Tensor
+    index: torch.Tensor | None
+    valid: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> _Candidates:
+        index = None if self.index is None else self.index[rows]
+        return _Candidates(self.distances[rows], index, self.valid[rows])
+
+
+class _Plans:
+    """Candidate plans for one query block: `base` pieces plus one piece of `places` digits of the rest q - v, and
+    their error bounds E [B] with and without the decoding correction, each computed once."""
+
+    def __init__(self, kernel: IntegerSoftmax, q: torch.Tensor, base: list[_Piece]):
+        self.kernel, self.q, self.base = kernel, q, base
+        self.rest = q - _value(base) if base else q
+        self.pieces: dict[int, list[_Piece]] = {}
+        self.errors: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def plan(self, places: int) -> list[_Piece]:
+        if places not in self.pieces:
+            self.pieces[places] = [*self.base, self.kernel._piece(self.rest, places)]
+        return self.pieces[places]
+
+    def worst(self, c: float, places: int, corrected: bool) -> float:
+        """max_b c E_b of the plan."""
+        if (places, corrected) not in self.errors:
+            self.errors[places, corrected] = self.kernel._score_error(self.q, self.plan(places), corrected)
+        return float((c * self.errors[places, corrected]).max())
+
+
+def _plan_order() -> list[tuple[int, int, bool]]:
+    """(digit columns, places, corrected) cheapest first: the correction costs one more column."""
+    return sorted((places + corrected, places, bool(corrected)) for places in range(1, MAX_DIGITS + 1)
+                  for corrected in (0, 1))
+
+
+def _value(pieces: list[_Piece]) -> torch.Tensor:
+    """v = sum_k s_k X_k [B, n]."""
+    return sum(piece.scale[:, None] * piece.whole for piece in pieces)
 
 
 def _gemm(activation: torch.Tensor, packed: torch.Tensor, columns: int) -> torch.Tensor:
@@ -181,58 +265,152 @@ class IntegerSoftmax:
         return SoftmaxMean(*(torch.cat(values) for values in zip(*(
             (p.mean, p.top_weight, p.effective_count, p.top_index) for p in parts))))
 
+    @torch.no_grad()
+    def concentrated(self, query: torch.Tensor, scale: float) -> bool:
+        """True if, for the first PROBE_QUERIES queries, the first pass leaves few images to rescore and few
+        weights for the sum (the weight sits on few images: late steps, or middle steps on well separated data),
+        so no refinement pass and no dense weighted sum (weight spread over many images: early steps, where this
+        kernel's digit columns cost more than float32 products on a CPU without VNNI). A speed heuristic only:
+        both answers give results within the same bound."""
+        q = query[:PROBE_QUERIES]
+        approx, error, _ = self._first_pass(q, self._first_piece(scale, _Plans(self, q, [])))
+        candidates, limit = self._candidates(approx, error, scale), self._refine_limit()
+        if bool((self._rescore_counts(scale, candidates, error, limit) > limit).any()):
+            return False
+        distances = candidates.distances
+        weights = torch.exp(-scale * (distances - distances.amin(dim=1, keepdim=True)))
+        weights.masked_fill_(~candidates.valid, 0)
+        summed = self._summed(weights, candidates.valid, weights.sum(1))
+        return int(summed.sum()) <= self._sparse_pairs() * q.shape[0]  # a gathered weighted sum
+
     def _block(self, q: torch.Tensor, c: float) -> SoftmaxMean:
-        places, corrected, error = self._choose_places(q, c)
-        approx = self._scores(q, places, corrected)  # d_hat [B, N]
-        lowest = approx.amin(dim=1, keepdim=True)
-        skip = SKIP_LOGITS + math.log(self.num_images)
-        kept = approx <= lowest + 2 * error[:, None] + skip / c
-        if bool((c * error <= LOGIT_ERROR).all()):
-            distances = approx
-        else:
-            distances = self._rescore_until_certain(q, c, approx, kept, error)
-        distances = distances.masked_fill(~kept, math.inf)
+        """Scores from a first pass of FIRST_DIGITS digits; queries whose weight is spread (many images would need
+        rescoring) get a refinement pass with more digits of the rest of the query; what the bound still leaves
+        uncertain is rescored exactly; then the weighted sum."""
+        plans = _Plans(self, q, [])
+        first = self._first_piece(c, plans)
+        columns = max(first.places + 1, DIRECT_COLUMNS // q.shape[0])
+        direct = self._direct_plan(c, plans, columns)
+        if direct is not None:  # about as cheap as the first pass (or few queries), nothing to rescore: one pass
+            pieces, corrected = direct
+            dots = self._dots(pieces[0])
+            correction = self._correction(pieces) if corrected else None
+            approx, error = self._approx(q, pieces, dots, correction), self._score_error(q, pieces, corrected)
+            del dots, correction
+            return self._softmax_mean(q, c, self._candidates(approx, error, c), None)
+        approx, error, dots = self._first_pass(q, first)
+        candidates, limit = self._candidates(approx, error, c), self._refine_limit()
+        take = self._rescore_counts(c, candidates, error, limit)
+        rows = self._to_refine(take, limit)
+        pieces = [first.select(rows)]
+        for strict in (False, True):  # a relaxed refinement (then rescoring), then one to c E <= LOGIT_ERROR
+            if rows.numel() == 0:
+                break
+            sub = q[rows]
+            pieces, corrected = self._refinement(sub, c, pieces, strict)
+            dots[:, rows] += self._dots(pieces[-1])
+            correction = self._correction(pieces) if corrected else None
+            approx[rows] = self._approx(sub, pieces, dots[:, rows], correction)
+            error[rows] = self._score_error(sub, pieces, corrected)
+            candidates = self._candidates(approx, error, c)
+            take[rows] = counts = self._rescore_counts(c, candidates.select(rows), error[rows])
+            keep = torch.isin(rows, self._to_refine(torch.zeros_like(take).index_copy_(0, rows, counts), limit))
+            rows, pieces = rows[keep], [piece.select(keep.nonzero()[:, 0]) for piece in pieces]
+        del dots, approx
+        return self._softmax_mean(q, c, candidates, take)
+
+    def _softmax_mean(self, q: torch.Tensor, c: float, candidates: _Candidates, take: torch.Tensor | None):
+        """Rescore the take_b nearest candidates of each query (None: none), then the weights and the mean."""
+        if take is not None and bool(take.any()):
+            self._rescore(q, candidates, take)
+        valid = candidates.valid
+        distances = candidates.distances.masked_fill_(~valid, math.inf)
         logits = (-c * (distances - distances.amin(dim=1, keepdim=True))).clamp_min_(MIN_LOGIT)
-        weights = torch.exp(logits).masked_fill_(~kept, 0)
+        weights = torch.exp(logits).masked_fill_(~valid, 0)
         total = weights.sum(1)
-        mean = self._weighted_sum(weights, kept) / total[:, None]
-        top_weight, top_index = weights.max(dim=1)
+        mean = self._weighted_sum(weights, candidates) / total[:, None]
+        top_weight = weights.amax(dim=1)
+        images = candidates.index if candidates.index is not None else torch.arange(self.num_images)[None, :]
+        top_index = torch.where(weights == top_weight[:, None], images, self.num_images).amin(dim=1)  # lowest on ties
         return SoftmaxMean(mean, top_weight / total, total.square() / weights.square().sum(1), top_index)
 
-    def _choose_places(self, q: torch.Tensor, c: float) -> tuple[int, bool, torch.Tensor]:
-        """Digits D, whether to correct for decoding, and E [B]: the cheapest (D digit columns, one more with the
-        correction) whose logit errors c E <= LOGIT_ERROR. Where none does (late steps), candidates are rescored:
-        with the cheapest choice within 2x of the least error if that is at most FEW_RESCORED (few candidates
-        carry the weight that matters), else with REFINE_DIGITS (only near ties of the nearest image count)."""
-        plans = sorted((places + corrected, places, corrected) for places in range(1, MAX_DIGITS + 1)
-                       for corrected in (False, True))
-        errors, worst = {}, {}
-        for _, places, corrected in plans:  # cheapest first; stop at the first that needs no rescoring
-            errors[places, corrected] = error = self._score_error(q, places, corrected)
-            worst[places, corrected] = float((c * error).max())
-            if worst[places, corrected] <= LOGIT_ERROR:
-                return places, corrected, error
-        least = min(worst.values())
-        if least <= FEW_RESCORED:
-            chosen = next(plan[1:] for plan in plans if worst[plan[1:]] <= 2 * least)
-        else:
-            chosen = (min(REFINE_DIGITS, MAX_DIGITS), False)
-        return (*chosen, errors[chosen])
+    def _piece(self, values: torch.Tensor, places: int) -> _Piece:
+        whole, scale = _quantise(values, self.bits, places)
+        return _Piece(scale, whole, self.bits, places)
 
-    def _score_error(self, q: torch.Tensor, places: int, corrected: bool) -> torch.Tensor:
-        """E [B]: |d_hat_i - d_i| <= E for every image i (see the module docstring)."""
-        whole, s = _quantise(q, self.bits, places)
-        rounding = torch.linalg.vector_norm(q - s[:, None] * whole, dim=1)  # ||e||, exact up to float64 rounding
-        conversion = torch.zeros_like(s)
-        if ZERO_POINT * (1 << (self.bits - 1)) * self.dim >= FLOAT32_EXACT:  # else every |P_j| < 2^24: exact
-            digits = _balanced_digits(whole, self.bits, places).to(torch.float64)
-            sizes = ZERO_POINT * digits.abs().sum(2)  # >= |P_j| of each digit's product [places, B]
-            sizes = torch.where(sizes >= FLOAT32_EXACT, sizes * 2.0**-24, torch.zeros_like(sizes))
-            place_values = 2.0 ** (self.bits * torch.arange(places - 1, -1, -1, dtype=torch.float64))
-            conversion = 2 * s / 127.5 * (place_values[:, None] * sizes).sum(0)
+    def _first_piece(self, c: float, plans: _Plans) -> _Piece:
+        """The first pass's digits: the fewest up to FIRST_MAX_DIGITS whose logit errors c E <= FEW_RESCORED (then
+        few candidates need rescoring where the weight concentrates: middle steps), else FIRST_DIGITS (late steps:
+        only near ties of the nearest image are rescored)."""
+        for places in range(1, FIRST_MAX_DIGITS + 1):
+            if plans.worst(c, places, False) <= FEW_RESCORED:
+                return plans.plan(places)[0]
+        return plans.plan(FIRST_DIGITS)[0]
+
+    def _first_pass(self, q: torch.Tensor, first: _Piece) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """d_hat [B, N], E [B] and the products [N, B] of the first piece."""
+        dots = self._dots(first)
+        return self._approx(q, [first], dots, None), self._score_error(q, [first], False), dots
+
+    def _candidates(self, approx: torch.Tensor, error: torch.Tensor, c: float) -> _Candidates:
+        """The images that may weigh more than e^-SKIP_LOGITS / N of the largest weight (the others are skipped):
+        gathered into [B, K] when every query keeps at most N / COMPACT_SHARE of them, else all N."""
+        skip = SKIP_LOGITS + math.log(self.num_images)
+        threshold = approx.amin(dim=1) + (2 * error + skip / c)
+        kept = approx <= threshold[:, None]
+        most = int(kept.sum(1).max())
+        if most * COMPACT_SHARE > self.num_images:
+            return _Candidates(approx, None, kept)
+        distances, index = approx.topk(most, dim=1, largest=False, sorted=False)
+        return _Candidates(distances, index, distances <= threshold[:, None])
+
+    def _to_refine(self, take: torch.Tensor, limit: int) -> torch.Tensor:
+        """Queries [R] to refine: those whose rescoring would cost more than REFINE_COLUMNS digit columns over the
+        store, unless rescoring them all costs less than one pass (at least PASS_COLUMNS columns: few rows)."""
+        rows = (take > limit).nonzero()[:, 0]
+        pass_cost = self.num_images * max(REFINE_COLUMNS * rows.numel(), PASS_COLUMNS)
+        if int(take[rows].sum()) * RESCORE_COST <= pass_cost:
+            return rows[:0]
+        return rows
+
+    def _refine_limit(self) -> int:
+        """Rescored candidates per query beyond which a refinement pass (REFINE_COLUMNS digit columns over the
+        whole store) is the cheaper way to certain weights."""
+        return REFINE_COLUMNS * self.num_images // RESCORE_COST
+
+    def _direct_plan(self, c: float, plans: _Plans, columns: int) -> tuple[list[_Piece], bool] | None:
+        """The cheapest plan of at most `columns` digit columns (one more with the decoding correction) whose
+        logit errors c E <= LOGIT_ERROR (early steps), or None."""
+        for cost, places, corrected in _plan_order():
+            if cost > columns:
+                return None
+            if plans.worst(c, places, corrected) <= LOGIT_ERROR:
+                return plans.plan(places), corrected
+        return None
+
+    def _refinement(
+        self, q: torch.Tensor, c: float, pieces: list[_Piece], strict: bool
+    ) -> tuple[list[_Piece], bool]:
+        """The pieces plus digits of the rest q - v, and whether to correct for decoding: the cheapest plan with
+        logit errors c E <= LOGIT_ERROR (or, unless strict, without the correction's pass over the store and
+        c E <= RELAXED_ERROR: then the few candidates that carry the weight are rescored), else the one with the
+        least error (its candidates are rescored)."""
+        plans, best = _Plans(self, q, pieces), None
+        for _, places, corrected in _plan_order():
+            worst = plans.worst(c, places, corrected)
+            if worst <= LOGIT_ERROR or (not strict and not corrected and worst <= RELAXED_ERROR):
+                return plans.plan(places), corrected
+            if best is None or worst < best[0] / 2:
+                best = (worst, plans.plan(places), corrected)
+        return best[1], best[2]
+
+    def _score_error(self, q: torch.Tensor, pieces: list[_Piece], corrected: bool) -> torch.Tensor:
+        """E [B]: |d_hat_i - d_i| <= E for every image i (see the module docstring), for v = sum_k s_k X_k."""
+        v = _value(pieces)  # exact: the pieces' bits do not overlap beyond float64's 53
+        rounding = torch.linalg.vector_norm(q - v, dim=1)  # ||e||, exact up to float64 rounding
+        conversion = sum(self._conversion(piece) for piece in pieces)
         q1, q2 = q.abs().sum(1), q.square().sum(1)
         float64 = 2.0**-48 * (self.max_norm_sq + q2 + 4 * q1 + self.dim * self.max_norm_sq)
-        v = s[:, None] * whole  # the quantised query, exact
         if corrected:  # |v.delta_i - step s1 X1.level_i| <= delta_max ||e1||_1 + rest ||v||_1 (+ its conversion)
             whole1, s1 = _quantise(v, self.bits, 1)
             size = LEVELS * whole1.abs().sum(1)
@@ -243,89 +421,138 @@ class IntegerSoftmax:
             decoding = 2 * self.decode_error * v.abs().sum(1)
         return SAFETY * (2 * rounding * (1 + 1e-9) * self.spread + decoding + conversion + float64)
 
-    def _scores(self, q: torch.Tensor, places: int, corrected: bool) -> torch.Tensor:
-        """d_hat [B, N] float64 from one exact integer GEMM per chunk of images (two with the correction)."""
-        whole, s = _quantise(q, self.bits, places)
-        digits = _balanced_digits(whole, self.bits, places)
-        batch = q.shape[0]
-        packed = torch.ops.onednn.qlinear_prepack(digits.reshape(places * batch, self.dim), None)
-        products = torch.empty((self.num_images, batch), dtype=torch.float64)  # X.(u_i - 128), image-major
-        if corrected:
-            whole1, s1 = _quantise(s[:, None] * whole, self.bits, 1)
-            packed1 = torch.ops.onednn.qlinear_prepack(whole1.to(torch.int8), None)
-            corrections = torch.empty((self.num_images, batch), dtype=torch.float64)  # X1.level_i
+    def _conversion(self, piece: _Piece) -> torch.Tensor:
+        """[B]: what converting one piece's int32 digit products to float32 may lose (0 when all are < 2^24)."""
+        if ZERO_POINT * (1 << (self.bits - 1)) * self.dim < FLOAT32_EXACT:
+            return torch.zeros_like(piece.scale)
+        sizes = ZERO_POINT * piece.digits.abs().sum(2, dtype=torch.float64)  # >= |P_j| of each digit [places, B]
+        sizes = torch.where(sizes >= FLOAT32_EXACT, sizes * 2.0**-24, torch.zeros_like(sizes))
+        places = piece.digits.shape[0]
+        place_values = 2.0 ** (self.bits * torch.arange(places - 1, -1, -1, dtype=torch.float64))
+        return 2 * piece.scale / 127.5 * (place_values[:, None] * sizes).sum(0)
+
+    def _dots(self, piece: _Piece) -> torch.Tensor:
+        """s X.(u_i - 128) [N, B] float64 (image-major) from one exact integer GEMM per chunk of images."""
+        places, batch = piece.digits.shape[0], piece.digits.shape[1]
+        packed = torch.ops.onednn.qlinear_prepack(piece.digits.reshape(places * batch, self.dim), None)
+        products = torch.empty((self.num_images, batch), dtype=torch.float64)
         for start in range(0, self.num_images, self.chunk):
             out = _gemm(self.images[start : start + self.chunk], packed, places * batch)  # [c, places * B]
             part = products[start : start + out.shape[0]]
             part.copy_(out[:, :batch])
             for place in range(1, places):  # Horner in float64: exact integers while below 2^53
                 part.mul_(float(1 << self.bits)).add_(out[:, place * batch : (place + 1) * batch])
-            if corrected:
-                corrections[start : start + out.shape[0]] = _gemm(self.levels[start : start + self.chunk], packed1, batch)
+        return products.mul_(piece.scale)
+
+    def _correction(self, pieces: list[_Piece]) -> torch.Tensor:
+        """step s1 X1.level_i [N, B]: the decoding correction of v = sum_k s_k X_k (X1 one digit of v)."""
+        whole1, s1 = _quantise(_value(pieces), self.bits, 1)
+        packed = torch.ops.onednn.qlinear_prepack(whole1.to(torch.int8), None)
+        out = torch.empty((self.num_images, whole1.shape[0]), dtype=torch.float64)
+        for start in range(0, self.num_images, self.chunk):
+            out[start : start + self.chunk] = _gemm(self.levels[start : start + self.chunk], packed, whole1.shape[0])
+        return out.mul_(self.level_step * s1)
+
+    def _approx(self, q: torch.Tensor, pieces: list[_Piece], dots: torch.Tensor, correction) -> torch.Tensor:
+        """d_hat [B, N] = ||q||^2 + ||y_i||^2 - 2 (v.y_i + e.mu), v.y_i from the pieces' exact products `dots`."""
         # s X.(u / 127.5 - 1) = s (X.(u - 128) / 127.5 + sum(X) / 255); e.mu keeps d_hat unbiased by the rounding
-        constant = q.square().sum(1) - 2 * (s * whole.sum(1) / 255 + (q - s[:, None] * whole) @ self.mu)
-        approx = torch.addcmul(self.norms + constant[:, None], products.t(), (-2 / 127.5) * s[:, None])
-        if corrected:  # s X.y_i = s X.(u_i / 127.5 - 1) + s X.delta_i
-            approx.addcmul_(corrections.t(), (-2 * self.level_step) * s1[:, None])
+        sums = sum(piece.scale * piece.whole.sum(1) for piece in pieces)
+        constant = q.square().sum(1) - 2 * (sums / 255 + (q - _value(pieces)) @ self.mu)
+        approx = torch.add(self.norms, constant[:, None]).add_(dots.t(), alpha=-2 / 127.5)
+        if correction is not None:  # s X.y_i = s X.(u_i / 127.5 - 1) + s X.delta_i
+            approx.add_(correction.t(), alpha=-2)
         return approx
 
     def _exact(self, q: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """||q_r - y_c||^2 in float64 from differences, for pairs (rows, cols), in memory-bounded groups."""
+        """||q_r - y_c||^2 in float64 from differences, for pairs (rows, cols), in cache-sized groups."""
         out = torch.empty(rows.shape[0], dtype=torch.float64)
-        group = max(1, (32 << 20) // (16 * self.dim))
+        group = max(1, RESCORE_BYTES // (8 * self.dim))
         for start in range(0, rows.shape[0], group):
             r, i = rows[start : start + group], cols[start : start + group]
-            out[start : start + group] = (q[r] - self._decoded(self.images[i])).square_().sum(1)
+            out[start : start + group] = (self._decoded(self.images[i]).sub_(q[r])).square_().sum(1)
         return out
 
-    def _rescore_until_certain(
-        self, q: torch.Tensor, c: float, approx: torch.Tensor, kept: torch.Tensor, error: torch.Tensor
+    def _rescore_counts(
+        self, c: float, candidates: _Candidates, error: torch.Tensor, limit: int | None = None
     ) -> torch.Tensor:
-        """Distances with the K_b nearest candidates of query b exact (float64 differences), K_b the fewest (x4 from
-        FIRST_RESCORED) for which the other kept images' logit errors move the mean by at most WEIGHTS_ACCURACY.
+        """K_b [B] int64: the fewest nearest candidates of query b (x4 from FIRST_RESCORED) to rescore exactly
+        (float64 differences) so that the other kept images' logit errors move the mean by at most
+        WEIGHTS_ACCURACY; 0 where c E <= LOGIT_ERROR (nothing to rescore). Counts beyond `limit` are not searched:
+        those queries get their number of kept images (> limit).
 
         With w_hat_i = exp(-c (d_hat_i - min d_hat)): exact weights w_i are within e^(+-cE) of w_hat_i; using w_hat
         for the rest R moves the mean by at most 2 ((e^cE - 1) e^cE sum_R w_hat + e^-SKIP_LOGITS) / sum_S w, and
         sum_S w >= e^-cE sum_S w_hat. So K_b is found from the approximate weights alone, before any rescoring.
         """
+        approx, kept = candidates.distances, candidates.valid
+        take = torch.zeros(approx.shape[0], dtype=torch.int64)
+        pending = (c * error > LOGIT_ERROR).nonzero()[:, 0]
+        if pending.numel() == 0:
+            return take
         ce = (c * error).clamp_max(350.0)
         factor = 2 * torch.expm1(ce) * torch.exp(2 * ce)
         skipped = 2 * math.exp(-SKIP_LOGITS) * ce.exp()
-        approx_logits = (-c * (approx - approx.amin(dim=1, keepdim=True))).clamp_min_(MIN_LOGIT)
-        approx_weights = torch.exp(approx_logits).masked_fill_(~kept, 0)
-        total, counts = approx_weights.sum(1), kept.sum(1)
-        take = counts.clone()
-        pending, k = torch.arange(q.shape[0]), FIRST_RESCORED
-        while pending.numel():
-            k = min(k, int(counts[pending].max()))
-            head = approx_weights[pending].topk(k, dim=1).values.sum(1)
-            rest = (total[pending] - head).clamp_min_(0) + 1e-14 * total[pending]  # + its own rounding
-            certain = (factor[pending] * rest + skipped[pending] <= WEIGHTS_ACCURACY * head) | (counts[pending] <= k)
-            take[pending[certain]] = torch.minimum(counts[pending[certain]], torch.tensor(k))
-            pending, k = pending[~certain], 4 * k
-        nearest = approx.masked_fill(~kept, math.inf).topk(int(take.max()), dim=1, largest=False).indices
-        rows, places = (torch.arange(nearest.shape[1])[None, :] < take[:, None]).nonzero(as_tuple=True)
-        distances = approx.clone()
-        cols = nearest[rows, places]
-        distances[rows, cols] = self._exact(q, rows, cols)
-        return distances
+        sub = approx[pending]
+        approx_logits = (-c * (sub - sub.amin(dim=1, keepdim=True))).clamp_min_(MIN_LOGIT)
+        approx_weights = torch.exp(approx_logits).masked_fill_(~kept[pending], 0)
+        total, counts = approx_weights.sum(1), kept[pending].sum(1)
 
-    def _weighted_sum(self, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """sum_i w_i y_i [B, n] (weights zero outside `kept`), within (DROP_ACCURACY + SUM_ACCURACY) sum_i w_i:
-        weights below DROP_ACCURACY / 2 sum_j w_j / N are left out (moving the mean by at most DROP_ACCURACY)."""
+        def certain_with(k: int, position: torch.Tensor) -> torch.Tensor:
+            head = approx_weights[position].topk(k, dim=1).values.sum(1)
+            rest = (total[position] - head).clamp_min_(0) + 1e-14 * total[position]  # + its own rounding
+            rows = pending[position]
+            return (factor[rows] * rest + skipped[rows] <= WEIGHTS_ACCURACY * head) | (counts[position] <= k)
+
+        position, k = torch.arange(pending.numel()), FIRST_RESCORED
+        if limit is not None and limit < int(counts.max()):  # one look at the limit first: spread rows stop here
+            beyond = ~certain_with(limit, position)
+            take[pending[beyond]] = counts[beyond]
+            position = position[~beyond]
+        while position.numel():
+            k = min(k, int(counts[position].max()), limit if limit is not None else k)
+            certain = certain_with(k, position)
+            take[pending[position[certain]]] = torch.minimum(counts[position[certain]], torch.tensor(k))
+            position, k = position[~certain], 4 * k
+        return take
+
+    def _rescore(self, q: torch.Tensor, candidates: _Candidates, take: torch.Tensor) -> None:
+        """Replace the distances of the take_b nearest candidates of each query b by exact ones (in place)."""
+        ranked = candidates.distances.masked_fill(~candidates.valid, math.inf)
+        nearest = ranked.topk(int(take.max()), dim=1, largest=False).indices
+        rows, places = (torch.arange(nearest.shape[1])[None, :] < take[:, None]).nonzero(as_tuple=True)
+        positions = nearest[rows, places]
+        cols = positions if candidates.index is None else candidates.index[rows, positions]
+        candidates.distances[rows, positions] = self._exact(q, rows, cols)
+
+    def _summed(self, weights: torch.Tensor, valid: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """The weights [B, K] that enter the weighted sum: those at least DROP_ACCURACY / 2 sum_j w_j / N."""
+        return valid & (weights >= (DROP_ACCURACY / 2 / self.num_images) * total[:, None])
+
+    def _sparse_pairs(self) -> float:
+        """Kept images per query up to which the weighted sum gathers them (float64) instead of the dense GEMM."""
+        return max(SPARSE_SHARE * self.num_images, SPARSE_ALWAYS)
+
+    def _weighted_sum(self, weights: torch.Tensor, candidates: _Candidates) -> torch.Tensor:
+        """sum_i w_i y_i [B, n] for the candidates' weights [B, K] (zero where not valid), within (DROP_ACCURACY +
+        SUM_ACCURACY) sum_i w_i: weights below DROP_ACCURACY / 2 sum_j w_j / N are left out (moving the mean by at
+        most DROP_ACCURACY)."""
         batch = weights.shape[0]
         total = weights.sum(1)
-        kept = kept & (weights >= (DROP_ACCURACY / 2 / self.num_images) * total[:, None])
-        weights = weights * kept
+        kept = self._summed(weights, candidates.valid, total)
         pairs = int(kept.sum())
-        if pairs <= max(SPARSE_SHARE * self.num_images, SPARSE_ALWAYS) * batch:
-            rows, cols = kept.nonzero(as_tuple=True)
+        if pairs <= self._sparse_pairs() * batch:
+            rows, places = kept.nonzero(as_tuple=True)
+            cols = places if candidates.index is None else candidates.index[rows, places]
+            values = weights[rows, places]
             out = torch.zeros((batch, self.dim), dtype=torch.float64)
-            group = max(1, (32 << 20) // (16 * self.dim))
+            group = max(1, RESCORE_BYTES // (8 * self.dim))
             for start in range(0, rows.shape[0], group):
                 r, i = rows[start : start + group], cols[start : start + group]
-                out.index_add_(0, r, weights[r, i, None] * self._decoded(self.images[i]))
+                out.index_add_(0, r, self._decoded(self.images[i]).mul_(values[start : start + group, None]))
             return out
+        weights = weights * kept
+        if candidates.index is not None:
+            weights = torch.zeros((batch, self.num_images), dtype=torch.float64).scatter_(1, candidates.index, weights)
         for places in range(1, MAX_DIGITS + 1):
             whole, s = _quantise(weights, self.bits, places)
             moved = (weights - s[:, None] * whole).abs().sum(1)  # sum_i |w_q,i - w_i|
