@@ -218,9 +218,10 @@ class BlockSoftmax(StreamingSoftmax):
     def __init__(self) -> None:
         super().__init__(track_concentration=True)
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor, inverse_counts: torch.Tensor | None = None) -> None:
-        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones; `inverse_counts` [M]: 1 / m
-        of windows that stand for m copies (their logits include + log m), so that squares count every copy."""
+    def add(self, logits: torch.Tensor, values: torch.Tensor, inverse_roots: torch.Tensor | None = None) -> None:
+        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones; `inverse_roots` [M]:
+        m^-1/2 for windows that stand for m copies (their logits include + log m), so that squares count every
+        copy."""
         chunk_max = logits.amax(-1)
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
         # floor as in StreamingSoftmax: no subnormal weights (they slow the CPU down 20-50x), error < M e^-43
@@ -228,7 +229,9 @@ class BlockSoftmax(StreamingSoftmax):
         weights = logits.sub_(new_max[..., None]).clamp_(min=floor).exp_()
         # one group (G = 1): a GEMM against the transposed values is ~3x faster on CPUs than bmm's skinny output
         sums = F.linear(weights[0], values[0])[None] if weights.shape[0] == 1 else torch.bmm(weights, values.mT)
-        squares = torch.linalg.vecdot(weights, weights if inverse_counts is None else weights * inverse_counts)
+        # sum w^2 in one pass (a norm, squared)
+        squares = torch.linalg.vector_norm(weights if inverse_roots is None else weights * inverse_roots, dim=-1)
+        squares = squares.square_()
         if self.max is None:
             self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
         else:
@@ -326,10 +329,11 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
         from_images, max(1, LOGIT_BLOCK // chunk))
     streamed = [g for g, group in enumerate(groups) if group.unique is None]
     device = queries.device
-    # per group and sample, the queries pre-multiplied by 2 s c: [G, run, D]
+    # per group and sample, the queries pre-multiplied by 2 s c and a last entry -1 for the bias: [G, run, D + 1]
     scaled = (queries.to(dtype) * (2 * signal_scale * scale)).transpose(1, 2)  # [B, L, D]
-    group_queries = [scaled[:, group.locations.to(device)].reshape(batch, group.positions.shape[0], group.run, depth)
-                     for group in groups]
+    scaled = torch.cat([scaled, scaled.new_full((batch, scaled.shape[1], 1), -1.0)], 2)
+    group_queries = [scaled[:, group.locations.to(device)].reshape(batch, group.positions.shape[0], group.run,
+                                                                    depth + 1) for group in groups]
     states = [[_GroupState() for _ in range(batch)] for _ in groups]
     bias_scale = scale * signal_scale**2
     for g in range(len(groups)):
@@ -343,17 +347,16 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
         unfolded = F.unfold(decoded, window.size, padding=window.padding)  # [K, D, P]
         norms = unfolded.square().sum(1)  # [K, P]
         values = decoded.flatten(2)  # [K, C, P]: the centre pixel of window p is pixel p
+        gathered = {}  # the parts of a split shared group gather their windows once
         for g in streamed:
             group = groups[g]
             positions = group.positions.to(device)  # [G, S]
             span = positions.shape[1]
-            # [G, D, K*S] windows, [G, K*S] biases, [G, K*S, V] values; column j = image j // S, position j % S
-            phi = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(positions.shape[0], depth, count * span)
-            bias = (norms[:, positions] * bias_scale).permute(1, 0, 2).reshape(positions.shape[0], 1, count * span)
-            vals = values[:, :, positions].permute(2, 1, 0, 3).reshape(positions.shape[0], -1, count * span)
-            vals = torch.cat([vals, vals.new_ones(vals.shape[0], 1, vals.shape[2])], 1)  # [G, V + 1, K*S]
+            if id(group.positions) not in gathered:
+                gathered[id(group.positions)] = _gather(unfolded, norms * bias_scale, values, positions)
+            phi, vals = gathered[id(group.positions)]
             for b in range(batch):
-                logits = torch.baddbmm(bias, group_queries[g][b], phi, beta=-1.0)  # [G, run, K*S]
+                logits = _product(group_queries[g][b], phi)  # [G, run, K*S]
                 state = states[g][b]
                 if track_top:
                     _track_top(state, logits, start, span, positions)
@@ -374,13 +377,31 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
         counts = unique.counts[start : start + rows]
-        bias = (phi.square().sum(1) * bias_scale - counts.log().to(dtype))[None, None]  # [1, 1, M]
+        bias = phi.square().sum(1) * bias_scale - counts.log().to(dtype)  # [M]
         vals = torch.cat([unique.values[start : start + rows].to(dtype).T, phi.new_ones(1, phi.shape[0])])[None]
-        inverse = counts.reciprocal().to(dtype)
-        phi_t = phi.T[None]  # [1, D, M]
+        inverse_roots = counts.rsqrt().to(dtype)
+        phi_t = torch.cat([phi.T, bias[None]])[None]  # [1, D + 1, M]: the bias below the windows
         for b, state in enumerate(states):
-            logits = torch.baddbmm(bias, queries[b], phi_t, beta=-1.0)
-            state.softmax.add(logits, vals, inverse)
+            state.softmax.add(_product(queries[b], phi_t), vals, inverse_roots)
+
+
+def _gather(unfolded: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+    """A chunk's windows at `positions` [G, S] as [G, D + 1, K*S] with their biases below, and their values as
+    [G, V + 1, K*S] with ones below; column j = image j // S, position j % S."""
+    count, depth, _ = unfolded.shape
+    runs, span = positions.shape
+    phi = unfolded.new_empty(runs, depth + 1, count * span)
+    phi[:, :depth] = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(runs, depth, count * span)
+    phi[:, depth] = biases[:, positions].permute(1, 0, 2).reshape(runs, count * span)
+    vals = values.new_ones(runs, values.shape[1] + 1, count * span)
+    vals[:, :-1] = values[:, :, positions].permute(2, 1, 0, 3).reshape(runs, -1, count * span)
+    return phi, vals
+
+
+def _product(queries: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """[G, R, D + 1] @ [G, D + 1, M]: the logits, bias included (queries end in -1, phi in the bias); one GEMM
+    when G = 1."""
+    return torch.mm(queries[0], phi[0])[None] if queries.shape[0] == 1 else torch.bmm(queries, phi)
 
 
 def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, positions: torch.Tensor) -> None:
