@@ -40,6 +40,7 @@ MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (f
 LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
 # large enough that per-call overheads stay small (docs/local-patch.md)
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
+WEIGHT_FLOOR = 0.5 * math.log(torch.finfo(torch.float32).tiny)  # -43.7: float32 weights are floored at e^this
 MAX_LOGIT_SCALE = 1e30  # c at ab_t = 1 (no noise): the nearest-window limit, kept finite
 
 
@@ -195,19 +196,27 @@ def aligned_chunk_images(sample_shape, window: WindowSpec, dtype: torch.dtype) -
     return max(1, BUDGET_BYTES // ((torch.finfo(dtype).bits // 8) * per_image))
 
 
-def choose_dtype(
+def float32_logit_error(
     queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int
-) -> torch.dtype:
-    """float32 when c (2 s |q| |phi| + s^2 |phi|^2) u32 < FLOAT32_LOGIT_NOISE for the largest windows, else float64
-    (|phi| <= sqrt(D): model space is within [-1, 1]); float32 on MPS, which has no float64."""
-    if queries.device.type == "mps":
-        return torch.float32
+) -> float:
+    """c (2 s |q| |phi| + s^2 |phi|^2) u32 for the largest query and window (|phi| <= sqrt(D): model space is
+    within [-1, 1]): a bound on the rounding error of a float32 logit."""
     depth = channels * window.size[0] * window.size[1]
     q_norm = queries.double().square().sum(1).max().sqrt().item() if queries.numel() else 0.0
     phi_norm = math.sqrt(depth)
     magnitude = 2 * signal_scale * q_norm * phi_norm + signal_scale**2 * phi_norm**2
-    noise = scale * torch.finfo(torch.float32).eps * magnitude
-    return torch.float32 if noise < FLOAT32_LOGIT_NOISE else torch.float64
+    return scale * torch.finfo(torch.float32).eps * magnitude
+
+
+def choose_dtype(
+    queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int
+) -> torch.dtype:
+    """float32 when `float32_logit_error` < FLOAT32_LOGIT_NOISE, else float64; float32 on MPS, which has no
+    float64."""
+    if queries.device.type == "mps":
+        return torch.float32
+    error = float32_logit_error(queries, signal_scale, scale, window, channels)
+    return torch.float32 if error < FLOAT32_LOGIT_NOISE else torch.float64
 
 
 class BlockSoftmax(StreamingSoftmax):
@@ -232,6 +241,45 @@ class BlockSoftmax(StreamingSoftmax):
         # sum w^2 in one pass (a norm, squared)
         squares = torch.linalg.vector_norm(weights if inverse_roots is None else weights * inverse_roots, dim=-1)
         squares = squares.square_()
+        if self.max is None:
+            self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
+        else:
+            rescale = torch.exp(self.max - new_max)
+            self.numerator = self.numerator * rescale[..., None] + sums[..., :-1]
+            self.total = self.total * rescale + sums[..., -1]
+            self.squares = self.squares * rescale.square() + squares
+        self.max = new_max
+
+    def add_screened(self, screen: torch.Tensor, margin: float, queries: torch.Tensor, phi: torch.Tensor,
+                     values: torch.Tensor, inverse_counts: torch.Tensor | None = None) -> None:
+        """Float64 rescoring of a block screened in float32: `screen` [G, R, M] float32 logits; only the entries
+        within `margin` of their row's running float32 maximum are recomputed from `queries` [G, R, D + 1] and
+        `phi` [G, D + 1, M] (float64) and enter the softmax; values [G, V + 1, M] float64. The margin covers the
+        float32 error twice and the weight floor, so every dropped entry weighs less than e^WEIGHT_FLOOR."""
+        runs, rows, width = screen.shape
+        block_max = screen.amax(-1)
+        self.screen_max = block_max if self.max is None else torch.maximum(self.screen_max, block_max)
+        threshold = (self.screen_max - margin).flatten()
+        near = (block_max.flatten() >= threshold).nonzero()[:, 0]  # rows with a candidate in this block
+        if self.max is not None and near.numel() == 0:
+            return
+        flat = screen.view(runs * rows, width)
+        few = 2 * near.numel() < runs * rows  # then compare those rows only
+        if few:
+            flat, threshold = flat[near], threshold[near]
+        picked, j = (flat >= threshold[:, None]).nonzero().unbind(1)
+        row = near[picked] if few else picked
+        g, r = row // rows, row % rows
+        logits = torch.linalg.vecdot(queries[g, r], phi.transpose(1, 2)[g, j])  # [n] float64
+        flat_max = logits.new_full((runs * rows,), -math.inf).scatter_reduce_(0, row, logits, "amax")
+        new_max = flat_max.view(runs, rows)
+        new_max = new_max if self.max is None else torch.maximum(self.max, new_max)
+        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
+        weights = (logits - new_max.flatten()[row]).clamp_(min=floor).exp_()
+        sums = logits.new_zeros(runs * rows, values.shape[1]).index_add_(
+            0, row, weights[:, None] * values.transpose(1, 2)[g, j]).view(runs, rows, -1)
+        squares = weights.square() if inverse_counts is None else weights.square() * inverse_counts[j]
+        squares = logits.new_zeros(runs * rows).index_add_(0, row, squares).view(runs, rows)
         if self.max is None:
             self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
         else:
@@ -283,11 +331,16 @@ def patch_softmax(
         raise ValueError("window values are only computed for aligned groups")
     scale = logit_scale(noise_variance, temperature)
     dtype = choose_dtype(queries, signal_scale, scale, window, channels)
+    # at float64 steps the matched groups are screened with float32 logits and only the entries near each row's
+    # maximum recomputed in float64 (not when the best window is tracked: it needs every logit exactly)
+    margin = None
+    if dtype == torch.float64 and not track_top:
+        margin = -WEIGHT_FLOOR + 4 * float32_logit_error(queries, signal_scale, scale, window, channels)
     out = _Output(batch, num_locations, channels, dtype, queries.device, track_top, window.value == "centre")
     if aligned:
         _stream_aligned(x_t, store, images, window, aligned, signal_scale, scale, dtype, chunk_size, out)
     if matched:
-        _stream_matched(queries, store, images, window, matched, signal_scale, scale, dtype, chunk_size, out)
+        _stream_matched(queries, store, images, window, matched, signal_scale, scale, dtype, chunk_size, out, margin)
     return out.result()
 
 
@@ -316,15 +369,20 @@ class _Output:
                                   self.folded)
 
 
-def _stream_matched(queries, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out) -> None:
+def _stream_matched(queries, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out,
+                    margin=None) -> None:
     """Groups compared with windows at other places (ELS): cross terms as one batched matrix product per
-    (group, sample, chunk) against the chunk's unfolded windows, or against the distinct windows."""
+    (group, sample, chunk) against the chunk's unfolded windows, or against the distinct windows. With a
+    `margin` (float64 steps), the products are float32 and the entries within it of their row's maximum are
+    recomputed in float64 (`BlockSoftmax.add_screened`)."""
     batch, depth, _ = queries.shape
     track_top = out.track_top
     if track_top:  # the best single window needs every copy with its own (image, position)
         groups = [PatchGroup(group.locations, group.positions) for group in groups]
     from_images = [group for group in groups if group.unique is None]  # the others use their distinct windows
     chunk = chunk_size or (chunk_images(from_images, window, store.sample_shape, dtype) if from_images else 1)
+    if margin is not None and not chunk_size:  # float32 and float64 windows both: two thirds of the chunk
+        chunk = max(1, 2 * chunk // 3)
     groups = split_groups([g for g in groups if g.unique is not None], LOGIT_BLOCK) + split_groups(
         from_images, max(1, LOGIT_BLOCK // chunk))
     streamed = [g for g, group in enumerate(groups) if group.unique is None]
@@ -334,30 +392,39 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
     scaled = torch.cat([scaled, scaled.new_full((batch, scaled.shape[1], 1), -1.0)], 2)
     group_queries = [scaled[:, group.locations.to(device)].reshape(batch, group.positions.shape[0], group.run,
                                                                     depth + 1) for group in groups]
+    screen_queries = [q.float() for q in group_queries] if margin is not None else None
     states = [[_GroupState() for _ in range(batch)] for _ in groups]
     bias_scale = scale * signal_scale**2
     for g in range(len(groups)):
         if groups[g].unique is not None:
             span = groups[g].positions.shape[1]
             rows = chunk_size * span if chunk_size else max(1, LOGIT_BLOCK // groups[g].locations.numel())
-            _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype)
+            _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype,
+                           screen_queries and screen_queries[g], margin)
     for start in range(0, store.num_images if streamed else 0, chunk):
         decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
         count = decoded.shape[0]
         unfolded = F.unfold(decoded, window.size, padding=window.padding)  # [K, D, P]
-        norms = unfolded.square().sum(1)  # [K, P]
+        biases = unfolded.square().sum(1) * bias_scale  # [K, P]
         values = decoded.flatten(2)  # [K, C, P]: the centre pixel of window p is pixel p
+        screen_windows = F.unfold(decoded.float(), window.size, padding=window.padding) if margin else None
         gathered = {}  # the parts of a split shared group gather their windows once
         for g in streamed:
             group = groups[g]
             positions = group.positions.to(device)  # [G, S]
             span = positions.shape[1]
             if id(group.positions) not in gathered:
-                gathered[id(group.positions)] = _gather(unfolded, norms * bias_scale, values, positions)
-            phi, vals = gathered[id(group.positions)]
+                screen = _gather(screen_windows, biases.float(), positions) if margin else None
+                phi, vals = _gather(unfolded, biases, positions), _gather(values, None, positions)
+                gathered[id(group.positions)] = phi, vals, screen
+            phi, vals, screen = gathered[id(group.positions)]
             for b in range(batch):
-                logits = _product(group_queries[g][b], phi)  # [G, run, K*S]
                 state = states[g][b]
+                if margin is not None:
+                    state.softmax.add_screened(_product(screen_queries[g][b], screen), margin, group_queries[g][b],
+                                               phi, vals)
+                    continue
+                logits = _product(group_queries[g][b], phi)  # [G, run, K*S]
                 if track_top:
                     _track_top(state, logits, start, span, positions)
                 state.softmax.add(logits, vals)
@@ -372,8 +439,10 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
 
 
 def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_GroupState], rows: int,
-                   bias_scale: float, dtype: torch.dtype) -> None:
-    """One shared group against its distinct windows, `rows` windows per chunk: logits + log m, squares / m."""
+                   bias_scale: float, dtype: torch.dtype, screen_queries: torch.Tensor | None = None,
+                   margin: float | None = None) -> None:
+    """One shared group against its distinct windows, `rows` windows per chunk: logits + log m, squares / m
+    (screened in float32 and rescored in float64 when `screen_queries` are given)."""
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
         counts = unique.counts[start : start + rows]
@@ -381,21 +450,24 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
         vals = torch.cat([unique.values[start : start + rows].to(dtype).T, phi.new_ones(1, phi.shape[0])])[None]
         inverse_roots = counts.rsqrt().to(dtype)
         phi_t = torch.cat([phi.T, bias[None]])[None]  # [1, D + 1, M]: the bias below the windows
+        screen = phi_t.float() if screen_queries is not None else None
         for b, state in enumerate(states):
-            state.softmax.add(_product(queries[b], phi_t), vals, inverse_roots)
+            if screen is not None:
+                state.softmax.add_screened(_product(screen_queries[b], screen), margin, queries[b], phi_t, vals,
+                                           counts.reciprocal().to(dtype))
+            else:
+                state.softmax.add(_product(queries[b], phi_t), vals, inverse_roots)
 
 
-def _gather(unfolded: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
-    """A chunk's windows at `positions` [G, S] as [G, D + 1, K*S] with their biases below, and their values as
-    [G, V + 1, K*S] with ones below; column j = image j // S, position j % S."""
+def _gather(unfolded: torch.Tensor, below: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """[K, D, P] per-image windows (or values) at `positions` [G, S] as [G, D + 1, K*S], with `below` [K, P]
+    (biases) or ones in the last row; column j = image j // S, position j % S."""
     count, depth, _ = unfolded.shape
     runs, span = positions.shape
-    phi = unfolded.new_empty(runs, depth + 1, count * span)
-    phi[:, :depth] = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(runs, depth, count * span)
-    phi[:, depth] = biases[:, positions].permute(1, 0, 2).reshape(runs, count * span)
-    vals = values.new_ones(runs, values.shape[1] + 1, count * span)
-    vals[:, :-1] = values[:, :, positions].permute(2, 1, 0, 3).reshape(runs, -1, count * span)
-    return phi, vals
+    out = unfolded.new_empty(runs, depth + 1, count * span)
+    out[:, :depth] = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(runs, depth, count * span)
+    out[:, depth] = 1.0 if below is None else below[:, positions].permute(1, 0, 2).reshape(runs, count * span)
+    return out
 
 
 def _product(queries: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
