@@ -241,6 +241,10 @@ class BlockSoftmax(StreamingSoftmax):
         # sum w^2 in one pass (a norm, squared)
         squares = torch.linalg.vector_norm(weights if inverse_roots is None else weights * inverse_roots, dim=-1)
         squares = squares.square_()
+        self._merge(new_max, sums, squares)
+
+    def _merge(self, new_max: torch.Tensor, sums: torch.Tensor, squares: torch.Tensor) -> None:
+        """Fold a block's [weighted sums | normaliser] and squares, taken against `new_max`, into the state."""
         if self.max is None:
             self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
         else:
@@ -280,14 +284,7 @@ class BlockSoftmax(StreamingSoftmax):
             0, row, weights[:, None] * values.transpose(1, 2)[g, j]).view(runs, rows, -1)
         squares = weights.square() if inverse_counts is None else weights.square() * inverse_counts[j]
         squares = logits.new_zeros(runs * rows).index_add_(0, row, squares).view(runs, rows)
-        if self.max is None:
-            self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
-        else:
-            rescale = torch.exp(self.max - new_max)
-            self.numerator = self.numerator * rescale[..., None] + sums[..., :-1]
-            self.total = self.total * rescale + sums[..., -1]
-            self.squares = self.squares * rescale.square() + squares
-        self.max = new_max
+        self._merge(new_max, sums, squares)
 
 
 @dataclass
