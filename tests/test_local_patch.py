@@ -338,3 +338,13 @@ def test_repeated_windows_are_merged_and_change_nothing(name, monkeypatch):
     a, b = merged(x_t, MID), every_copy(x_t, MID)
     assert (a.x0_hat - b.x0_hat).abs().max().item() < 1e-6
     torch.testing.assert_close(a.diagnostics["effective_patches"], b.diagnostics["effective_patches"], rtol=1e-5, atol=0)
+
+
+def test_window_sums_by_doubling_equal_direct_sums():
+    """The aligned path's sliding sums (k = 1, powers of two, and sums of several powers such as 25 = 16 + 8 + 1)."""
+    from analytic_diffusion.search.patch_softmax import window_sums
+
+    z = torch.randn(3, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for size in (1, 2, 3, 4, 7, 8, 13, 25, 30):
+        expected = torch.stack([z[:, i : i + size].sum(1) for i in range(30 - size + 1)], 1)
+        torch.testing.assert_close(window_sums(z, size, 1), expected, rtol=0, atol=1e-12)

@@ -46,25 +46,25 @@ def axis_classes(length: int, radius: int) -> tuple[list[int], list[int]]:
 
 
 def broken_groups(height: int, width: int, radius: int) -> list[PatchGroup]:
-    """The dictionary rule of the boundary-broken machine as query groups (positions = pixel indices): one group
-    per (row class, column class), where a class is the interior range or a single edge coordinate; the groups
-    with a single coordinate on both axes (corners) are gathered into one group of per-location positions."""
+    """The dictionary rule of the boundary-broken machine as query groups (positions = pixel indices), from the
+    classes of each axis (the interior range, or a single edge coordinate): the interior pixels share one
+    dictionary; each edge line (an edge row across the interior columns, or an edge column across the interior
+    rows) has its own, the lines of equal length gathered into one group of several runs; the corners (an edge
+    coordinate on both axes) are aligned: each compared with the windows at its own place."""
     rows_in, rows_edge = axis_classes(height, radius)
     cols_in, cols_edge = axis_classes(width, radius)
-    row_classes = [(rows_in, False)] * bool(rows_in) + [([i], True) for i in rows_edge]
-    col_classes = [(cols_in, False)] * bool(cols_in) + [([j], True) for j in cols_edge]
-    groups, corners = [], []
-    for rows, row_edge in row_classes:
-        for cols, col_edge in col_classes:
-            pixels = [i * width + j for i in rows for j in cols]
-            if row_edge and col_edge:
-                corners += pixels
-            else:
-                pixels = torch.tensor(pixels, dtype=torch.long)
-                groups.append(PatchGroup(pixels, pixels[None, :]))
-    if corners:
-        corners = torch.tensor(corners, dtype=torch.long)
-        groups.append(PatchGroup(corners, corners[:, None]))
+    groups = []
+    if rows_in and cols_in:
+        interior = torch.tensor([i * width + j for i in rows_in for j in cols_in], dtype=torch.long)
+        groups.append(PatchGroup(interior, interior[None, :]))
+    lines = [[i * width + j for j in cols_in] for i in rows_edge if cols_in]
+    lines += [[i * width + j for i in rows_in] for j in cols_edge if rows_in]
+    for length in sorted({len(line) for line in lines}):
+        same = torch.tensor([line for line in lines if len(line) == length], dtype=torch.long)  # [G, S]
+        groups.append(PatchGroup(same.flatten(), same))
+    corners = torch.tensor([i * width + j for i in rows_edge for j in cols_edge], dtype=torch.long)
+    if corners.numel():
+        groups.append(PatchGroup(corners, corners[:, None], aligned=True))
     return groups
 
 

@@ -9,7 +9,7 @@ calibration file written by `ads calibrate` ({"timesteps": [...], "patch_size": 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -144,7 +144,7 @@ class LocalPatchDenoiser(Denoiser):
         """x0_hat [B, C, H, W] with patch size `size`, and per-sample diagnostics: the size, and the effective
         number of patches 1 / sum w^2 averaged over the query locations."""
         result = self.softmax(x_t, level, size)
-        x0_hat = self.assemble(result.mean, x_t.shape, size).to(x_t.dtype)
+        x0_hat = self.assemble(result, x_t.shape, size).to(x_t.dtype)
         batch = x_t.shape[0]
         diagnostics = {
             "patch_size": torch.full((batch,), size, dtype=torch.int64),
@@ -165,10 +165,10 @@ class LocalPatchDenoiser(Denoiser):
         if locations is not None:  # query columns in the order asked, the groups' locations renumbered to match
             column = {loc: i for i, loc in enumerate(locations.tolist())}
             queries = queries[:, :, locations.to(queries.device)]
-            groups = [PatchGroup(torch.tensor([column[loc] for loc in g.locations.tolist()]), g.positions, g.unique)
+            groups = [replace(g, locations=torch.tensor([column[loc] for loc in g.locations.tolist()]))
                       for g in groups]
         return patch_softmax(queries, self.store, self.images, plan.window, groups, level.signal_scale,
-                             self.params.temperature, level.noise_variance, self.params.chunk_size, track_top)
+                             self.params.temperature, level.noise_variance, self.params.chunk_size, track_top, x_t)
 
     def cached_plan(self, size: int) -> Plan:
         """The plan at this size, its shared dictionaries deduplicated (once per size; kept for later calls)."""
@@ -177,9 +177,10 @@ class LocalPatchDenoiser(Denoiser):
             self.check_fits(self.params, size, self.store.sample_shape)
             plan = self.plan(size)
             merged = [g for g in plan.groups if g.shared and g.positions.shape[1] >= MIN_DEDUP_POSITIONS]
-            uniques = unique_windows(self.store, self.images, plan.window, [g.positions for g in merged], DISTINCT_BYTES)
+            uniques = unique_windows(self.store, self.images, plan.window, [g.positions for g in merged],
+                                     DISTINCT_BYTES) if merged else []
             found = {id(g): u for g, u in zip(merged, uniques)}
-            groups = [PatchGroup(g.locations, g.positions, found.get(id(g))) for g in plan.groups]
+            groups = [replace(g, unique=found.get(id(g))) for g in plan.groups]
             self._plans[size] = Plan(plan.window, groups)
         return self._plans[size]
 
@@ -210,10 +211,10 @@ class LocalPatchDenoiser(Denoiser):
     def queries(self, x_t: torch.Tensor, size: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def assemble(self, mean: torch.Tensor, shape: torch.Size, size: int) -> torch.Tensor:
-        """Centre-pixel methods: mean [B, H*W, C] is x0_hat."""
+    def assemble(self, result: PatchSoftmaxResult, shape: torch.Size, size: int) -> torch.Tensor:
+        """Centre-pixel methods: the means [B, H*W, C] are x0_hat."""
         batch, channels, height, width = shape
-        return mean.transpose(1, 2).reshape(batch, channels, height, width)
+        return result.mean.transpose(1, 2).reshape(batch, channels, height, width)
 
 
 def restrict(groups: list[PatchGroup], locations: torch.Tensor) -> list[PatchGroup]:
@@ -222,7 +223,7 @@ def restrict(groups: list[PatchGroup], locations: torch.Tensor) -> list[PatchGro
     out = []
     for group in groups:
         keep = torch.tensor([loc in wanted for loc in group.locations.tolist()], dtype=torch.bool)
-        if keep.any():
-            positions = group.positions if group.shared else group.positions[keep]
-            out.append(PatchGroup(group.locations[keep], positions, group.unique))
+        if keep.any():  # several runs become one run per location
+            positions = group.positions if group.shared else group.positions.repeat_interleave(group.run, 0)[keep]
+            out.append(replace(group, locations=group.locations[keep], positions=positions))
     return out

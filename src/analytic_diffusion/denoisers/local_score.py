@@ -24,7 +24,7 @@ class LocalScore(LocalPatchDenoiser):
     def plan(self, size: int) -> Plan:
         _, height, width = self.store.sample_shape
         pixels = torch.arange(height * width)
-        return Plan(WindowSpec((size, size), size // 2, "centre"), [PatchGroup(pixels, pixels[:, None])])
+        return Plan(WindowSpec((size, size), size // 2, "centre"), [PatchGroup(pixels, pixels[:, None], aligned=True)])
 
     def queries(self, x_t: torch.Tensor, size: int) -> torch.Tensor:
         return F.unfold(x_t, size, padding=size // 2)

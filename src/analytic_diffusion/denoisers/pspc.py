@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import StudioError
-from ..search.patch_softmax import PatchGroup, WindowSpec
+from ..search.patch_softmax import PatchGroup, PatchSoftmaxResult, WindowSpec
 from .base import register_denoiser
 from .local_patch import LocalPatchDenoiser, LocalPatchParams, Plan
 
@@ -42,7 +42,7 @@ class PatchPosteriorComposite(LocalPatchDenoiser):
     def plan(self, size: int) -> Plan:
         _, height, width = self.store.sample_shape
         anchors = torch.arange((height - size + 1) * (width - size + 1))
-        return Plan(WindowSpec((size, size), 0, "window"), [PatchGroup(anchors, anchors[:, None])])
+        return Plan(WindowSpec((size, size), 0, "window"), [PatchGroup(anchors, anchors[:, None], aligned=True)])
 
     def queries(self, x_t: torch.Tensor, size: int) -> torch.Tensor:
         return F.unfold(x_t, size)
@@ -54,8 +54,10 @@ class PatchPosteriorComposite(LocalPatchDenoiser):
         left = min(max(column - size // 2, 0), width - size)
         return top * (width - size + 1) + left
 
-    def assemble(self, mean: torch.Tensor, shape: torch.Size, size: int) -> torch.Tensor:
-        """Square means [B, A, C*P*P] folded back onto the image and divided by how many squares cover each pixel."""
-        total = F.fold(mean.transpose(1, 2), shape[-2:], size)
-        cover = F.fold(torch.ones_like(mean[:1]).transpose(1, 2), shape[-2:], size)
-        return total / cover
+    def assemble(self, result: PatchSoftmaxResult, shape: torch.Size, size: int) -> torch.Tensor:
+        """The square means summed over the squares covering each pixel (`result.folded`), divided by how many
+        squares cover it."""
+        folded = result.folded
+        anchors = (shape[-2] - size + 1) * (shape[-1] - size + 1)
+        cover = F.fold(folded.new_ones(1, size * size, anchors), shape[-2:], size)
+        return folded / cover

@@ -40,6 +40,7 @@ MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (f
 LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
 # large enough that per-call overheads stay small (docs/local-patch.md)
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
+WEIGHT_FLOOR = 0.5 * math.log(torch.finfo(torch.float32).tiny)  # -43.7: float32 weights are floored at e^this
 MAX_LOGIT_SCALE = 1e30  # c at ab_t = 1 (no noise): the nearest-window limit, kept finite
 
 
@@ -106,31 +107,44 @@ def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec
 class PatchGroup:
     """Query windows that share one dictionary rule.
 
-    `positions` are window positions in the training unfold (flat indices into its output grid). Shape [1, S]:
-    every query of the group is compared with the windows at these S positions of every image (ELS). Shape
-    [L_g, S]: query j of the group has its own positions, row j (LS, PSPC: the same place in every image).
+    `positions` are window positions in the training unfold (flat indices into its output grid), shape [G, S]:
+    the group's L_g locations form G consecutive runs of equal length L_g / G, and every query of run g is
+    compared with the windows at the S positions of row g in every image. G = 1: one dictionary for the whole
+    group (ELS); G = L_g: one per location (LS, PSPC); in between: one per line (the edges of broken ELS).
+
+    `aligned`: S = 1 and each query is compared with the training windows at its own place, the query windows
+    being the same unfold of x_t (LS, PSPC, the corners of broken ELS). Their cross terms are window sums of
+    x_t * y_i, computed without unfolding (`patch_softmax` needs x_t for them).
     """
 
     locations: torch.Tensor  # long [L_g]: columns of the query unfold
-    positions: torch.Tensor  # long [1, S] or [L_g, S]
+    positions: torch.Tensor  # long [G, S]
     unique: UniqueWindows | None = None  # shared groups: the dictionary's distinct windows, when precomputed
+    aligned: bool = False
 
     @property
     def shared(self) -> bool:
         """One position list for the whole group (a group of one location is both)."""
         return self.positions.shape[0] == 1
 
+    @property
+    def run(self) -> int:
+        """Query locations per dictionary (L_g / G)."""
+        return self.locations.numel() // self.positions.shape[0]
+
 
 @dataclass
 class PatchSoftmaxResult:
     """Per sample b and query location l: the softmax mean of the values, 1 / sum w^2, and (optionally) the
-    window of largest weight as (image index, window position)."""
+    window of largest weight as (image index, window position). Window values (PSPC) come folded instead: per
+    pixel, the sum of the means of the windows covering it."""
 
-    mean: torch.Tensor  # [B, L, V] in the logits' dtype
+    mean: torch.Tensor | None  # [B, L, V] in the logits' dtype (centre values)
     effective_count: torch.Tensor  # [B, L]
     top_image: torch.Tensor | None = None  # long [B, L]
     top_position: torch.Tensor | None = None  # long [B, L]
     dtype: torch.dtype = torch.float32  # what the logits were computed in
+    folded: torch.Tensor | None = None  # [B, C, H, W] window values: sum over the windows covering each pixel
 
 
 def logit_scale(noise_variance: float, temperature: float) -> float:
@@ -141,16 +155,18 @@ def logit_scale(noise_variance: float, temperature: float) -> float:
 
 def split_groups(groups: list[PatchGroup], max_logits: int) -> list[PatchGroup]:
     """Split groups so that one sample's logits against one image (L_g x S values, or L_g x 1 distinct window)
-    stay under `max_logits`."""
+    stay under `max_logits`; groups of several runs are split between runs."""
     out = []
     for group in groups:
         block = max(1, max_logits // group.positions.shape[1])
         if group.locations.numel() <= block:
             out.append(group)
             continue
-        for start in range(0, group.locations.numel(), block):
-            positions = group.positions if group.shared else group.positions[start : start + block]
-            out.append(PatchGroup(group.locations[start : start + block], positions, group.unique))
+        runs = 1 if group.shared else max(1, block // group.run)
+        rows = block if group.shared else runs * group.run
+        for start in range(0, group.locations.numel(), rows):
+            positions = group.positions if group.shared else group.positions[start // group.run :][:runs]
+            out.append(PatchGroup(group.locations[start : start + rows], positions, group.unique))
     return out
 
 
@@ -162,9 +178,8 @@ def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dty
     kh, kw = window.size
     depth = channels * kh * kw
     grid = (height + 2 * window.padding - kh + 1) * (width + 2 * window.padding - kw + 1)
-    values = channels if window.value == "centre" else depth
     unfolded = depth * grid + grid  # one image's windows and their norms
-    gathered = max(g.positions.numel() for g in groups) * (depth + values + 1)  # a group's windows, biases, values
+    gathered = max(g.positions.numel() for g in groups) * (depth + channels + 2)  # a group's windows, biases, values
     size = torch.finfo(dtype).bits // 8
     by_memory = BUDGET_BYTES // (size * (unfolded + gathered))
     by_smallest = LOGIT_BLOCK // min(g.locations.numel() * g.positions.shape[1] for g in groups)
@@ -172,19 +187,36 @@ def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dty
     return max(1, min(by_memory, by_smallest, by_widest))
 
 
-def choose_dtype(
+def aligned_chunk_images(sample_shape, window: WindowSpec, dtype: torch.dtype) -> int:
+    """Images per chunk of the aligned path: the decoded chunk, its padded products and window sums, and the
+    logits, weights and values of one sample within BUDGET_BYTES."""
+    channels, height, width = sample_shape
+    padded = (height + 2 * window.padding) * (width + 2 * window.padding)
+    per_image = 2 * channels * height * width + 4 * padded + (channels + 4) * height * width
+    return max(1, BUDGET_BYTES // ((torch.finfo(dtype).bits // 8) * per_image))
+
+
+def float32_logit_error(
     queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int
-) -> torch.dtype:
-    """float32 when c (2 s |q| |phi| + s^2 |phi|^2) u32 < FLOAT32_LOGIT_NOISE for the largest windows, else float64
-    (|phi| <= sqrt(D): model space is within [-1, 1]); float32 on MPS, which has no float64."""
-    if queries.device.type == "mps":
-        return torch.float32
+) -> float:
+    """c (2 s |q| |phi| + s^2 |phi|^2) u32 for the largest query and window (|phi| <= sqrt(D): model space is
+    within [-1, 1]): a bound on the rounding error of a float32 logit."""
     depth = channels * window.size[0] * window.size[1]
     q_norm = queries.double().square().sum(1).max().sqrt().item() if queries.numel() else 0.0
     phi_norm = math.sqrt(depth)
     magnitude = 2 * signal_scale * q_norm * phi_norm + signal_scale**2 * phi_norm**2
-    noise = scale * torch.finfo(torch.float32).eps * magnitude
-    return torch.float32 if noise < FLOAT32_LOGIT_NOISE else torch.float64
+    return scale * torch.finfo(torch.float32).eps * magnitude
+
+
+def choose_dtype(
+    queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int
+) -> torch.dtype:
+    """float32 when `float32_logit_error` < FLOAT32_LOGIT_NOISE, else float64; float32 on MPS, which has no
+    float64."""
+    if queries.device.type == "mps":
+        return torch.float32
+    error = float32_logit_error(queries, signal_scale, scale, window, channels)
+    return torch.float32 if error < FLOAT32_LOGIT_NOISE else torch.float64
 
 
 class BlockSoftmax(StreamingSoftmax):
@@ -195,9 +227,10 @@ class BlockSoftmax(StreamingSoftmax):
     def __init__(self) -> None:
         super().__init__(track_concentration=True)
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor, inverse_counts: torch.Tensor | None = None) -> None:
-        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones; `inverse_counts` [M]: 1 / m
-        of windows that stand for m copies (their logits include + log m), so that squares count every copy."""
+    def add(self, logits: torch.Tensor, values: torch.Tensor, inverse_roots: torch.Tensor | None = None) -> None:
+        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones; `inverse_roots` [M]:
+        m^-1/2 for windows that stand for m copies (their logits include + log m), so that squares count every
+        copy."""
         chunk_max = logits.amax(-1)
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
         # floor as in StreamingSoftmax: no subnormal weights (they slow the CPU down 20-50x), error < M e^-43
@@ -205,7 +238,13 @@ class BlockSoftmax(StreamingSoftmax):
         weights = logits.sub_(new_max[..., None]).clamp_(min=floor).exp_()
         # one group (G = 1): a GEMM against the transposed values is ~3x faster on CPUs than bmm's skinny output
         sums = F.linear(weights[0], values[0])[None] if weights.shape[0] == 1 else torch.bmm(weights, values.mT)
-        squares = torch.linalg.vecdot(weights, weights if inverse_counts is None else weights * inverse_counts)
+        # sum w^2 in one pass (a norm, squared)
+        squares = torch.linalg.vector_norm(weights if inverse_roots is None else weights * inverse_roots, dim=-1)
+        squares = squares.square_()
+        self._merge(new_max, sums, squares)
+
+    def _merge(self, new_max: torch.Tensor, sums: torch.Tensor, squares: torch.Tensor) -> None:
+        """Fold a block's [weighted sums | normaliser] and squares, taken against `new_max`, into the state."""
         if self.max is None:
             self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
         else:
@@ -214,6 +253,38 @@ class BlockSoftmax(StreamingSoftmax):
             self.total = self.total * rescale + sums[..., -1]
             self.squares = self.squares * rescale.square() + squares
         self.max = new_max
+
+    def add_screened(self, screen: torch.Tensor, margin: float, queries: torch.Tensor, phi: torch.Tensor,
+                     values: torch.Tensor, inverse_counts: torch.Tensor | None = None) -> None:
+        """Float64 rescoring of a block screened in float32: `screen` [G, R, M] float32 logits; only the entries
+        within `margin` of their row's running float32 maximum are recomputed from `queries` [G, R, D + 1] and
+        `phi` [G, D + 1, M] (float64) and enter the softmax; values [G, V + 1, M] float64. The margin covers the
+        float32 error twice and the weight floor, so every dropped entry weighs less than e^WEIGHT_FLOOR."""
+        runs, rows, width = screen.shape
+        block_max = screen.amax(-1)
+        self.screen_max = block_max if self.max is None else torch.maximum(self.screen_max, block_max)
+        threshold = (self.screen_max - margin).flatten()
+        near = (block_max.flatten() >= threshold).nonzero()[:, 0]  # rows with a candidate in this block
+        if self.max is not None and near.numel() == 0:
+            return
+        flat = screen.view(runs * rows, width)
+        few = 2 * near.numel() < runs * rows  # then compare those rows only
+        if few:
+            flat, threshold = flat[near], threshold[near]
+        picked, j = (flat >= threshold[:, None]).nonzero().unbind(1)
+        row = near[picked] if few else picked
+        g, r = row // rows, row % rows
+        logits = torch.linalg.vecdot(queries[g, r], phi.transpose(1, 2)[g, j])  # [n] float64
+        flat_max = logits.new_full((runs * rows,), -math.inf).scatter_reduce_(0, row, logits, "amax")
+        new_max = flat_max.view(runs, rows)
+        new_max = new_max if self.max is None else torch.maximum(self.max, new_max)
+        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
+        weights = (logits - new_max.flatten()[row]).clamp_(min=floor).exp_()
+        sums = logits.new_zeros(runs * rows, values.shape[1]).index_add_(
+            0, row, weights[:, None] * values.transpose(1, 2)[g, j]).view(runs, rows, -1)
+        squares = weights.square() if inverse_counts is None else weights.square() * inverse_counts[j]
+        squares = logits.new_zeros(runs * rows).index_add_(0, row, squares).view(runs, rows)
+        self._merge(new_max, sums, squares)
 
 
 @dataclass
@@ -236,77 +307,170 @@ def patch_softmax(
     noise_variance: float,
     chunk_size: int | None = None,
     track_top: bool = False,
+    x_t: torch.Tensor | None = None,
 ) -> PatchSoftmaxResult:
     """Softmax-weighted values of the training windows for every query window, streamed over the store.
 
     queries: [B, D, L] query windows (the columns of an unfold of x_t); `images`: the store's compact images on
     the working device ([N, C, H, W], decoded chunk by chunk); groups: which windows each query is compared with
-    (together they must cover each query location once). Returns means [B, L, V] (V = C for centre values, D for
-    window values). DESIGN.md §6; Kamb & Ganguli (arXiv 2412.20292) eq. for the ELS machine, Niedoba et al.
-    (arXiv 2411.19339) for the patch posterior.
+    (together they must cover each query location once); `x_t` [B, C, H, W]: the image the queries were cut
+    from with `window`'s size and padding, needed by aligned groups. Returns means [B, L, C] (centre values) or,
+    for window values (every group aligned), their fold [B, C, H, W]. DESIGN.md §6; Kamb & Ganguli (arXiv
+    2412.20292) eq. for the ELS machine, Niedoba et al. (arXiv 2411.19339) for the patch posterior.
     """
     batch, depth, num_locations = queries.shape
-    channels, height, width = store.sample_shape
-    if track_top:  # the best single window needs every copy with its own (image, position)
-        groups = [PatchGroup(group.locations, group.positions) for group in groups]
+    channels = store.sample_shape[0]
+    aligned = [group for group in groups if group.aligned]
+    matched = [group for group in groups if not group.aligned]
+    if aligned and x_t is None:
+        raise ValueError("aligned groups need x_t, the image the query windows were cut from")
+    if window.value != "centre" and matched:
+        raise ValueError("window values are only computed for aligned groups")
     scale = logit_scale(noise_variance, temperature)
     dtype = choose_dtype(queries, signal_scale, scale, window, channels)
+    # at float64 steps the matched groups are screened with float32 logits and only the entries near each row's
+    # maximum recomputed in float64 (not when the best window is tracked: it needs every logit exactly)
+    margin = None
+    if dtype == torch.float64 and not track_top:
+        margin = -WEIGHT_FLOOR + 4 * float32_logit_error(queries, signal_scale, scale, window, channels)
+    out = _Output(batch, num_locations, channels, dtype, queries.device, track_top, window.value == "centre")
+    if aligned:
+        _stream_aligned(x_t, store, images, window, aligned, signal_scale, scale, dtype, chunk_size, out)
+    if matched:
+        _stream_matched(queries, store, images, window, matched, signal_scale, scale, dtype, chunk_size, out, margin)
+    return out.result()
+
+
+@dataclass
+class _Output:
+    """The result tensors, filled group by group."""
+
+    batch: int
+    num_locations: int
+    channels: int
+    dtype: torch.dtype
+    device: torch.device
+    track_top: bool
+    centre: bool
+
+    def __post_init__(self) -> None:
+        shape = (self.batch, self.num_locations)
+        self.mean = torch.empty(*shape, self.channels, dtype=self.dtype, device=self.device) if self.centre else None
+        self.effective = torch.empty(*shape, dtype=self.dtype, device=self.device)
+        self.top_image = torch.empty(*shape, dtype=torch.long, device=self.device) if self.track_top else None
+        self.top_position = torch.empty_like(self.top_image) if self.track_top else None
+        self.folded = None
+
+    def result(self) -> PatchSoftmaxResult:
+        return PatchSoftmaxResult(self.mean, self.effective, self.top_image, self.top_position, self.dtype,
+                                  self.folded)
+
+
+def _stream_matched(queries, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out,
+                    margin=None) -> None:
+    """Groups compared with windows at other places (ELS): cross terms as one batched matrix product per
+    (group, sample, chunk) against the chunk's unfolded windows, or against the distinct windows. With a
+    `margin` (float64 steps), the products are float32 and the entries within it of their row's maximum are
+    recomputed in float64 (`BlockSoftmax.add_screened`)."""
+    batch, depth, _ = queries.shape
+    track_top = out.track_top
+    if track_top:  # the best single window needs every copy with its own (image, position)
+        groups = [PatchGroup(group.locations, group.positions) for group in groups]
     from_images = [group for group in groups if group.unique is None]  # the others use their distinct windows
     chunk = chunk_size or (chunk_images(from_images, window, store.sample_shape, dtype) if from_images else 1)
+    if margin is not None and not chunk_size:  # float32 and float64 windows both: two thirds of the chunk
+        chunk = max(1, 2 * chunk // 3)
     groups = split_groups([g for g in groups if g.unique is not None], LOGIT_BLOCK) + split_groups(
         from_images, max(1, LOGIT_BLOCK // chunk))
     streamed = [g for g, group in enumerate(groups) if group.unique is None]
     device = queries.device
-    # per group and sample, the queries pre-multiplied by 2 s c: [G, rows, D] with G = 1 (shared) or L_g
+    # per group and sample, the queries pre-multiplied by 2 s c and a last entry -1 for the bias: [G, run, D + 1]
     scaled = (queries.to(dtype) * (2 * signal_scale * scale)).transpose(1, 2)  # [B, L, D]
-    group_queries = []
-    for group in groups:
-        picked = scaled[:, group.locations.to(device)]  # [B, L_g, D]
-        group_queries.append(picked[:, None] if group.shared else picked[:, :, None])
+    scaled = torch.cat([scaled, scaled.new_full((batch, scaled.shape[1], 1), -1.0)], 2)
+    group_queries = [scaled[:, group.locations.to(device)].reshape(batch, group.positions.shape[0], group.run,
+                                                                    depth + 1) for group in groups]
+    screen_queries = [q.float() for q in group_queries] if margin is not None else None
     states = [[_GroupState() for _ in range(batch)] for _ in groups]
     bias_scale = scale * signal_scale**2
     for g in range(len(groups)):
         if groups[g].unique is not None:
             span = groups[g].positions.shape[1]
             rows = chunk_size * span if chunk_size else max(1, LOGIT_BLOCK // groups[g].locations.numel())
-            _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype)
+            _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype,
+                           screen_queries and screen_queries[g], margin)
     for start in range(0, store.num_images if streamed else 0, chunk):
         decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
         count = decoded.shape[0]
         unfolded = F.unfold(decoded, window.size, padding=window.padding)  # [K, D, P]
-        norms = unfolded.square().sum(1)  # [K, P]
-        values = decoded.flatten(2) if window.value == "centre" else unfolded  # [K, V, P]
+        biases = unfolded.square().sum(1) * bias_scale  # [K, P]
+        values = decoded.flatten(2)  # [K, C, P]: the centre pixel of window p is pixel p
+        screen_windows = F.unfold(decoded.float(), window.size, padding=window.padding) if margin else None
+        gathered = {}  # the parts of a split shared group gather their windows once
         for g in streamed:
             group = groups[g]
             positions = group.positions.to(device)  # [G, S]
             span = positions.shape[1]
-            # [G, D, K*S] windows, [G, K*S] biases, [G, K*S, V] values; column j = image j // S, position j % S
-            phi = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(positions.shape[0], depth, count * span)
-            bias = (norms[:, positions] * bias_scale).permute(1, 0, 2).reshape(positions.shape[0], 1, count * span)
-            vals = values[:, :, positions].permute(2, 1, 0, 3).reshape(positions.shape[0], -1, count * span)
-            vals = torch.cat([vals, vals.new_ones(vals.shape[0], 1, vals.shape[2])], 1)  # [G, V + 1, K*S]
+            if id(group.positions) not in gathered:
+                screen = _gather(screen_windows, biases.float(), positions) if margin else None
+                phi, vals = _gather(unfolded, biases, positions), _gather(values, None, positions)
+                gathered[id(group.positions)] = phi, vals, screen
+            phi, vals, screen = gathered[id(group.positions)]
             for b in range(batch):
-                logits = torch.baddbmm(bias, group_queries[g][b], phi, beta=-1.0)  # [G, rows, K*S]
                 state = states[g][b]
+                if margin is not None:
+                    state.softmax.add_screened(_product(screen_queries[g][b], screen), margin, group_queries[g][b],
+                                               phi, vals)
+                    continue
+                logits = _product(group_queries[g][b], phi)  # [G, run, K*S]
                 if track_top:
                     _track_top(state, logits, start, span, positions)
                 state.softmax.add(logits, vals)
-    return _assemble(groups, states, batch, num_locations, dtype, track_top)
+    for group, group_states in zip(groups, states):
+        where = group.locations.to(device)
+        for b, state in enumerate(group_states):
+            out.mean[b, where] = state.softmax.mean().reshape(where.numel(), -1)
+            out.effective[b, where] = state.softmax.effective_count().reshape(-1)
+            if track_top:
+                out.top_image[b, where] = state.top_image.reshape(-1)
+                out.top_position[b, where] = state.top_position.reshape(-1)
 
 
 def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_GroupState], rows: int,
-                   bias_scale: float, dtype: torch.dtype) -> None:
-    """One shared group against its distinct windows, `rows` windows per chunk: logits + log m, squares / m."""
+                   bias_scale: float, dtype: torch.dtype, screen_queries: torch.Tensor | None = None,
+                   margin: float | None = None) -> None:
+    """One shared group against its distinct windows, `rows` windows per chunk: logits + log m, squares / m
+    (screened in float32 and rescored in float64 when `screen_queries` are given)."""
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
         counts = unique.counts[start : start + rows]
-        bias = (phi.square().sum(1) * bias_scale - counts.log().to(dtype))[None, None]  # [1, 1, M]
+        bias = phi.square().sum(1) * bias_scale - counts.log().to(dtype)  # [M]
         vals = torch.cat([unique.values[start : start + rows].to(dtype).T, phi.new_ones(1, phi.shape[0])])[None]
-        inverse = counts.reciprocal().to(dtype)
-        phi_t = phi.T[None]  # [1, D, M]
+        inverse_roots = counts.rsqrt().to(dtype)
+        phi_t = torch.cat([phi.T, bias[None]])[None]  # [1, D + 1, M]: the bias below the windows
+        screen = phi_t.float() if screen_queries is not None else None
         for b, state in enumerate(states):
-            logits = torch.baddbmm(bias, queries[b], phi_t, beta=-1.0)
-            state.softmax.add(logits, vals, inverse)
+            if screen is not None:
+                state.softmax.add_screened(_product(screen_queries[b], screen), margin, queries[b], phi_t, vals,
+                                           counts.reciprocal().to(dtype))
+            else:
+                state.softmax.add(_product(queries[b], phi_t), vals, inverse_roots)
+
+
+def _gather(unfolded: torch.Tensor, below: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """[K, D, P] per-image windows (or values) at `positions` [G, S] as [G, D + 1, K*S], with `below` [K, P]
+    (biases) or ones in the last row; column j = image j // S, position j % S."""
+    count, depth, _ = unfolded.shape
+    runs, span = positions.shape
+    out = unfolded.new_empty(runs, depth + 1, count * span)
+    out[:, :depth] = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(runs, depth, count * span)
+    out[:, depth] = 1.0 if below is None else below[:, positions].permute(1, 0, 2).reshape(runs, count * span)
+    return out
+
+
+def _product(queries: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """[G, R, D + 1] @ [G, D + 1, M]: the logits, bias included (queries end in -1, phi in the bias); one GEMM
+    when G = 1."""
+    return torch.mm(queries[0], phi[0])[None] if queries.shape[0] == 1 else torch.bmm(queries, phi)
 
 
 def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, positions: torch.Tensor) -> None:
@@ -323,20 +487,130 @@ def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, 
         state.top_position = torch.where(better, position, state.top_position)
 
 
-def _assemble(groups, states, batch, num_locations, dtype, track_top) -> PatchSoftmaxResult:
-    """Scatter every (group, sample) state back to [B, L, ...] by query location."""
-    first = states[0][0].softmax.mean()
-    device = first.device
-    mean = torch.empty(batch, num_locations, first.shape[-1], dtype=dtype, device=device)
-    effective = torch.empty(batch, num_locations, dtype=dtype, device=device)
-    top_image = torch.empty(batch, num_locations, dtype=torch.long, device=device) if track_top else None
-    top_position = torch.empty_like(top_image) if track_top else None
-    for group, group_states in zip(groups, states):
-        where = group.locations.to(device)
-        for b, state in enumerate(group_states):
-            mean[b, where] = state.softmax.mean().reshape(where.numel(), -1)
-            effective[b, where] = state.softmax.effective_count().reshape(-1)
-            if track_top:
-                top_image[b, where] = state.top_image.reshape(-1)
-                top_position[b, where] = state.top_position.reshape(-1)
-    return PatchSoftmaxResult(mean, effective, top_image, top_position, dtype)
+# --- aligned groups: each query against the windows at its own place -----------------------------------------
+
+
+def window_sums(z: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Sums of `size` consecutive entries along `dim` (length n -> n - size + 1), by doubling: about 2 log2(size)
+    additions of shifted views, every entry summed in an order fixed by `size` alone (so the same whatever the
+    batch or chunk it is in)."""
+    length = z.shape[dim] - size + 1
+    total, offset, span, power = None, 0, 1, z
+    while True:
+        if size & span:
+            piece = power.narrow(dim, offset, length)
+            total = piece if total is None else total + piece
+            offset += span
+        if 2 * span > size:
+            return total
+        n = power.shape[dim] - span
+        power = power.narrow(dim, 0, n) + power.narrow(dim, span, n)
+        span *= 2
+
+
+def box_sums(z: torch.Tensor, size: tuple[int, int], padding: int) -> torch.Tensor:
+    """[..., H, W] -> the sum of every size[0] x size[1] window of z zero-padded by `padding`, [..., P] flat in
+    unfold order."""
+    if padding:
+        z = F.pad(z, (padding,) * 4)
+    return window_sums(window_sums(z, size[0], -2), size[1], -1).flatten(-2)
+
+
+def _channel_sum(z: torch.Tensor) -> torch.Tensor:
+    """[K, C, H, W] -> [K, H, W] by adding channel slices (elementwise: the same in any batch)."""
+    total = z[:, 0]
+    for c in range(1, z.shape[1]):
+        total = total + z[:, c]
+    return total
+
+
+class ColumnSoftmax(StreamingSoftmax):
+    """`StreamingSoftmax` over the rows (images) of [K, L] logits, one softmax per column (location)."""
+
+    def __init__(self) -> None:
+        super().__init__(track_concentration=True)
+        self.top_image: torch.Tensor | None = None
+
+    def add(self, logits: torch.Tensor, values: torch.Tensor | None, start: int, track_top: bool) -> None:
+        """logits [K, L] (overwritten); values [K, L, V] or None (normaliser, maximum and squares only);
+        `start`: the index of the chunk's first image, for the best window."""
+        chunk_max, best = logits.max(0) if track_top else (logits.amax(0), None)
+        if track_top:
+            better = best + start if self.max is None else torch.where(chunk_max > self.max, best + start,
+                                                                        self.top_image)
+            self.top_image = better
+        new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
+        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)  # no subnormal weights, as in StreamingSoftmax
+        weights = logits.sub_(new_max).clamp_(min=floor).exp_()
+        total = weights.sum(0)
+        squares = weights.square().sum(0)
+        numerator = (weights[..., None] * values).sum(0) if values is not None else None
+        if self.max is None:
+            self.total, self.squares, self.numerator = total, squares, numerator
+        else:
+            rescale = torch.exp(self.max - new_max)
+            self.total = self.total * rescale + total
+            self.squares = self.squares * rescale.square() + squares
+            if numerator is not None:
+                self.numerator = self.numerator * rescale[:, None] + numerator
+        self.max = new_max
+
+
+def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out) -> None:
+    """Aligned groups: per chunk and sample, the cross terms of every query with every image at its own place
+    are window sums of x_t * y_i, and the norms window sums of y_i^2 (no unfold: about 2 log2 k additions per
+    logit instead of a C k^2-long dot product). Window values (PSPC) take a second pass with the final maximum
+    and normaliser: each pixel gets sum_i y_i(p) * (the sum of w_i over the windows covering p)."""
+    batch = x_t.shape[0]
+    channels, height, width = store.sample_shape
+    kh, kw = window.size
+    pad = window.padding
+    device = x_t.device
+    grid_width = width + 2 * pad - kw + 1
+    index = torch.cat([group.positions[:, 0] for group in groups]).to(device)  # window positions [La]
+    where = torch.cat([group.locations for group in groups]).to(device)  # output columns [La]
+    grid = grid_width * (height + 2 * pad - kh + 1)
+    whole = index.numel() == grid and bool((index == torch.arange(grid, device=device)).all())
+    pixels = (index // grid_width + kh // 2 - pad) * width + index % grid_width + kw // 2 - pad  # centres
+    scaled = x_t.to(dtype) * (2 * signal_scale * scale)  # [B, C, H, W]
+    bias_scale = scale * signal_scale**2
+    chunk = chunk_size or aligned_chunk_images(store.sample_shape, window, dtype)
+    states = [ColumnSoftmax() for _ in range(batch)]
+
+    def chunks():
+        for start in range(0, store.num_images, chunk):
+            decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
+            norms = box_sums(_channel_sum(decoded * decoded), window.size, pad)  # [K, P]
+            yield start, decoded, (norms if whole else norms[:, index]) * bias_scale
+
+    def logits(b, decoded, bias):
+        cross = box_sums(_channel_sum(scaled[b] * decoded), window.size, pad)  # [K, P]
+        return (cross if whole else cross[:, index]).sub_(bias)
+
+    centre = window.value == "centre"
+    for start, decoded, bias in chunks():
+        values = decoded.flatten(2)[:, :, pixels].transpose(1, 2) if centre else None  # [K, La, C]
+        for b, state in enumerate(states):
+            state.add(logits(b, decoded, bias), values, start, out.track_top)
+    for b, state in enumerate(states):
+        if centre:
+            out.mean[b, where] = state.mean()
+        out.effective[b, where] = state.effective_count()
+        if out.track_top:
+            out.top_image[b, where] = state.top_image
+            out.top_position[b, where] = index
+    if centre:
+        return
+    floor = 0.5 * math.log(torch.finfo(dtype).tiny)
+    grid_shape = (height + 2 * pad - kh + 1, grid_width)
+    out.folded = torch.zeros(batch, channels, height, width, dtype=dtype, device=device)
+    for start, decoded, bias in chunks():
+        for b, state in enumerate(states):
+            weights = logits(b, decoded, bias).sub_(state.max).clamp_(min=floor).exp_().div_(state.total)  # [K, La]
+            if not whole:
+                weights = weights.new_zeros(weights.shape[0], grid).index_copy_(1, index, weights)
+            # the weight of image i at every window covering pixel p, summed: a full-size window sum
+            spread = window_sums(window_sums(F.pad(weights.reshape(-1, *grid_shape), (kw - 1, kw - 1, kh - 1, kh - 1)),
+                                             kh, -2), kw, -1)  # [K, H + 2 pad, W + 2 pad]
+            spread = spread[:, pad : pad + height, pad : pad + width]
+            out.folded[b] += (decoded * spread[:, None]).sum(0)
