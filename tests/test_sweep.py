@@ -244,3 +244,19 @@ def test_the_command_line_wins_over_the_sweep_file():
     assert "sampling.num_samples=8" in spec.overrides
     spec = load_spec("sweeps/subset_size", overrides=["dataset.subset_size=100"])
     assert "dataset.subset_size" not in spec.grid and spec.overrides[-1] == "dataset.subset_size=100"
+
+
+def test_a_path_in_the_grid_names_cells_and_labels_by_its_last_two_parts(tmp_path):
+    files = []
+    for run in ("calibrate_a", "calibrate_b"):
+        (tmp_path / "deep" / "runs" / run).mkdir(parents=True)
+        files.append(tmp_path / "deep" / "runs" / run / "calibration.json")
+        files[-1].write_text(json.dumps({"timesteps": list(range(900, -1, -100)), "patch_size": [3] * 10}))
+    spec = load_spec(None, "els,optimal", None, [f"model.params.patch_size={files[0]},{files[1]}"],
+                     ["sampling.num_inference_steps=10"], "paths")
+    cells = [c for c in plan_sweep(spec).cells if c.method == "els"]
+    assert [c.name for c in cells] == ["els_mnist5k_patch_size=calibrate_a-calibration.json",
+                                       "els_mnist5k_patch_size=calibrate_b-calibration.json"]
+    assert [c.label for c in cells] == ["els  patch_size=calibrate_a/calibration.json",
+                                        "els  patch_size=calibrate_b/calibration.json"]
+    assert [c.config.model.params.patch_size for c in cells] == [str(f) for f in files]  # the run uses the full path

@@ -82,7 +82,7 @@ class Cell:
     @property
     def label(self) -> str:
         """'optimal  temperature=0.5' - the method (or 'backbone') and its grid values, for figures."""
-        values = "  ".join(f"{_short(k, self.grid)}={v}" for k, v in self.grid.items())
+        values = "  ".join(f"{_short(k, self.grid)}={_shown(v)}" for k, v in self.grid.items())
         return f"{'backbone' if self.backbone else self.method}  {values}".strip()
 
     @property
@@ -105,6 +105,16 @@ def _short(key: str, grid: dict[str, Any]) -> str:
     """The last part of a dot-list key, or the whole key when two grid keys end alike."""
     tail = key.rsplit(".", 1)[-1]
     return tail if sum(k.rsplit(".", 1)[-1] == tail for k in grid) == 1 else key
+
+
+def _shown(value: Any) -> str:
+    """A grid value as cell names and figure labels show it: a path by its last two parts (a calibration.json in
+    its run folder), anything else as written."""
+    text = str(value)
+    if "/" not in text:
+        return text
+    parts = Path(text).parts
+    return "/".join(parts[-2:])
 
 
 def _text(value: Any) -> str:
@@ -237,7 +247,7 @@ def _applies(key: str, method: str | None) -> bool:
 
 
 def _cell_name(method: str, dataset: str, grid: dict[str, str]) -> str:
-    parts = [method, dataset, *(f"{_short(k, grid)}={v}" for k, v in grid.items())]
+    parts = [method, dataset, *(f"{_short(k, grid)}={_shown(v)}" for k, v in grid.items())]
     return SAFE_NAME.sub("-", "_".join(parts))
 
 
