@@ -296,6 +296,21 @@ def test_top_patch_is_the_window_of_largest_weight():
             torch.testing.assert_close(top["window"][n, col].double(), window(images[image], a, b, 3, False))
 
 
+def test_top_patch_of_pixels_that_share_one_query_location():
+    """PSPC with P = H has one square for every pixel: each asked pixel gets the image nearest to the whole x_t
+    (repeated locations once filled only their first column, the others held uninitialised memory)."""
+    store = make_store(1)
+    images = store.model_space(dtype=torch.float64)
+    x_t = noisy(store, LATE, 2)
+    denoiser = method("pspc", store, patch_size=8)
+    pixels = torch.tensor([denoiser.pixel_location(p // 8, p % 8, 8) for p in (0, 9, 63)])
+    top = denoiser.top_patches(x_t, LATE, pixels)
+    for n in range(2):
+        nearest = int((x_t[n].double() - LATE.signal_scale * images).flatten(1).square().sum(1).argmin())
+        assert top["image"][n].tolist() == [nearest] * 3 and top["position"][n].tolist() == [0] * 3
+        torch.testing.assert_close(top["window"][n, 2].double(), images[nearest])
+
+
 @pytest.mark.parametrize("name,params,message", [
     ("els", {"patch_size": 4}, "odd positive integer"),
     ("local_score", {"patch_size": [3, 0]}, "odd positive integer"),

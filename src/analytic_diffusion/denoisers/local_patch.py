@@ -190,15 +190,19 @@ class LocalPatchDenoiser(Denoiser):
         the window itself [B, L, C, kh, kw] (model space)."""
         size = self.patch_size(level)
         plan = self.cached_plan(size)
-        result = self.softmax(x_t, level, size, locations, track_top=True)
+        # several pixels can share one query location (PSPC's large squares): each distinct location once, then
+        # back to the order asked (a repeated location would leave its other columns unfilled)
+        distinct, back = torch.unique(locations, return_inverse=True)
+        result = self.softmax(x_t, level, size, distinct, track_top=True)
+        image, position = result.top_image[:, back], result.top_position[:, back]  # [B, L]
         kh, kw = plan.window.size
-        picked = self.store.gather(result.top_image.reshape(-1)).to(x_t.device)  # [B*L, C, H, W]
+        picked = self.store.gather(image.reshape(-1)).to(x_t.device)  # [B*L, C, H, W]
         unfolded = torch.nn.functional.unfold(picked, (kh, kw), padding=plan.window.padding)  # [B*L, D, P]
-        index = result.top_position.reshape(-1, 1, 1).expand(-1, unfolded.shape[1], 1)
-        windows = unfolded.gather(2, index).reshape(*result.top_image.shape, self.store.sample_shape[0], kh, kw)
+        index = position.reshape(-1, 1, 1).to(x_t.device).expand(-1, unfolded.shape[1], 1)
+        windows = unfolded.gather(2, index).reshape(*image.shape, self.store.sample_shape[0], kh, kw)
         grid_width = self.store.sample_shape[2] + 2 * plan.window.padding - kw + 1
-        top_left = torch.stack([result.top_position // grid_width, result.top_position % grid_width], -1)
-        return {"image": result.top_image, "position": result.top_position, "window": windows, "size": size,
+        top_left = torch.stack([position // grid_width, position % grid_width], -1)
+        return {"image": image, "position": position, "window": windows, "size": size,
                 "top_left": top_left - plan.window.padding}
 
     def pixel_location(self, row: int, column: int, size: int) -> int:
