@@ -175,6 +175,9 @@ def test_ecosystem_networks_train_resume_exactly_and_export_loadable_models(tmp_
             torch.testing.assert_close(exported(x_t, t).sample, expected, atol=1e-6, rtol=0)
             scheduler = DDPMScheduler.from_pretrained(tmp_path)
             assert torch.equal(scheduler.alphas_cumprod, NoiseSchedule().alphas_cumprod())
+            # the exported files are as readable as any other new file (safetensors writes its weights 0600)
+            modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir() if p.is_file()}
+            assert modes["diffusion_pytorch_model.safetensors"] == modes["config.json"] == modes["checkpoint.pt"]
         else:
             backbone = load_backbone(tmp_path / "ddpm_unet.pt")
             assert backbone.format == "ddpm_unet" and backbone.architecture["ch"] == 32

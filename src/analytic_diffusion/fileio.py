@@ -57,11 +57,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        move_into_place(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def move_into_place(source: Path, target: Path) -> None:
+    """Rename a finished temporary file over `target` with the permissions of a plain new file (temporary files
+    are often 0600: mkstemp's, safetensors')."""
+    os.chmod(source, 0o666 & ~_UMASK)
+    os.replace(source, target)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..backbones.ddpm_unet import GROUPS, DDPMUNet, DDPMUNetConfig
 from ..errors import StudioError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, move_into_place
 from .model import UNet, UNetConfig, check_architecture
 from .schedule import NoiseSchedule
 
@@ -109,7 +109,7 @@ def export_network(network: nn.Module, folder: Path, schedule: NoiseSchedule) ->
             network.unet.save_pretrained(staging)
             scheduler.save_pretrained(staging)
             for file in staging.iterdir():
-                file.replace(folder / file.name)
+                move_into_place(file, folder / file.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     elif isinstance(network, TrainableDDPMUNet):
