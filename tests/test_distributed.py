@@ -207,3 +207,14 @@ def test_bad_distributed_options_are_one_line_errors_even_in_one_process(capsys:
 def test_share_splits_contiguously() -> None:
     shares = [list(Ranks(r, 3, r, "samples", "gloo").share(8)) for r in range(3)]
     assert shares == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+def test_too_few_images_for_the_ranks_stop_every_rank_alike() -> None:
+    """Every rank (not only the one whose shard is empty) refuses, so rank 0 never creates a run directory."""
+    from analytic_diffusion.data.store import DatasetStore
+    from analytic_diffusion.distributed.dataset import shard_of
+
+    store = DatasetStore.from_tensor(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+    for rank in range(2):
+        with pytest.raises(StudioError, match="1 images cannot be split over 2 ranks"):
+            shard_of(store, Ranks(rank, 2, rank, "dataset", "gloo"))

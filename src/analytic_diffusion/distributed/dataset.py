@@ -38,7 +38,7 @@ def shard_of(store: DatasetStore, ranks: Ranks) -> tuple[DatasetStore, int]:
     """This rank's contiguous shard of the store (a view: a memory-mapped store reads only these images) and the
     global index of its first image."""
     part = ranks.share(store.num_images)
-    if len(part) == 0:
+    if store.num_images < ranks.world_size:  # checked by every rank alike: all stop before a run directory exists
         raise StudioError(f"{store.num_images} images cannot be split over {ranks.world_size} ranks; use fewer "
                           "processes or distributed.strategy=samples")
     shard = DatasetStore(store.name, f"{store.fingerprint}-shard{ranks.rank}of{ranks.world_size}",
