@@ -218,3 +218,15 @@ def test_too_few_images_for_the_ranks_stop_every_rank_alike() -> None:
     for rank in range(2):
         with pytest.raises(StudioError, match="1 images cannot be split over 2 ranks"):
             shard_of(store, Ranks(rank, 2, rank, "dataset", "gloo"))
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_only_rank_0_prints_the_error_line(monkeypatch, capsys, rank) -> None:
+    """Every rank refuses the same bad input; one line in all, from rank 0 (rank 0 also reports another rank's
+    failure, through the failure it publishes)."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sweep", "--methods", "optimal"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: ads sweep does not run under torchrun; only ads generate does (docs/distributed.md): "
+                   "launch it as one process\n" if rank == "0" else "")

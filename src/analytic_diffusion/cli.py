@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn
 
@@ -190,6 +191,14 @@ def _cache(args: argparse.Namespace) -> None:
     print(f"removed {len(chosen)} entries, {human_bytes(remove_entries(chosen))} freed")
 
 
+def _reports_errors() -> bool:
+    """Under torchrun only rank 0 prints an error line: its own error, or the line of the rank that failed first
+    (every rank refusing the same bad input would print it K times)."""
+    from .distributed import launched
+
+    return not launched() or os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `ads` and `python -m analytic_diffusion`; returns the exit status."""
     parser = _parser()
@@ -201,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = _run(args)
     except StudioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if _reports_errors():
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):  # torch's (CUDA, MPS)
