@@ -788,11 +788,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_report(path: Path, runner: Runner, complete: bool, quick: bool | None = None) -> None:
+def write_report(path: Path, runner: Runner, complete: bool) -> None:
     """The rows so far as JSON: `complete` is false while the run goes on (a run stopped by a time limit keeps
     every finished row)."""
     failed = [c.name for c in runner.checks if not c.passed]
-    report = {**machine(runner.device), "quick": runner.sizes is QUICK if quick is None else quick,
+    report = {**machine(runner.device), "quick": runner.sizes is QUICK,
               "complete": complete, "seconds": time.perf_counter() - runner.started, "passed": complete and not failed,
               "failed": failed, "skipped": [c.name for c in runner.checks if c.skipped],
               "tolerances": TOLERANCES, "default_tolerance": DEFAULT_TOLERANCE,
@@ -896,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c.name for c in runner.checks if not c.passed]
     info = machine(device)
     if args.json is not None:
-        write_report(args.json, runner, complete=True, quick=args.quick)
+        write_report(args.json, runner, complete=True)
     print(f"\n{info.get('gpu', info['cpu'])} ({info['device']}), torch {info['torch']}, CPU {info['cpu']} "
           f"({info['cpu_threads']} threads; the host may be shared), {'quick' if args.quick else 'full'} inputs, "
           f"{seconds:.0f} s\n")

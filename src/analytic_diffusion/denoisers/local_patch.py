@@ -198,7 +198,7 @@ class LocalPatchDenoiser(Denoiser):
         kh, kw = plan.window.size
         picked = self.store.gather(image.reshape(-1)).to(x_t.device)  # [B*L, C, H, W]
         unfolded = torch.nn.functional.unfold(picked, (kh, kw), padding=plan.window.padding)  # [B*L, D, P]
-        index = position.reshape(-1, 1, 1).to(x_t.device).expand(-1, unfolded.shape[1], 1)
+        index = position.reshape(-1, 1, 1).expand(-1, unfolded.shape[1], 1)
         windows = unfolded.gather(2, index).reshape(*image.shape, self.store.sample_shape[0], kh, kw)
         grid_width = self.store.sample_shape[2] + 2 * plan.window.padding - kw + 1
         top_left = torch.stack([position // grid_width, position % grid_width], -1)
