@@ -122,25 +122,30 @@ class _Candidates:
 
 
 class _Plans:
-    """Candidate plans for one query block: `base` pieces plus one piece of `places` digits of the rest q - v, and
-    their error bounds E [B] with and without the decoding correction, each computed once."""
+    """Candidate plans for one query block: `base` pieces plus one piece of 1 to MAX_DIGITS digits of the rest
+    q - v, and the error bounds E [B] of each with and without the decoding correction, all computed at once (one
+    batched pass instead of a few dozen small operations per plan)."""
 
     def __init__(self, kernel: IntegerSoftmax, q: torch.Tensor, base: list[_Piece]):
-        self.kernel, self.q, self.base = kernel, q, base
-        self.rest = q - _value(base) if base else q
-        self.pieces: dict[int, list[_Piece]] = {}
-        self.errors: dict[tuple[int, bool], torch.Tensor] = {}
+        self.base = base
+        base_value = _value(base) if base else torch.zeros_like(q)
+        wholes, scales = _quantise(q - base_value, kernel.bits, torch.arange(1, MAX_DIGITS + 1))  # [P, B, n], [P, B]
+        self.pieces = [_Piece(scales[p], wholes[p], kernel.bits, p + 1) for p in range(MAX_DIGITS)]
+        values = scales[..., None] * wholes + base_value  # v [P, B, n] of each plan
+        base_conversion = kernel._conversions(base) if base else 0
+        conversion = torch.stack([base_conversion + kernel._conversions([piece]) for piece in self.pieces])
+        self.errors = {corrected: kernel._error_bound(q, values, conversion, corrected) for corrected in (False, True)}
 
     def plan(self, places: int) -> list[_Piece]:
-        if places not in self.pieces:
-            self.pieces[places] = [*self.base, self.kernel._piece(self.rest, places)]
-        return self.pieces[places]
+        return [*self.base, self.pieces[places - 1]]
+
+    def error(self, places: int, corrected: bool) -> torch.Tensor:
+        """E [B] of the plan."""
+        return self.errors[corrected][places - 1]
 
     def worst(self, c: float, places: int, corrected: bool) -> float:
         """max_b c E_b of the plan."""
-        if (places, corrected) not in self.errors:
-            self.errors[places, corrected] = self.kernel._score_error(self.q, self.plan(places), corrected)
-        return float((c * self.errors[places, corrected]).max())
+        return float(c * self.errors[corrected][places - 1].max())
 
 
 def _plan_order() -> list[tuple[int, int, bool]]:
@@ -203,14 +208,23 @@ def _balanced_digits(whole: torch.Tensor, bits: int, places: int) -> torch.Tenso
     return digits
 
 
-def _quantise(values: torch.Tensor, bits: int, places: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """values [B, m] float64 = scale[:, None] * whole + rest with scale a power of two and whole integers that
-    `places` digits hold; returns (whole [B, m] float64, scale [B])."""
-    limit = ((1 << (bits - 1)) - 1) * 2.0 ** (bits * (places - 1))
-    amax = values.abs().amax(dim=1).clamp_min(2.0**-900)
+def _quantise(values: torch.Tensor, bits: int, places: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """values [..., m] float64 = scale[..., None] * whole + rest with scale a power of two and whole integers that
+    `places` digits hold; returns (whole [..., m] float64, scale [...]). `places` a tensor [P] of counts: one
+    quantisation per count, whole [P, ..., m] and scale [P, ...]."""
+    scale = _scales(values.abs().amax(dim=-1), bits, places)
+    return torch.round(values / scale[..., None]), scale
+
+
+def _scales(amax: torch.Tensor, bits: int, places: int | torch.Tensor) -> torch.Tensor:
+    """The powers of two s [...] (or [P, ...] for a tensor of counts) for which |values| <= amax [...] become
+    integers that `places` digits hold."""
+    counts = torch.as_tensor(places)
+    limit = torch.tensor([float(((1 << (bits - 1)) - 1) << (bits * (k - 1))) for k in counts.reshape(-1).tolist()],
+                         dtype=torch.float64).reshape(counts.shape + (1,) * amax.dim())
+    amax = amax.clamp_min(2.0**-900)
     scale = torch.exp2(torch.ceil(torch.log2(amax / limit)))
-    scale = torch.where(amax / scale > limit, scale * 2, scale)  # guard rounding of log2
-    return torch.round(values / scale[:, None]), scale
+    return torch.where(amax / scale > limit, scale * 2, scale)  # guard rounding of log2
 
 
 class IntegerSoftmax:
@@ -273,7 +287,8 @@ class IntegerSoftmax:
         kernel's digit columns cost more than float32 products on a CPU without VNNI). A speed heuristic only:
         both answers give results within the same bound."""
         q = query[:PROBE_QUERIES]
-        approx, error, _ = self._first_pass(q, self._first_piece(scale, _Plans(self, q, [])))
+        plans = _Plans(self, q, [])
+        approx, error, _ = self._first_pass(q, plans, self._first_places(scale, plans))
         candidates, limit = self._candidates(approx, error, scale), self._refine_limit()
         if bool((self._rescore_counts(scale, candidates, error, limit) > limit).any()):
             return False
@@ -288,30 +303,33 @@ class IntegerSoftmax:
         rescoring) get a refinement pass with more digits of the rest of the query; what the bound still leaves
         uncertain is rescored exactly; then the weighted sum."""
         plans = _Plans(self, q, [])
-        first = self._first_piece(c, plans)
-        columns = max(first.places + 1, DIRECT_COLUMNS // q.shape[0])
+        first = self._first_places(c, plans)
+        columns = max(first + 1, DIRECT_COLUMNS // q.shape[0])
         direct = self._direct_plan(c, plans, columns)
         if direct is not None:  # about as cheap as the first pass (or few queries), nothing to rescore: one pass
-            pieces, corrected = direct
+            places, corrected = direct
+            pieces = plans.plan(places)
             dots = self._dots(pieces[0])
             correction = self._correction(pieces) if corrected else None
-            approx, error = self._approx(q, pieces, dots, correction), self._score_error(q, pieces, corrected)
+            approx, error = self._approx(q, pieces, dots, correction), plans.error(places, corrected)
             del dots, correction
             return self._softmax_mean(q, c, self._candidates(approx, error, c), None)
-        approx, error, dots = self._first_pass(q, first)
+        approx, error, dots = self._first_pass(q, plans, first)
         candidates, limit = self._candidates(approx, error, c), self._refine_limit()
         take = self._rescore_counts(c, candidates, error, limit)
         rows = self._to_refine(take, limit)
-        pieces = [first.select(rows)]
+        pieces = [plans.plan(first)[0].select(rows)]
         for strict in (False, True):  # a relaxed refinement (then rescoring), then one to c E <= LOGIT_ERROR
             if rows.numel() == 0:
                 break
             sub = q[rows]
-            pieces, corrected = self._refinement(sub, c, pieces, strict)
+            refined = _Plans(self, sub, pieces)
+            places, corrected = self._refinement(c, refined, strict)
+            pieces = refined.plan(places)
             dots[:, rows] += self._dots(pieces[-1])
             correction = self._correction(pieces) if corrected else None
             approx[rows] = self._approx(sub, pieces, dots[:, rows], correction)
-            error[rows] = self._score_error(sub, pieces, corrected)
+            error[rows] = refined.error(places, corrected)
             candidates = self._candidates(approx, error, c)
             take[rows] = counts = self._rescore_counts(c, candidates.select(rows), error[rows])
             keep = torch.isin(rows, self._to_refine(torch.zeros_like(take).index_copy_(0, rows, counts), limit))
@@ -334,23 +352,21 @@ class IntegerSoftmax:
         top_index = torch.where(weights == top_weight[:, None], images, self.num_images).amin(dim=1)  # lowest on ties
         return SoftmaxMean(mean, top_weight / total, total.square() / weights.square().sum(1), top_index)
 
-    def _piece(self, values: torch.Tensor, places: int) -> _Piece:
-        whole, scale = _quantise(values, self.bits, places)
-        return _Piece(scale, whole, self.bits, places)
-
-    def _first_piece(self, c: float, plans: _Plans) -> _Piece:
+    def _first_places(self, c: float, plans: _Plans) -> int:
         """The first pass's digits: the fewest up to FIRST_MAX_DIGITS whose logit errors c E <= FEW_RESCORED (then
         few candidates need rescoring where the weight concentrates: middle steps), else FIRST_DIGITS (late steps:
         only near ties of the nearest image are rescored)."""
         for places in range(1, FIRST_MAX_DIGITS + 1):
             if plans.worst(c, places, False) <= FEW_RESCORED:
-                return plans.plan(places)[0]
-        return plans.plan(FIRST_DIGITS)[0]
+                return places
+        return FIRST_DIGITS
 
-    def _first_pass(self, q: torch.Tensor, first: _Piece) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """d_hat [B, N], E [B] and the products [N, B] of the first piece."""
+    def _first_pass(self, q: torch.Tensor, plans: _Plans, places: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """d_hat [B, N], E [B] and the products [N, B] of the first piece of `places` digits."""
+        first = plans.plan(places)[0]
         dots = self._dots(first)
-        return self._approx(q, [first], dots, None), self._score_error(q, [first], False), dots
+        return self._approx(q, [first], dots, None), plans.error(places, False), dots
 
     def _candidates(self, approx: torch.Tensor, error: torch.Tensor, c: float) -> _Candidates:
         """The images that may weigh more than e^-SKIP_LOGITS / N of the largest weight (the others are skipped):
@@ -378,48 +394,51 @@ class IntegerSoftmax:
         whole store) is the cheaper way to certain weights."""
         return REFINE_COLUMNS * self.num_images // RESCORE_COST
 
-    def _direct_plan(self, c: float, plans: _Plans, columns: int) -> tuple[list[_Piece], bool] | None:
-        """The cheapest plan of at most `columns` digit columns (one more with the decoding correction) whose
-        logit errors c E <= LOGIT_ERROR (early steps), or None."""
+    def _direct_plan(self, c: float, plans: _Plans, columns: int) -> tuple[int, bool] | None:
+        """(places, corrected) of the cheapest plan of at most `columns` digit columns (one more with the decoding
+        correction) whose logit errors c E <= LOGIT_ERROR (early steps), or None."""
         for cost, places, corrected in _plan_order():
             if cost > columns:
                 return None
             if plans.worst(c, places, corrected) <= LOGIT_ERROR:
-                return plans.plan(places), corrected
+                return places, corrected
         return None
 
-    def _refinement(
-        self, q: torch.Tensor, c: float, pieces: list[_Piece], strict: bool
-    ) -> tuple[list[_Piece], bool]:
-        """The pieces plus digits of the rest q - v, and whether to correct for decoding: the cheapest plan with
-        logit errors c E <= LOGIT_ERROR (or, unless strict, without the correction's pass over the store and
-        c E <= RELAXED_ERROR: then the few candidates that carry the weight are rescored), else the one with the
-        least error (its candidates are rescored)."""
-        plans, best = _Plans(self, q, pieces), None
+    def _refinement(self, c: float, plans: _Plans, strict: bool) -> tuple[int, bool]:
+        """(places, corrected): the digits of the rest q - v to add, and whether to correct for decoding: the
+        cheapest plan with logit errors c E <= LOGIT_ERROR (or, unless strict, without the correction's pass over
+        the store and c E <= RELAXED_ERROR: then the few candidates that carry the weight are rescored), else the
+        one with the least error (its candidates are rescored)."""
+        best = None
         for _, places, corrected in _plan_order():
             worst = plans.worst(c, places, corrected)
             if worst <= LOGIT_ERROR or (not strict and not corrected and worst <= RELAXED_ERROR):
-                return plans.plan(places), corrected
+                return places, corrected
             if best is None or worst < best[0] / 2:
-                best = (worst, plans.plan(places), corrected)
+                best = (worst, places, corrected)
         return best[1], best[2]
 
-    def _score_error(self, q: torch.Tensor, pieces: list[_Piece], corrected: bool) -> torch.Tensor:
-        """E [B]: |d_hat_i - d_i| <= E for every image i (see the module docstring), for v = sum_k s_k X_k."""
-        v = _value(pieces)  # exact: the pieces' bits do not overlap beyond float64's 53
-        rounding = torch.linalg.vector_norm(q - v, dim=1)  # ||e||, exact up to float64 rounding
-        conversion = sum(self._conversion(piece) for piece in pieces)
-        q1, q2 = q.abs().sum(1), q.square().sum(1)
+    def _error_bound(self, q: torch.Tensor, v: torch.Tensor, conversion: torch.Tensor, corrected: bool
+                     ) -> torch.Tensor:
+        """E [..., B]: |d_hat_i - d_i| <= E for every image i (see the module docstring), for queries q [B, n]
+        scored as v = sum_k s_k X_k [..., B, n] (exact: the pieces' bits do not overlap beyond float64's 53) whose
+        products' float32 conversions lose at most `conversion` [..., B]."""
+        rounding = torch.linalg.vector_norm(q - v, dim=-1)  # ||e||, exact up to float64 rounding
+        q1, q2 = q.abs().sum(-1), q.square().sum(-1)
         float64 = 2.0**-48 * (self.max_norm_sq + q2 + 4 * q1 + self.dim * self.max_norm_sq)
         if corrected:  # |v.delta_i - step s1 X1.level_i| <= delta_max ||e1||_1 + rest ||v||_1 (+ its conversion)
             whole1, s1 = _quantise(v, self.bits, 1)
-            size = LEVELS * whole1.abs().sum(1)
+            size = LEVELS * whole1.abs().sum(-1)
             conversion = conversion + 2 * self.level_step * s1 * torch.where(size >= FLOAT32_EXACT, size * 2.0**-24, 0)
-            residual = (v - s1[:, None] * whole1).abs().sum(1)
-            decoding = 2 * (self.decode_error * residual + self.level_rest * v.abs().sum(1))
+            residual = (v - s1[..., None] * whole1).abs().sum(-1)
+            decoding = 2 * (self.decode_error * residual + self.level_rest * v.abs().sum(-1))
         else:
-            decoding = 2 * self.decode_error * v.abs().sum(1)
+            decoding = 2 * self.decode_error * v.abs().sum(-1)
         return SAFETY * (2 * rounding * (1 + 1e-9) * self.spread + decoding + conversion + float64)
+
+    def _conversions(self, pieces: list[_Piece]) -> torch.Tensor:
+        """[B]: what converting the pieces' int32 digit products to float32 may lose, in all."""
+        return sum((self._conversion(piece) for piece in pieces), torch.zeros_like(pieces[0].scale))
 
     def _conversion(self, piece: _Piece) -> torch.Tensor:
         """[B]: what converting one piece's int32 digit products to float32 may lose (0 when all are < 2^24)."""
@@ -532,6 +551,22 @@ class IntegerSoftmax:
         """Kept images per query up to which the weighted sum gathers them (float64) instead of the dense GEMM."""
         return max(SPARSE_SHARE * self.num_images, SPARSE_ALWAYS)
 
+    def _weight_digits(self, weights: torch.Tensor, kept: torch.Tensor, total: torch.Tensor
+                       ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(places, whole [B, K], s [B]): the fewest digits (up to MAX_DIGITS) whose rounding of the weights [B, K]
+        moves sum_i |w_q,i - w_i| by at most SUM_ACCURACY sum_i w_i. Rounding one weight moves it by at most
+        min(w_i, s / 2), so `kept` [B] nonzero weights move by at most kept s / 2: the fewest places meeting that
+        bound qualify, and one place fewer is measured (it may still qualify: most weights are far below s / 2)."""
+        scales = _scales(weights.amax(dim=1), self.bits, torch.arange(1, MAX_DIGITS + 1))  # [P, B]
+        meets = ((kept * scales / 2) <= SUM_ACCURACY * total).all(dim=1)
+        places = int(meets.to(torch.int64).argmax()) + 1 if bool(meets.any()) else MAX_DIGITS
+        if places > 1:
+            whole, s = _quantise(weights, self.bits, places - 1)
+            if bool(((weights - s[:, None] * whole).abs().sum(1) <= SUM_ACCURACY * total).all()):
+                return places - 1, whole, s
+        whole, s = _quantise(weights, self.bits, places)
+        return places, whole, s
+
     def _weighted_sum(self, weights: torch.Tensor, candidates: _Candidates) -> torch.Tensor:
         """sum_i w_i y_i [B, n] for the candidates' weights [B, K] (zero where not valid), within (DROP_ACCURACY +
         SUM_ACCURACY) sum_i w_i: weights below DROP_ACCURACY / 2 sum_j w_j / N are left out (moving the mean by at
@@ -553,11 +588,7 @@ class IntegerSoftmax:
         weights = weights * kept
         if candidates.index is not None:
             weights = torch.zeros((batch, self.num_images), dtype=torch.float64).scatter_(1, candidates.index, weights)
-        for places in range(1, MAX_DIGITS + 1):
-            whole, s = _quantise(weights, self.bits, places)
-            moved = (weights - s[:, None] * whole).abs().sum(1)  # sum_i |w_q,i - w_i|
-            if bool((moved <= SUM_ACCURACY * total).all()) or places == MAX_DIGITS:
-                break
+        places, whole, s = self._weight_digits(weights, kept.sum(1), total)
         digits = _balanced_digits(whole, self.bits, places)
         place_values = 2.0 ** (self.bits * torch.arange(places - 1, -1, -1, dtype=torch.float64))
         products = torch.zeros((self.dim, batch), dtype=torch.float64)
