@@ -56,6 +56,8 @@ FIRST_DIGITS = 2  # digits of a query in the first pass (13 to 15 bits) when non
 FEW_RESCORED = 1e-3  # first-pass logit errors c E up to this leave few candidates to rescore
 RELAXED_ERROR = 1e-5  # a first refinement may stop at this c E (no decoding correction) and rescore a few
 FIRST_MAX_DIGITS = 3  # the first pass has at most this many digits (more are a refinement pass's job)
+ONE_DIGIT_WINDOW = 4.0  # a first pass of one digit where its rounding window is this many softmax windows wide
+# (late steps; at middle steps the wider window keeps many images to rescore: measured, docs/benchmarks-optimal.md)
 FIRST_RESCORED = 8  # candidates rescored per query first; x4 per round while the bound is not met
 RESCORE_COST = 300  # time of one float64 rescored value / one multiply-add of the int8 GEMM (measured, AVX2)
 REFINE_COLUMNS = 4  # digit columns a refinement pass typically costs; queries whose rescoring would cost more
@@ -288,7 +290,7 @@ class IntegerSoftmax:
         both answers give results within the same bound."""
         q = query[:PROBE_QUERIES]
         plans = _Plans(self, q, [])
-        approx, error, _ = self._first_pass(q, plans, self._first_places(scale, plans))
+        approx, error, _ = self._first_pass(q, plans, self._first_places(scale, plans, one_digit=False))
         candidates, limit = self._candidates(approx, error, scale), self._refine_limit()
         if bool((self._rescore_counts(scale, candidates, error, limit) > limit).any()):
             return False
@@ -352,13 +354,18 @@ class IntegerSoftmax:
         top_index = torch.where(weights == top_weight[:, None], images, self.num_images).amin(dim=1)  # lowest on ties
         return SoftmaxMean(mean, top_weight / total, total.square() / weights.square().sum(1), top_index)
 
-    def _first_places(self, c: float, plans: _Plans) -> int:
+    def _first_places(self, c: float, plans: _Plans, one_digit: bool = True) -> int:
         """The first pass's digits: the fewest up to FIRST_MAX_DIGITS whose logit errors c E <= FEW_RESCORED (then
-        few candidates need rescoring where the weight concentrates: middle steps), else FIRST_DIGITS (late steps:
-        only near ties of the nearest image are rescored)."""
+        few candidates need rescoring where the weight concentrates: middle steps); else, where one digit's
+        rounding window 2 E is at least ONE_DIGIT_WINDOW times the softmax's own (SKIP_LOGITS + ln N) / c (late
+        steps: the weight sits on the nearest image and its near ties, which the first pass keeps whatever its
+        width, and a second digit would only halve what is rescored), one digit unless `one_digit` is False (the
+        probe of `concentrated`, which measures where the weight sits); else FIRST_DIGITS."""
         for places in range(1, FIRST_MAX_DIGITS + 1):
             if plans.worst(c, places, False) <= FEW_RESCORED:
                 return places
+        if one_digit and 2 * plans.worst(c, 1, False) >= ONE_DIGIT_WINDOW * (SKIP_LOGITS + math.log(self.num_images)):
+            return 1
         return FIRST_DIGITS
 
     def _first_pass(self, q: torch.Tensor, plans: _Plans, places: int
