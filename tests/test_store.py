@@ -312,3 +312,11 @@ def test_mnist5k_subsets_hold_every_digit_in_equal_shares():
     for prefix in (10, 100, 1000):
         assert np.bincount(labels[order[:prefix]], minlength=10).tolist() == [prefix // 10] * 10
     assert class_interleaved_order(np.array([1, 0, 1, 0, 2])).tolist() == [1, 0, 4, 3, 2]
+
+
+def test_decoding_by_formula_equals_the_table_in_vector_body_and_scalar_tail():
+    # on CPUs where the formula reproduces the table, decode_pixels computes it instead of looking it up
+    from analytic_diffusion.data import pixels as pixels_module
+    pixels = torch.arange(256, dtype=torch.uint8).flip(0).repeat(37)[:-1].reshape(-1, 11)  # odd length: a tail
+    assert torch.equal(pixels_module.decode_pixels(pixels), pixels_module._TABLE[pixels.long()])
+    assert torch.equal(pixels_module.decode_pixels(pixels, torch.float64), pixels_module._TABLE[pixels.long()].double())
