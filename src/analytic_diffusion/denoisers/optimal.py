@@ -28,7 +28,7 @@ MODES = ("exact", "topk")
 RESCORED_PER_CHUNK = 16  # nearest candidates of each chunk whose q.y is recomputed in float64
 FLOAT32_LOGIT_NOISE = 1e-4  # above this typical float32 logit error (c u ||q|| ||y||), every product is float64
 INTEGER_MAX_QUERIES = 32  # larger batches (scfdm: num_noise x B) take the integer kernel only where the weight is
-# concentrated (IntegerSoftmax.concentrated): where it is spread, float32 products beat its digit columns at many
+# concentrated (IntegerSoftmax.probe): where it is spread, float32 products beat its digit columns at many
 # queries on an AVX2 CPU (docs/benchmarks-optimal.md)
 MAX_LOGIT_SCALE = 1e30  # c beyond this is already the nearest-neighbour limit; the cap keeps c * distance finite
 WEIGHT_FLOOR = 2.0**-100  # softmax weights (relative to the largest) dropped from weighted sums: they change
@@ -104,10 +104,11 @@ class OptimalDenoiser(Denoiser):
         if query.shape[1] != self.store.dim:
             raise ValueError(f"x_t has {query.shape[1]} values per sample, the dataset's images {self.store.dim}")
         scale = logit_scale(level, self.params.temperature)
-        if self.integer is not None and (
-            query.shape[0] <= INTEGER_MAX_QUERIES or self.integer.concentrated(query, scale)
-        ):
-            result = self.integer(query, scale)
+        probe = None
+        if self.integer is not None and query.shape[0] > INTEGER_MAX_QUERIES:
+            probe = self.integer.probe(query, scale)
+        if self.integer is not None and (probe is None or probe.concentrated):
+            result = self.integer(query, scale, None if probe is None else probe.first_places)
             diagnostics = {
                 "effective_count": result.effective_count.to(torch.float32),
                 "top_weight": result.top_weight.to(torch.float32),

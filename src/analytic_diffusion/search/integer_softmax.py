@@ -64,7 +64,7 @@ REFINE_COLUMNS = 4  # digit columns a refinement pass typically costs; queries w
 # (take_b RESCORE_COST > REFINE_COLUMNS N) are refined instead
 DIRECT_COLUMNS = 96  # query x digit columns up to which one pass with every digit costs about one pass
 PASS_COLUMNS = 24  # a pass over the store costs at least this many digit columns (reading it, measured AVX2)
-PROBE_QUERIES = 8  # queries whose first pass decides `concentrated`
+PROBE_QUERIES = 8  # queries whose first pass decides `probe`
 MIN_LOGIT = -700.0  # logits are floored here (relative to the largest, 0): e^-700 is no subnormal, which would
 # slow exp and every product after it tenfold, and N e^-700 of extra weight changes nothing
 SAFETY = 2.0  # rigorous bounds are doubled before use
@@ -88,6 +88,14 @@ class SoftmaxMean:
     top_weight: torch.Tensor  # [B] float64, max_i w_i
     effective_count: torch.Tensor  # [B] float64, 1 / sum_i w_i^2
     top_index: torch.Tensor  # [B] int64, argmax_i w_i (lowest index on ties)
+
+
+@dataclass
+class Probe:
+    """What a first pass over a few queries says about a batch (IntegerSoftmax.probe)."""
+
+    concentrated: bool  # few images to rescore, a gathered weighted sum: the integer kernel is the fast path
+    first_places: int  # digits of the first pass for the whole batch
 
 
 @dataclass
@@ -274,38 +282,47 @@ class IntegerSoftmax:
         return self._levels
 
     @torch.no_grad()
-    def __call__(self, query: torch.Tensor, scale: float) -> SoftmaxMean:
-        """Softmax of -scale ||q_b - y_i||^2 over all images and the weighted mean, for queries [B, n] float64."""
+    def __call__(self, query: torch.Tensor, scale: float, first_places: int | None = None) -> SoftmaxMean:
+        """Softmax of -scale ||q_b - y_i||^2 over all images and the weighted mean, for queries [B, n] float64.
+        `first_places`: the first pass's digits when a `probe` chose them (else chosen per block)."""
         block = max(1, WORKING_BYTES // (48 * self.num_images))
-        parts = [self._block(query[start : start + block], scale) for start in range(0, query.shape[0], block)]
+        parts = [self._block(query[start : start + block], scale, first_places)
+                 for start in range(0, query.shape[0], block)]
         return SoftmaxMean(*(torch.cat(values) for values in zip(*(
             (p.mean, p.top_weight, p.effective_count, p.top_index) for p in parts))))
 
     @torch.no_grad()
-    def concentrated(self, query: torch.Tensor, scale: float) -> bool:
-        """True if, for the first PROBE_QUERIES queries, the first pass leaves few images to rescore and few
-        weights for the sum (the weight sits on few images: late steps, or middle steps on well separated data),
-        so no refinement pass and no dense weighted sum (weight spread over many images: early steps, where this
-        kernel's digit columns cost more than float32 products on a CPU without VNNI). A speed heuristic only:
-        both answers give results within the same bound."""
+    def probe(self, query: torch.Tensor, scale: float) -> Probe:
+        """A first pass over the first PROBE_QUERIES queries. `concentrated`: it leaves few images to rescore and
+        few weights for the sum (the weight sits on few images: late steps, or middle steps on well separated
+        data), so no refinement pass and no dense weighted sum (weight spread over many images: early steps, where
+        this kernel's digit columns cost more than float32 products on a CPU without VNNI). `first_places`: one
+        digit where a one-digit first pass would keep no more images than are cheaper to rescore than to refine
+        (counted from this pass's scores: an image it keeps has d_i <= min d + 4 E_1 + (SKIP_LOGITS + ln N) / c),
+        else the usual first pass. A speed heuristic only: every answer gives results within the same bound."""
         q = query[:PROBE_QUERIES]
         plans = _Plans(self, q, [])
-        approx, error, _ = self._first_pass(q, plans, self._first_places(scale, plans, one_digit=False))
-        candidates, limit = self._candidates(approx, error, scale), self._refine_limit()
+        places = self._first_places(scale, plans, one_digit=False)
+        approx, error, _ = self._first_pass(q, plans, places)
+        limit = self._refine_limit()
+        width = 4 * plans.error(1, False) + 2 * error + (SKIP_LOGITS + math.log(self.num_images)) / scale
+        one_digit = bool(((approx <= (approx.amin(dim=1) + width)[:, None]).sum(1) <= limit).all())
+        first_places = 1 if one_digit else self._first_places(scale, plans)
+        candidates = self._candidates(approx, error, scale)
         if bool((self._rescore_counts(scale, candidates, error, limit) > limit).any()):
-            return False
+            return Probe(False, first_places)
         distances = candidates.distances
         weights = torch.exp(-scale * (distances - distances.amin(dim=1, keepdim=True)))
         weights.masked_fill_(~candidates.valid, 0)
         summed = self._summed(weights, candidates.valid, weights.sum(1))
-        return int(summed.sum()) <= self._sparse_pairs() * q.shape[0]  # a gathered weighted sum
+        return Probe(int(summed.sum()) <= self._sparse_pairs() * q.shape[0], first_places)  # a gathered sum
 
-    def _block(self, q: torch.Tensor, c: float) -> SoftmaxMean:
+    def _block(self, q: torch.Tensor, c: float, first_places: int | None) -> SoftmaxMean:
         """Scores from a first pass of FIRST_DIGITS digits; queries whose weight is spread (many images would need
         rescoring) get a refinement pass with more digits of the rest of the query; what the bound still leaves
         uncertain is rescored exactly; then the weighted sum."""
         plans = _Plans(self, q, [])
-        first = self._first_places(c, plans)
+        first = first_places or self._first_places(c, plans)
         columns = max(first + 1, DIRECT_COLUMNS // q.shape[0])
         direct = self._direct_plan(c, plans, columns)
         if direct is not None:  # about as cheap as the first pass (or few queries), nothing to rescore: one pass
@@ -360,7 +377,7 @@ class IntegerSoftmax:
         rounding window 2 E is at least ONE_DIGIT_WINDOW times the softmax's own (SKIP_LOGITS + ln N) / c (late
         steps: the weight sits on the nearest image and its near ties, which the first pass keeps whatever its
         width, and a second digit would only halve what is rescored), one digit unless `one_digit` is False (the
-        probe of `concentrated`, which measures where the weight sits); else FIRST_DIGITS."""
+        probe, which measures where the weight sits); else FIRST_DIGITS."""
         for places in range(1, FIRST_MAX_DIGITS + 1):
             if plans.worst(c, places, False) <= FEW_RESCORED:
                 return places
