@@ -56,15 +56,14 @@ FIRST_DIGITS = 2  # digits of a query in the first pass (13 to 15 bits) when non
 FEW_RESCORED = 1e-3  # first-pass logit errors c E up to this leave few candidates to rescore
 RELAXED_ERROR = 1e-5  # a first refinement may stop at this c E (no decoding correction) and rescore a few
 FIRST_MAX_DIGITS = 3  # the first pass has at most this many digits (more are a refinement pass's job)
-ONE_DIGIT_WINDOW = 4.0  # a first pass of one digit where its rounding window is this many softmax windows wide
-# (late steps; at middle steps the wider window keeps many images to rescore: measured, docs/benchmarks-optimal.md)
 FIRST_RESCORED = 8  # candidates rescored per query first; x4 per round while the bound is not met
 RESCORE_COST = 300  # time of one float64 rescored value / one multiply-add of the int8 GEMM (measured, AVX2)
 REFINE_COLUMNS = 4  # digit columns a refinement pass typically costs; queries whose rescoring would cost more
 # (take_b RESCORE_COST > REFINE_COLUMNS N) are refined instead
 DIRECT_COLUMNS = 96  # query x digit columns up to which one pass with every digit costs about one pass
 PASS_COLUMNS = 24  # a pass over the store costs at least this many digit columns (reading it, measured AVX2)
-PROBE_QUERIES = 8  # queries whose first pass decides `probe`
+PROBE_QUERIES = 8  # queries, spread over the batch, whose first pass decides `probe`
+PROBE_MARGIN = 4  # a probed one-digit first pass: rescoring what it keeps must cost < 1/4 of a digit column
 MIN_LOGIT = -700.0  # logits are floored here (relative to the largest, 0): e^-700 is no subnormal, which would
 # slow exp and every product after it tenfold, and N e^-700 of extra weight changes nothing
 SAFETY = 2.0  # rigorous bounds are doubled before use
@@ -293,21 +292,24 @@ class IntegerSoftmax:
 
     @torch.no_grad()
     def probe(self, query: torch.Tensor, scale: float) -> Probe:
-        """A first pass over the first PROBE_QUERIES queries. `concentrated`: it leaves few images to rescore and
-        few weights for the sum (the weight sits on few images: late steps, or middle steps on well separated
-        data), so no refinement pass and no dense weighted sum (weight spread over many images: early steps, where
-        this kernel's digit columns cost more than float32 products on a CPU without VNNI). `first_places`: one
-        digit where a one-digit first pass would keep no more images than are cheaper to rescore than to refine
-        (counted from this pass's scores: an image it keeps has d_i <= min d + 4 E_1 + (SKIP_LOGITS + ln N) / c),
-        else the usual first pass. A speed heuristic only: every answer gives results within the same bound."""
-        q = query[:PROBE_QUERIES]
+        """A first pass over PROBE_QUERIES queries spread over the batch.
+
+        `concentrated`: it leaves few images to rescore and few weights for the sum (the weight sits on few images:
+        late steps, or middle steps on well separated data), so no refinement pass and no dense weighted sum (weight
+        spread over many images: early steps, where this kernel's digit columns cost more than float32 products on
+        a CPU without VNNI). `first_places`: one digit where a one-digit first pass would keep so few images that
+        rescoring them costs under 1 / PROBE_MARGIN of a second digit column (counted from this pass's scores: an
+        image that pass keeps has d_i <= min d + 4 E_1 + (SKIP_LOGITS + ln N) / c), else the usual first pass.
+        A speed heuristic only: every answer gives results within the same bound."""
+        q = query[:: max(1, query.shape[0] // PROBE_QUERIES)][:PROBE_QUERIES]  # spread over the batch
         plans = _Plans(self, q, [])
-        places = self._first_places(scale, plans, one_digit=False)
+        places = self._first_places(scale, plans)
         approx, error, _ = self._first_pass(q, plans, places)
         limit = self._refine_limit()
         width = 4 * plans.error(1, False) + 2 * error + (SKIP_LOGITS + math.log(self.num_images)) / scale
-        one_digit = bool(((approx <= (approx.amin(dim=1) + width)[:, None]).sum(1) <= limit).all())
-        first_places = 1 if one_digit else self._first_places(scale, plans)
+        kept = (approx <= (approx.amin(dim=1) + width)[:, None]).sum(1)
+        one_digit = bool((kept * RESCORE_COST * PROBE_MARGIN <= self.num_images).all())  # << one digit column
+        first_places = 1 if one_digit else places
         candidates = self._candidates(approx, error, scale)
         if bool((self._rescore_counts(scale, candidates, error, limit) > limit).any()):
             return Probe(False, first_places)
@@ -371,18 +373,13 @@ class IntegerSoftmax:
         top_index = torch.where(weights == top_weight[:, None], images, self.num_images).amin(dim=1)  # lowest on ties
         return SoftmaxMean(mean, top_weight / total, total.square() / weights.square().sum(1), top_index)
 
-    def _first_places(self, c: float, plans: _Plans, one_digit: bool = True) -> int:
+    def _first_places(self, c: float, plans: _Plans) -> int:
         """The first pass's digits: the fewest up to FIRST_MAX_DIGITS whose logit errors c E <= FEW_RESCORED (then
-        few candidates need rescoring where the weight concentrates: middle steps); else, where one digit's
-        rounding window 2 E is at least ONE_DIGIT_WINDOW times the softmax's own (SKIP_LOGITS + ln N) / c (late
-        steps: the weight sits on the nearest image and its near ties, which the first pass keeps whatever its
-        width, and a second digit would only halve what is rescored), one digit unless `one_digit` is False (the
-        probe, which measures where the weight sits); else FIRST_DIGITS."""
+        few candidates need rescoring where the weight concentrates: middle steps), else FIRST_DIGITS (late steps:
+        only near ties of the nearest image are rescored). A batch's `probe` may choose one digit instead."""
         for places in range(1, FIRST_MAX_DIGITS + 1):
             if plans.worst(c, places, False) <= FEW_RESCORED:
                 return places
-        if one_digit and 2 * plans.worst(c, 1, False) >= ONE_DIGIT_WINDOW * (SKIP_LOGITS + math.log(self.num_images)):
-            return 1
         return FIRST_DIGITS
 
     def _first_pass(self, q: torch.Tensor, plans: _Plans, places: int
