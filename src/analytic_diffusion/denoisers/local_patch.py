@@ -102,6 +102,7 @@ class LocalPatchDenoiser(Denoiser):
     centre pixels, `assemble`."""
 
     Params = LocalPatchParams
+    merge = None  # the store is one shard of a distributed run: patch_softmax's merge (distributed/dataset.py)
 
     def fit(self, store: DatasetStore) -> LocalPatchDenoiser:
         """Keep the compact images on the working device; nothing else is precomputed."""
@@ -168,7 +169,7 @@ class LocalPatchDenoiser(Denoiser):
             groups = [replace(g, locations=torch.tensor([column[loc] for loc in g.locations.tolist()]))
                       for g in groups]
         return patch_softmax(queries, self.store, self.images, plan.window, groups, level.signal_scale,
-                             self.params.temperature, level.noise_variance, self.params.chunk_size, track_top, x_t)
+                             self.params.temperature, level.noise_variance, self.params.chunk_size, track_top, x_t, self.merge)
 
     def cached_plan(self, size: int) -> Plan:
         """The plan at this size, its shared dictionaries deduplicated (once per size; kept for later calls)."""
