@@ -170,10 +170,11 @@ def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, stores:
 
 def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, list[str]]) -> None:
     """Each rank holds half the store; every method's samples match the one-process run's (nearest_dataset with
-    each backend, unet and every k-NN index bit for bit, the others within 1e-6), and the sample records and
-    diagnostics too."""
+    each backend, unet and every k-NN index bit for bit, the others within 1e-6), and the sample records, the
+    diagnostics of every step and the patch figure's largest-weight windows too."""
     common = [*SMALL, "sampling.timestep_spacing=trailing", "sampling.batch_size=2", "sampling.num_samples=3"]
-    runs = [(name, f"{config}/mnist5k", [*common, *_overrides(stores, name, store, extra)])
+    figure = {"els_broken": ["output.patches=true"], "pspc": ["output.patches=true"]}
+    runs = [(name, f"{config}/mnist5k", [*common, *_overrides(stores, name, store, extra), *figure.get(name, [])])
             for name, config, store, extra in METHODS]
     for name, config, overrides in runs:  # the one-process runs, with a cache of their own (statistics computed apart)
         _one_process(config, [*overrides, f"experiment.run_name={name}_one"])
@@ -197,6 +198,8 @@ def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, l
             for a, b in zip(records[0], records[1]):
                 if key in a:
                     assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (name, key)
+        assert metrics[0].get("top_patches") == metrics[1].get("top_patches"), name
+        assert (name in figure) == (two / "patches.png").exists(), name
         for a, b in zip(metrics[0]["steps"], metrics[1]["steps"]):  # every step's diagnostics, not only the last
             for key, values in a["diagnostics"].items():
                 assert b["diagnostics"][key] == pytest.approx(values, rel=1e-5, abs=1e-9), (name, key)

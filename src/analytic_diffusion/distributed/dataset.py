@@ -251,6 +251,10 @@ class PatchMerge:
                        top_image=top_image, top_position=top_position, max=top.to(part.dtype),
                        total=total.to(part.dtype), squares=squares.to(part.dtype))
 
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """The training images at global `indices` [M], [M, C, H, W] model space on the CPU (a collective)."""
+        return self.dataset.gather(indices)
+
     def sum(self, folded: torch.Tensor) -> torch.Tensor:
         """The shards' folds [B, ...] added in rank order (the same bits on every rank)."""
         return _all_gather(self.dataset.ranks, folded)[0].sum(0)
