@@ -115,7 +115,8 @@ def _fail_on_rank_one(fault: str) -> None:
 
 
 def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: str, fault: str | None) -> None:
-    """One rank: the torchrun environment, then `ads generate` for each (config, overrides); results as JSON."""
+    """One rank: the torchrun environment, then `ads generate` for each (config, overrides) (or the command line
+    itself where the config is None); results as JSON."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     if fault and rank == 1:
@@ -126,7 +127,7 @@ def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: s
         stderr, started = io.StringIO(), time.monotonic()
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             try:
-                code = main(["generate", "-c", config, *overrides])
+                code = main(["generate", "-c", config, *overrides] if config else overrides)
             except Exception as exc:  # the injected failure: main re-raises what is not a StudioError
                 code = f"{type(exc).__name__}: {exc}"
         results.append({"code": code, "stderr": stderr.getvalue(), "seconds": time.monotonic() - started})
@@ -292,5 +293,35 @@ def test_under_torchrun_only_rank_0_prints_the_error_line(monkeypatch, capsys, r
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["sweep", "--methods", "optimal"]) == 2
     err = capsys.readouterr().err
-    assert err == ("error: ads sweep does not run under torchrun; only ads generate does (docs/distributed.md): "
-                   "launch it as one process\n" if rank == "0" else "")
+    assert err == ("error: ads sweep does not run under torchrun; only ads generate and ads memorization do "
+                   "(docs/distributed.md): launch it as one process\n" if rank == "0" else "")
+
+
+def test_memorization_under_both_strategies_equals_one_process(tmp_path: Path, stores: dict[str, list[str]]) -> None:
+    """ads memorization of a run on two ranks (the queries split, or the store's shards): rank 0 writes the one
+    analysis folder, whose table and summary (timings aside) are the one-process analysis's."""
+    _one_process("nearest_dataset/mnist5k", [*SMALL, *stores["grey"], "sampling.num_samples=5",
+                                              "experiment.run_name=memorized"])
+    run = _run_dir("memorized", "nearest_dataset")
+    analyses = Path(os.environ["ADS_ROOT"]) / "runs" / "memorization"
+    settings = ["memorization.reference_size=7", "memorization.num_neighbors=3"]
+
+    def newest() -> Path:
+        return max(analyses.iterdir(), key=lambda folder: folder.stat().st_mtime_ns)
+
+    assert main(["memorization", str(run), *settings]) == 0
+    folders = [newest()]
+    for strategy in ("samples", "dataset"):
+        ranks = _launch(tmp_path, [(None, ["memorization", str(run), *settings, f"distributed.strategy={strategy}"])])
+        assert [rank[0]["code"] for rank in ranks] == [0, 0], ranks
+        folders.append(newest())
+    assert len(set(folders)) == 3
+    one, *distributed = folders
+    for folder in distributed:
+        assert not (folder / INCOMPLETE).exists()
+        assert (folder / "memorization.csv").read_text() == (one / "memorization.csv").read_text()
+        summaries = [json.loads((f / "memorization.json").read_text()) for f in (one, folder)]
+        for summary in summaries:
+            del summary["search_seconds"]
+        assert summaries[0] == summaries[1]
+        assert (folder / "neighbours.png").exists() and (folder / "distances.png").exists()
