@@ -88,7 +88,8 @@ def main() -> None:
         seconds = {}
         for cls in (Float32Sums, PcaLocality):
             outs = [fitted(cls, store, chunk).denoise(x_t, level).x0_hat for chunk in chunks]
-            row += [f"{max((o - outs[0]).abs().max().item() for o in outs):.1e}", f"{(outs[0] - truth).abs().max().item():.1e}"]
+            row += [f"{max((o - outs[0]).abs().max().item() for o in outs):.1e}",
+                    f"{(outs[0] - truth).abs().max().item():.1e}"]
         denoisers = {cls: fitted(cls, store, None) for cls in (Float32Sums, PcaLocality)}
         for denoiser in denoisers.values():
             denoiser.denoise(x_t, level)  # the plan of this level, built once

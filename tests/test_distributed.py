@@ -171,7 +171,8 @@ def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, stores:
             for name, config, store, extra in METHODS if name not in ("nearest_cdist", "nearest_faiss", "optimal_topk")]
     for name, config, overrides in runs:
         _one_process(config, [*overrides, f"experiment.run_name={name}_s1"])
-    ranks = _launch(tmp_path, [(config, [*overrides, f"experiment.run_name={name}_s2"]) for name, config, overrides in runs])
+    ranks = _launch(tmp_path, [(config, [*overrides, f"experiment.run_name={name}_s2"])
+                               for name, config, overrides in runs])
     assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(runs)] * 2, ranks
     for name, config, _ in runs:
         method = config.split("/")[0]

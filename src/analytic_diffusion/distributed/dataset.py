@@ -87,7 +87,8 @@ def merge_softmax(ranks: Ranks, maximum: torch.Tensor, total: torch.Tensor, nume
     return (top, merged_total, merged_numerator, m.argmax(0), factor, *rest)
 
 
-def merge_knn(ranks: Ranks, indices: torch.Tensor, distances: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_knn(ranks: Ranks, indices: torch.Tensor, distances: torch.Tensor, k: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each shard's k nearest (global indices [B, k], distances [B, k]) -> the k smallest distances of the K k
     candidates [B, k] and their indices, ties to the lowest global index (shards are contiguous and each shard's
     own ties go to its lowest index, so that is the one-process order)."""

@@ -390,7 +390,8 @@ class _Output:
     def merge_parts(self) -> None:
         """Replace this part's state, effective counts and best windows by the whole dataset's."""
         whole = self.merge.state(self.result())
-        self.max, self.total, self.squares, self.effective = whole.max, whole.total, whole.squares, whole.effective_count
+        self.max, self.total, self.squares = whole.max, whole.total, whole.squares
+        self.effective = whole.effective_count
         self.top_image, self.top_position = whole.top_image, whole.top_position
 
     def result(self) -> PatchSoftmaxResult:
