@@ -6,8 +6,12 @@ What is merged, and how (all_gather of the per-shard partial results, combined i
 - k-NN: each shard's k nearest with their float64 squared distances (recomputed exactly as the exact kernel's
   re-scoring does); the k smallest of the K k candidates, ties to the lowest global index (shards are contiguous,
   so that is the one-process answer bit for bit);
-- softmax averages (optimal, pca_locality): running max m_r, normaliser s_r and weighted sum v_r per shard;
+- softmax averages (optimal, scfdm, pca_locality, and the patch softmax of local_score, els and pspc through
+  patch_softmax's `merge`): running max m_r, normaliser s_r and weighted sum v_r per shard (and sum w^2);
   M = max_r m_r, s = sum_r e^(m_r - M) s_r, v = sum_r e^(m_r - M) v_r, x0_hat = v / s;
+- optimal topk and nearest_dataset with backends cdist and faiss: the k-NN merge, then (topk) the softmax over the
+  merged k nearest;
+- unet: nothing to merge, every rank runs the network on the same x_t;
 - dataset statistics (wiener, pca_locality): count n_r, mean mu_r and centred second moment M2_r per shard; the
   global mean from the counts, M2 = sum_r M2_r + n_r (mu_r - mu)(mu_r - mu)^T (Chan et al.), summed by all_reduce.
 """
