@@ -27,15 +27,68 @@ SMALL = ["sampling.num_samples=2", "sampling.batch_size=1", "sampling.num_infere
 TIMINGS = ("fit_seconds", "sampling_seconds", "seconds_per_step", "store")
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The dataset overrides of a small uint8 store: 240 smooth random 12 x 12 images (a .npy array)."""
-    generator = np.random.default_rng(0)
-    coarse = generator.integers(0, 256, size=(240, 4, 4)).astype(np.float64)
-    images = np.kron(coarse, np.ones((3, 3))) + generator.normal(0, 20, size=(240, 12, 12))
-    path = tmp_path_factory.mktemp("digits") / "digits.npy"
+def _array(folder: Path, name: str, shape: tuple[int, ...], seed: int) -> list[str]:
+    """The dataset overrides of a small uint8 store: smooth random images (coarse blocks plus noise), [N, H, W] or
+    [N, H, W, 3], saved as .npy."""
+    generator = np.random.default_rng(seed)
+    count, height, width, *channels = shape
+    coarse = generator.integers(0, 256, size=(count, height // 4, width // 4, *channels)).astype(np.float64)
+    block = np.ones((4, 4, *[1 for _ in channels]))
+    images = np.stack([np.kron(image, block) for image in coarse]) + generator.normal(0, 20, size=shape)
+    path = folder / f"{name}.npy"
     np.save(path, images.clip(0, 255).astype(np.uint8))
-    return ["dataset.name=array", f"dataset.path={path}"]
+    return ["dataset.name=array", f"dataset.path={path}", "dataset.subset_size=null"]
+
+
+def _sparse(folder: Path) -> list[str]:
+    """60 black 12 x 12 images with a random 4 x 4 centre: most 3 x 3 windows are black, so ELS deduplicates its
+    dictionary (on each shard separately under the dataset strategy)."""
+    images = np.zeros((60, 12, 12), dtype=np.uint8)
+    images[:, 4:8, 4:8] = np.random.default_rng(2).integers(1, 256, size=(60, 4, 4))
+    np.save(folder / "sparse.npy", images)
+    return ["dataset.name=array", f"dataset.path={folder / 'sparse.npy'}", "dataset.subset_size=null"]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """Tiny stores: 60 grey 8 x 8 images, 60 colour ones (3 x 8 x 8) for the colour paths of the patch methods, 60
+    sparse 12 x 12 ones for ELS's deduplicated dictionary; and a random tiny UNet for the grey ones."""
+    from unet_helpers import TINY, random_unet
+
+    from analytic_diffusion.unet import UNetCheckpoint, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("stores")
+    weights = {k: v.clone() for k, v in random_unet(size=8).state_dict().items()}
+    save_checkpoint(folder / "unet" / "checkpoint.pt", UNetCheckpoint(TINY, (1, 8, 8), weights, dict(weights)))
+    return {"grey": _array(folder, "grey", (60, 8, 8), 0), "colour": _array(folder, "colour", (60, 8, 8, 3), 1),
+            "sparse": _sparse(folder), "unet": [f"model.params.checkpoint={folder / 'unet'}"]}
+
+
+# Every method, each form the dataset strategy merges differently: (run name, config, store, overrides)
+METHODS = [
+    ("nearest_dataset", "nearest_dataset", "grey", []),
+    ("nearest_cdist", "nearest_dataset", "grey", ["model.params.backend=cdist"]),
+    ("nearest_faiss", "nearest_dataset", "grey", ["model.params.backend=faiss"]),
+    ("optimal", "optimal", "grey", []),
+    ("optimal_topk", "optimal", "grey", ["model.params.mode=topk", "model.params.num_neighbors=7"]),
+    ("scfdm", "scfdm", "grey", ["model.params.num_noise=3"]),
+    ("wiener", "wiener", "grey", []),
+    ("pca_locality", "pca_locality", "grey", []),
+    ("local_score", "local_score", "colour", ["model.params.patch_size=3"]),
+    ("els_circular", "els", "sparse", ["model.params.patch_size=3", "model.params.boundary=circular"]),
+    ("els_broken", "els", "colour", ["model.params.patch_size=3", "model.params.boundary=broken"]),
+    ("pspc", "pspc", "colour", ["model.params.patch_size=4"]),
+    ("unet", "unet", "grey", []),
+]
+BIT_IDENTICAL = {"nearest_dataset", "nearest_cdist", "nearest_faiss", "unet"}
+# The patch kernel sums its weights in float32: one process alone is 1e-6 off a float64 evaluation (els_circular on
+# the sparse store: 1.2e-6; the merged shards 0.5e-6), so one process and the shards differ by up to 1.3e-6 there.
+# Float64 sums in search/patch_softmax.py would bring both within 2e-7 (docs/distributed.md).
+PATCH_SUMS_TOLERANCE = 2e-6
+
+
+def _overrides(stores: dict[str, list[str]], name: str, store: str, extra: list[str]) -> list[str]:
+    return [*stores[store], *(stores["unet"] if name == "unet" else []), *extra]
 
 
 def _free_port() -> int:
@@ -62,7 +115,8 @@ def _fail_on_rank_one(fault: str) -> None:
 
 
 def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: str, fault: str | None) -> None:
-    """One rank: the torchrun environment, then `ads generate` for each (config, overrides); results as JSON."""
+    """One rank: the torchrun environment, then `ads generate` for each (config, overrides) (or the command line
+    itself where the config is None); results as JSON."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     if fault and rank == 1:
@@ -73,7 +127,7 @@ def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: s
         stderr, started = io.StringIO(), time.monotonic()
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             try:
-                code = main(["generate", "-c", config, *overrides])
+                code = main(["generate", "-c", config, *overrides] if config else overrides)
             except Exception as exc:  # the injected failure: main re-raises what is not a StudioError
                 code = f"{type(exc).__name__}: {exc}"
         results.append({"code": code, "stderr": stderr.getvalue(), "seconds": time.monotonic() - started})
@@ -91,7 +145,13 @@ def _launch(tmp_path: Path, runs: list[tuple[str, list[str]]], fault: str | None
 
 
 def _one_process(config: str, overrides: list[str]) -> None:
-    assert main(["generate", "-c", config, *overrides]) == 0
+    """The reference run, with one thread as each rank has (a network's convolutions round differently with more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["generate", "-c", config, *overrides]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_dir(name: str, method: str) -> Path:
@@ -104,76 +164,82 @@ def _without_timings(metrics: dict) -> dict:
     return kept
 
 
-SAMPLES_METHODS = ("nearest_dataset", "optimal", "pca_locality", "local_score", "scfdm")  # the samples strategy
-# changes no method: one of each kind (search, softmax, statistics, patches, stochastic) keeps the test short
-
-
-def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, digits: list[str]) -> None:
-    """For every analytic method, rank 0 writes one run directory whose samples and metrics (timings aside) are the
+def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, stores: dict[str, list[str]]) -> None:
+    """For every method, rank 0 writes one run directory whose samples and metrics (timings aside) are the
     one-process run's, bit for bit."""
-    def overrides(method: str, name: str) -> list[str]:
-        patch = ["model.params.patch_size=5"] if method in ("els", "local_score", "pspc") else []
-        return [*SMALL, *digits, *patch, f"experiment.run_name={method}_{name}"]
-
-    for method in SAMPLES_METHODS:
-        _one_process(f"{method}/mnist5k", overrides(method, "s1"))
-    ranks = _launch(tmp_path, [(f"{method}/mnist5k", overrides(method, "s2")) for method in SAMPLES_METHODS])
-    assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(SAMPLES_METHODS)] * 2, ranks
-    for method in SAMPLES_METHODS:
-        one, two = _run_dir(f"{method}_s1", method), _run_dir(f"{method}_s2", method)
-        assert not (two / INCOMPLETE).exists()
-        assert torch.equal(torch.load(one / "samples.pt"), torch.load(two / "samples.pt")), method
-        metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
-        assert _without_timings(metrics[0]) == _without_timings(metrics[1]), method
-
-
-DATASET_METHODS = ("nearest_dataset", "optimal", "wiener", "pca_locality")
-
-
-def test_dataset_strategy_equals_one_process(tmp_path: Path, digits: list[str]) -> None:
-    """Each rank holds half the store; every method's samples match the one-process run's (nearest_dataset and
-    every k-NN index bit for bit, optimal and wiener within 1e-6, pca_locality within its own float32 chunking
-    noise), and the sample records too."""
-    common = [*SMALL, *digits, "sampling.timestep_spacing=trailing", "sampling.batch_size=2"]
-    runs = [(f"{method}/mnist5k", [*common, f"experiment.run_name={method}_dataset", "distributed.strategy=dataset",
-                                   f"paths.cache={tmp_path / 'sharded_cache'}"])
-            for method in DATASET_METHODS]
-    for method in DATASET_METHODS:  # the one-process runs, with a cache of their own (statistics computed apart)
-        _one_process(f"{method}/mnist5k", [*common, f"experiment.run_name={method}_one"])
-    ranks = _launch(tmp_path, runs)
+    runs = [(name, f"{config}/mnist5k", [*SMALL, *_overrides(stores, name, store, extra)])
+            for name, config, store, extra in METHODS if name not in ("nearest_cdist", "nearest_faiss", "optimal_topk")]
+    for name, config, overrides in runs:
+        _one_process(config, [*overrides, f"experiment.run_name={name}_s1"])
+    ranks = _launch(tmp_path, [(config, [*overrides, f"experiment.run_name={name}_s2"])
+                               for name, config, overrides in runs])
     assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(runs)] * 2, ranks
-    for method in DATASET_METHODS:
-        one, two = _run_dir(f"{method}_one", method), _run_dir(f"{method}_dataset", method)
+    for name, config, _ in runs:
+        method = config.split("/")[0]
+        one, two = _run_dir(f"{name}_s1", method), _run_dir(f"{name}_s2", method)
+        assert not (two / INCOMPLETE).exists()
+        assert torch.equal(torch.load(one / "samples.pt"), torch.load(two / "samples.pt")), name
+        metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+        assert _without_timings(metrics[0]) == _without_timings(metrics[1]), name
+
+
+def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, list[str]]) -> None:
+    """Each rank holds half the store; every method's samples match the one-process run's (nearest_dataset with
+    each backend, unet and every k-NN index bit for bit, the others within 1e-6), and the sample records, the
+    diagnostics of every step and the patch figure's largest-weight windows too."""
+    common = [*SMALL, "sampling.timestep_spacing=trailing", "sampling.batch_size=2"]
+    figure = {"els_broken": ["output.patches=true"], "pspc": ["output.patches=true"]}
+    runs = [(name, f"{config}/mnist5k", [*common, *_overrides(stores, name, store, extra), *figure.get(name, [])])
+            for name, config, store, extra in METHODS]
+    for name, config, overrides in runs:  # the one-process runs, with a cache of their own (statistics computed apart)
+        _one_process(config, [*overrides, f"experiment.run_name={name}_one"])
+    ranks = _launch(tmp_path, [(config, [*overrides, f"experiment.run_name={name}_dataset",
+                                         "distributed.strategy=dataset", f"paths.cache={tmp_path / 'sharded_cache'}"])
+                               for name, config, overrides in runs])
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(runs)] * 2, ranks
+    for name, config, _ in runs:
+        method = config.split("/")[0]
+        one, two = _run_dir(f"{name}_one", method), _run_dir(f"{name}_dataset", method)
         expected, actual = torch.load(one / "samples.pt"), torch.load(two / "samples.pt")
-        if method == "nearest_dataset":
-            assert torch.equal(expected, actual)
-        else:  # pca_locality sums float32 logits: one process moves by 3.4e-6 with its chunk size (120 vs 240) too
-            assert (expected - actual).abs().max() <= (1e-5 if method == "pca_locality" else 1e-6), method
-        records = [json.loads((d / "metrics.json").read_text())["samples"] for d in (one, two)]
-        for key in ("nearest_train_index", "second_train_index", "nearest_index", "top_index"):
-            assert [r.get(key) for r in records[0]] == [r.get(key) for r in records[1]], (method, key)
-        for key in ("nearest_train_distance", "effective_count", "top_weight", "mask_mean_size"):
+        if name in BIT_IDENTICAL:
+            assert torch.equal(expected, actual), name
+        else:
+            tolerance = PATCH_SUMS_TOLERANCE if config.split("/")[0] in ("els", "local_score", "pspc") else 1e-6
+            assert (expected - actual).abs().max() <= tolerance, (name, (expected - actual).abs().max())
+        metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+        records = [m["samples"] for m in metrics]
+        for key in ("nearest_train_index", "second_train_index", "nearest_index", "top_index", "patch_size"):
+            assert [r.get(key) for r in records[0]] == [r.get(key) for r in records[1]], (name, key)
+        for key in ("nearest_train_distance", "effective_count", "top_weight", "mask_mean_size", "effective_patches"):
             for a, b in zip(records[0], records[1]):
                 if key in a:
-                    assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (method, key)
+                    assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (name, key)
+        assert metrics[0].get("top_patches") == metrics[1].get("top_patches"), name
+        assert (name in figure) == (two / "patches.png").exists(), name
+        for a, b in zip(metrics[0]["steps"], metrics[1]["steps"]):  # every step's diagnostics, not only the last
+            for key, values in a["diagnostics"].items():
+                assert b["diagnostics"][key] == pytest.approx(values, rel=1e-5, abs=1e-9), (name, key)
 
 
-def test_dataset_strategy_refuses_other_methods() -> None:
+def test_dataset_strategy_refuses_a_method_without_a_sharded_form() -> None:
     from types import SimpleNamespace
 
-    from analytic_diffusion.distributed.dataset import build_sharded_denoiser
+    from analytic_diffusion.distributed.dataset import SUPPORTED, build_sharded_denoiser
+    from analytic_diffusion.denoisers import DENOISERS, load_all
 
-    cfg = SimpleNamespace(model=SimpleNamespace(name="els", params=None))
-    with pytest.raises(StudioError, match="supports nearest_dataset, optimal, pca_locality, wiener"):
+    load_all()
+    assert set(SUPPORTED) == set(DENOISERS)  # every method has one today
+    cfg = SimpleNamespace(model=SimpleNamespace(name="new_method", params=None))
+    with pytest.raises(StudioError, match="supports els, local_score, nearest_dataset, optimal, pca_locality, pspc"):
         build_sharded_denoiser(cfg, None, torch.device("cpu"), Ranks(0, 2, 0, "dataset", "gloo"))
 
 
 @pytest.mark.parametrize("fault", ["raise", "kill"])
-def test_a_failed_rank_stops_the_other_with_one_line(tmp_path: Path, fault: str, digits: list[str]) -> None:
+def test_a_failed_rank_stops_the_other_with_one_line(tmp_path: Path, fault: str, stores: dict[str, list[str]]) -> None:
     """Rank 1 raises (or dies) at its second step: rank 0 stops well within the timeout with one line naming rank 1
     (or saying its peer vanished), and the run directory stays INCOMPLETE."""
     name = f"failed_{fault}"
-    overrides = [*SMALL, *digits, f"experiment.run_name={name}", "distributed.timeout_seconds=30"]
+    overrides = [*SMALL, *stores["grey"], f"experiment.run_name={name}", "distributed.timeout_seconds=30"]
     rank0, rank1 = _launch(tmp_path, [("optimal/mnist5k", overrides)], fault)
     result = rank0[0]
     assert result["code"] == 2
@@ -228,5 +294,32 @@ def test_under_torchrun_only_rank_0_prints_the_error_line(monkeypatch, capsys, r
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["sweep", "--methods", "optimal"]) == 2
     err = capsys.readouterr().err
-    assert err == ("error: ads sweep does not run under torchrun; only ads generate does (docs/distributed.md): "
-                   "launch it as one process\n" if rank == "0" else "")
+    assert err == ("error: ads sweep does not run under torchrun; only ads generate and ads memorization do "
+                   "(docs/distributed.md): launch it as one process\n" if rank == "0" else "")
+
+
+def test_memorization_under_both_strategies_equals_one_process(tmp_path: Path, stores: dict[str, list[str]],
+                                                               fresh_root: Path) -> None:
+    """ads memorization of a run on two ranks (the queries split, or the store's shards): rank 0 writes the one
+    analysis folder, whose table and summary (timings aside) are the one-process analysis's."""
+    _one_process("nearest_dataset/mnist5k", [*SMALL, *stores["grey"], "sampling.num_samples=5",
+                                              "experiment.run_name=memorized"])
+    run = _run_dir("memorized", "nearest_dataset")
+    analyses = fresh_root / "runs" / "memorization"
+    settings = ["memorization.reference_size=7", "memorization.num_neighbors=3"]
+
+    assert main(["memorization", str(run), *settings]) == 0
+    (one,) = analyses.iterdir()
+    ranks = _launch(tmp_path, [(None, ["memorization", str(run), *settings, f"distributed.strategy={strategy}"])
+                               for strategy in ("samples", "dataset")])
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0]] * 2, ranks
+    distributed = [folder for folder in analyses.iterdir() if folder != one]
+    assert len(distributed) == 2  # rank 0 wrote one folder per run, the other rank none
+    for folder in distributed:
+        assert not (folder / INCOMPLETE).exists()
+        assert (folder / "memorization.csv").read_text() == (one / "memorization.csv").read_text()
+        summaries = [json.loads((f / "memorization.json").read_text()) for f in (one, folder)]
+        for summary in summaries:
+            del summary["search_seconds"]
+        assert summaries[0] == summaries[1]
+        assert (folder / "neighbours.png").exists() and (folder / "distances.png").exists()

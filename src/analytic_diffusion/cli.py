@@ -104,9 +104,9 @@ def _run(args: argparse.Namespace) -> int | None:
     from .config import available_configs, load_config, to_yaml
     from .distributed import launched
 
-    if launched() and args.command != "generate":
-        raise StudioError(f"ads {args.command} does not run under torchrun; only ads generate does "
-                          "(docs/distributed.md): launch it as one process")
+    if launched() and args.command not in ("generate", "memorization"):
+        raise StudioError(f"ads {args.command} does not run under torchrun; only ads generate and ads memorization "
+                          "do (docs/distributed.md): launch it as one process")
 
     if args.command == "list":
         from .data import DATASETS
@@ -127,7 +127,9 @@ def _run(args: argparse.Namespace) -> int | None:
         from .memorization import memorization, summary
 
         _setup_logging("info")
-        print(summary(memorization(args.images, args.config, args.overrides, fallback_config=DEFAULT_CONFIG)))
+        result = memorization(args.images, args.config, args.overrides, fallback_config=DEFAULT_CONFIG)
+        if result is not None:  # under torchrun, rank 0 reports
+            print(summary(result))
         return
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":

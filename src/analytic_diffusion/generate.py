@@ -16,7 +16,7 @@ from .backbones import timestep_mapping
 from .compare import BaselineComparison, plot_comparison, save_side_by_side
 from .config import StudioConfig, to_yaml
 from .data.store import DatasetStore, StoreRequest, files_sentence, load_or_build_store
-from .denoisers import Denoised, Denoiser, denoiser_class
+from .denoisers import Denoised, Denoiser, NoiseLevel, denoiser_class
 from .denoisers.unet import UNetDenoiser, UNetParams
 from .errors import StudioError
 from .devices import resolve_device, synchronize
@@ -26,8 +26,8 @@ from .distributed.dataset import ShardedDataset, build_sharded_denoiser
 from .distributed.samples import check_samples_strategy, gather_batches
 from .noise import batch_noise_sources
 from .runs import RunDirectory, records_before_run, save_grid, save_images, save_tensor
-from .mask_images import save_mask_images
-from .patch_images import save_patch_figure
+from .mask_images import default_mask_pixels, save_mask_images
+from .patch_images import save_patch_figure, top_patch_images
 from .metrics.memorization import memorization_metrics, summarize
 from .sampling import Step, make_scheduler, noise_level, sample, start_warning
 from .search import knn_search
@@ -271,6 +271,11 @@ def _peers_checked(recorder: TrajectoryRecorder) -> Callable[[Step], None]:
     return callback
 
 
+def _last_step(recorders: list[TrajectoryRecorder], scheduler) -> tuple[torch.Tensor, NoiseLevel]:
+    """x_t of every sample at the last sampling step, and its noise level."""
+    return torch.cat([r.final_x_t for r in recorders]), noise_level(scheduler, recorders[0].timesteps[-1])
+
+
 def _portable(batch: Denoised, recorder: TrajectoryRecorder, seconds: float) -> tuple:
     """A finished batch as rank 0 receives it: tensors on the CPU, no progress bar."""
     recorder.progress = None
@@ -329,7 +334,10 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
     samples = torch.cat([b.x0_hat.detach().cpu() for b in batches])
     final = {k: torch.cat([b.diagnostics[k].detach().cpu() for b in batches]) for k in batches[0].diagnostics}
     records, memorization = _sample_records(samples, store, final, cfg.memorization.threshold, sharded)
+    figure = cfg.output.patches and hasattr(denoiser, "top_patches")
     if run is None:  # dataset strategy: every rank took part in every step and search; rank 0 writes
+        if figure:  # the figure's searches are collectives too: the same call as rank 0's save_patch_figure
+            top_patch_images(denoiser, *_last_step(recorders, scheduler), default_mask_pixels(store.sample_shape, 4))
         return None
 
     if cfg.output.tensors:
@@ -341,9 +349,8 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
     if cfg.output.masks and hasattr(denoiser, "mask"):
         _save_masks(denoiser, scheduler, run.path / "masks.png")
     patches = None
-    if cfg.output.patches and hasattr(denoiser, "top_patches"):
-        final_x_t = torch.cat([r.final_x_t for r in recorders])
-        level = noise_level(scheduler, recorders[0].timesteps[-1])
+    if figure:
+        final_x_t, level = _last_step(recorders, scheduler)
         patches = save_patch_figure(denoiser, final_x_t, samples, level, run.path / "patches.png")
     if cfg.output.intermediates:
         _save_intermediates(recorders, run.path / "intermediates", cfg.output.tensors)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .config import StudioConfig, load_config
 from .data.samples import SampleInput, SampleSet, find_sample_inputs, load_samples, with_channels
 from .data.sources import DATASETS_WITH_TEST_SPLIT
@@ -29,7 +30,10 @@ from .figures.memorization import save_distance_histograms, save_neighbours
 from .fileio import atomic_write_text
 from .metrics.memorization import exclude_self, memorization_metrics, summarize
 from .runs import SWEEPS_FOLDER, RunDirectory
-from .search import knn_search
+from .distributed import Ranks
+from .distributed.dataset import ShardedDataset
+from .distributed.samples import SplitQueries
+from .search import KnnResult, knn_search
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -117,7 +121,30 @@ def _prepare(found: SampleInput, config: str | None, fallback: str, overrides: l
     return _Prepared(samples, cfg, store, info, reference_store)
 
 
-def _reference(prepared: _Prepared, device: torch.device) -> Reference:
+class _OneProcess:
+    """Exact k-NN and image look-up over a store in this process (the distributed forms: ShardedDataset for
+    distributed.strategy=dataset, SplitQueries for samples)."""
+
+    def __init__(self, store: DatasetStore):
+        self.store = store
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> KnnResult:
+        return knn_search(queries, self.store, k)
+
+    def gather(self, indices: torch.Tensor, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
+        return self.store.gather(indices, device, dtype)
+
+
+def _neighbours(store: DatasetStore, ranks: Ranks | None, device: torch.device):
+    """The searcher over `store` for this run: one process, the store's shards, or the queries split."""
+    if ranks is None:
+        return _OneProcess(store)
+    if ranks.strategy == "dataset":
+        return ShardedDataset(store, ranks, device)
+    return SplitQueries(store, ranks)
+
+
+def _reference(prepared: _Prepared, device: torch.device, training) -> Reference:
     """The same statistics for held-out real images: the test split against the training set, or each picked
     training image against the training set minus itself (k = 3, its own index dropped; an exact duplicate stays
     a neighbour at distance 0)."""
@@ -126,7 +153,7 @@ def _reference(prepared: _Prepared, device: torch.device) -> Reference:
     if prepared.reference_store is not None:
         picks = evenly_spaced(prepared.reference_store.num_images, wanted)
         images = prepared.reference_store.gather(picks, device)
-        found = knn_search(images, store, k=2)
+        found = training.search(images, k=2)
         distances, indices = found.distances, found.indices
         kind = "test_split"
     else:
@@ -134,11 +161,11 @@ def _reference(prepared: _Prepared, device: torch.device) -> Reference:
             raise StudioError(f"leave-one-out needs at least 3 training images, '{cfg.dataset.name}' has "
                               f"{store.num_images}; use a larger dataset.subset_size")
         picks = evenly_spaced(store.num_images, wanted)
-        images = store.gather(picks, device)
-        found = knn_search(images, store, k=3)
+        images = training.gather(picks, device)
+        found = training.search(images, k=3)
         distances, indices = exclude_self(found.distances, found.indices, picks.to(found.indices.device))
         kind = "leave_one_out"
-    nearest = store.gather(indices[:, 0], device)
+    nearest = training.gather(indices[:, 0], device)
     metrics = memorization_metrics(images, nearest, distances, indices, threshold)
     return Reference(kind, picks, {key: value.cpu() for key, value in metrics.items()})
 
@@ -154,21 +181,26 @@ def _csv(metrics: dict[str, torch.Tensor], files: list[str] | None) -> str:
     return out.getvalue()
 
 
-def _analyse(prepared: _Prepared, folder: Path, reference: Reference, device: torch.device) -> Analysis:
+def _analyse(prepared: _Prepared, folder: Path | None, reference: Reference, device: torch.device,
+             training) -> Analysis | None:
+    """The analysis of one input set, written into `folder` (None: a rank that only takes part in the searches)."""
     cfg, store, samples = prepared.cfg, prepared.store, prepared.samples
     settings = cfg.memorization
     started = time.perf_counter()
     images = samples.images.to(device)
-    found = knn_search(images, store, k=max(2, settings.num_neighbors))
-    metrics = memorization_metrics(images, store.gather(found.indices[:, 0], device), found.distances[:, :2],
+    found = training.search(images, k=max(2, settings.num_neighbors))
+    metrics = memorization_metrics(images, training.gather(found.indices[:, 0], device), found.distances[:, :2],
                                    found.indices[:, :2], settings.threshold)
     seconds = time.perf_counter() - started
     metrics = {key: value.cpu() for key, value in metrics.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "memorization.csv", _csv(metrics, samples.files))
     shown = min(settings.figure_samples, images.shape[0])
     k = min(settings.num_neighbors, store.num_images)
-    save_neighbours(samples.images[:shown], store.gather(found.indices[:shown, :k]), found.distances[:shown, :k].cpu(),
+    shown_neighbours = training.gather(found.indices[:shown, :k])
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "memorization.csv", _csv(metrics, samples.files))
+    save_neighbours(samples.images[:shown], shown_neighbours, found.distances[:shown, :k].cpu(),
                     found.indices[:shown, :k].cpu(), metrics["ratio"][:shown], metrics["memorized"][:shown],
                     folder / "neighbours.png", samples.files[:shown] if samples.files else None)
     save_distance_histograms(metrics, reference.metrics, settings.threshold, folder / "distances.png", reference.label)
@@ -205,39 +237,75 @@ def _sweep_summary(analyses: list[Analysis]) -> str:
 
 
 def memorization(images: str | Path, config: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 fallback_config: str = "nearest_dataset/mnist5k") -> MemorizationResult:
+                 fallback_config: str = "nearest_dataset/mnist5k") -> MemorizationResult | None:
     """Analyse the images at `images` and write a new analysis folder under <paths.runs>/memorization/.
 
     config: the training set's config for every input (default: a run's own config.yaml, else `fallback_config`).
     One input set: the folder holds memorization.csv, memorization.json, neighbours.png and distances.png. A sweep
     folder: one sub-folder per run with those files, and summary.csv with one row per run.
+
+    Under torchrun (docs/distributed.md) the searches run on every rank, split by distributed.strategy (samples:
+    the queries; dataset: the store's shards); rank 0 writes and returns the result, the others return None.
     """
     path = Path(images).expanduser()
-    prepared = [_prepare(found, config, fallback_config, list(overrides)) for found in find_sample_inputs(path)]
+    inputs = find_sample_inputs(path)
+    first = load_config(config or inputs[0].config or fallback_config, list(overrides))
+    launched = distributed.launched()
+    device = resolve_device(distributed.device_name(first.experiment.device) if launched else first.experiment.device)
+    ranks = distributed.start(first.distributed.strategy, first.distributed.timeout_seconds, device)
+    if ranks is None:
+        return _memorization(path, inputs, config, list(overrides), fallback_config, device, None)
+    with distributed.failures_published(ranks):
+        result = _memorization(path, inputs, config, list(overrides), fallback_config, device, ranks)
+        distributed.finish(ranks)
+    return result
+
+
+def _memorization(path: Path, inputs: list[SampleInput], config: str | None, overrides: list[str],
+                  fallback_config: str, device: torch.device, ranks: Ranks | None) -> MemorizationResult | None:
+    writer = ranks is None or ranks.is_writer
+    if not writer:
+        distributed.wait_for("stores")  # rank 0 builds the stores that are not cached yet
+    prepared = [_prepare(found, config, fallback_config, overrides) for found in inputs]
+    if ranks is not None and writer:
+        distributed.announce("stores")
     first = prepared[0].cfg
-    device = resolve_device(first.experiment.device)
     runs = Path(first.paths.runs)
     if runs.name == SWEEPS_FOLDER:  # a sweep cell's config: its runs folder is <paths.runs>/sweeps
         runs = runs.parent
-    run = RunDirectory.create(runs, EXPERIMENT, prepared[0].samples.input.name if len(prepared) == 1 else path.name,
-                              append_timestamp=True)
+    run = None
+    if writer:
+        run = RunDirectory.create(runs, EXPERIMENT, prepared[0].samples.input.name if len(prepared) == 1 else path.name,
+                                  append_timestamp=True)
     try:
         references: dict[tuple, Reference] = {}
+        searchers: dict[str, object] = {}
         analyses = []
         for item in prepared:
-            key = (item.store.fingerprint, _reference_kind(item.cfg), item.cfg.memorization.reference_size,
+            fingerprint = item.store.fingerprint
+            if fingerprint not in searchers:
+                searchers[fingerprint] = _neighbours(item.store, ranks, device)
+            training = searchers[fingerprint]
+            key = (fingerprint, _reference_kind(item.cfg), item.cfg.memorization.reference_size,
                    item.cfg.memorization.threshold)
             if key not in references:
-                references[key] = _reference(item, device)
-            folder = run.path if len(prepared) == 1 else run.path / _sub_folder(item.samples.input.path, path)
-            analyses.append(_analyse(item, folder, references[key], device))
-            log.info("%s: %.1f%% of %d samples memorized", item.samples.input.path,
-                     100 * analyses[-1].summary["samples"]["memorized_fraction"], item.samples.images.shape[0])
-        if len(prepared) > 1:
+                references[key] = _reference(item, device, training)
+            folder = None
+            if run is not None:
+                folder = run.path if len(prepared) == 1 else run.path / _sub_folder(item.samples.input.path, path)
+            analysis = _analyse(item, folder, references[key], device, training)
+            if analysis is not None:
+                analyses.append(analysis)
+                log.info("%s: %.1f%% of %d samples memorized", item.samples.input.path,
+                         100 * analysis.summary["samples"]["memorized_fraction"], item.samples.images.shape[0])
+        if run is not None and len(prepared) > 1:
             atomic_write_text(run.path / "summary.csv", _sweep_summary(analyses))
     except BaseException as exc:
-        run.mark_failed(f"{type(exc).__name__}: {exc}")
+        if run is not None:
+            run.mark_failed(f"{type(exc).__name__}: {exc}")
         raise
+    if run is None:
+        return None
     run.mark_complete()
     return MemorizationResult(run.path, analyses)
 

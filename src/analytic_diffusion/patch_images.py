@@ -27,6 +27,20 @@ def _show(axis, image: torch.Tensor) -> None:
     axis.set_yticks([])
 
 
+def top_patch_images(denoiser, x_t: torch.Tensor, level: NoiseLevel, pixels: list[int],
+                     max_samples: int = 3) -> tuple[dict, torch.Tensor]:
+    """What the figure draws for the first `max_samples` of x_t [B, C, H, W] and the given pixels (flat indices
+    into H x W): `denoiser.top_patches` and the training images they come from [count, pixels, C, H, W]. With a
+    sharded store every rank calls this alike (its searches and look-ups are collectives)."""
+    count = min(max_samples, x_t.shape[0])
+    width = denoiser.store.sample_shape[2]
+    size = denoiser.patch_size(level)
+    locations = torch.tensor([denoiser.pixel_location(p // width, p % width, size) for p in pixels])
+    top = denoiser.top_patches(x_t[:count], level, locations)
+    images = denoiser.training_images(top["image"].reshape(-1).cpu())
+    return top, images.reshape(*top["image"].shape, *images.shape[1:])
+
+
 def save_patch_figure(denoiser, x_t: torch.Tensor, samples: torch.Tensor, level: NoiseLevel, path: Path,
                       pixels: list[int] | None = None, max_samples: int = 3) -> dict:
     """One row per sample (up to `max_samples`): the sample with the chosen pixels marked, then per pixel the
@@ -38,8 +52,7 @@ def save_patch_figure(denoiser, x_t: torch.Tensor, samples: torch.Tensor, level:
     _, height, width = denoiser.store.sample_shape
     pixels = pixels if pixels is not None else default_mask_pixels(denoiser.store.sample_shape, 4)
     size = denoiser.patch_size(level)
-    locations = torch.tensor([denoiser.pixel_location(p // width, p % width, size) for p in pixels])
-    top = denoiser.top_patches(x_t[:count], level, locations)
+    top, images = top_patch_images(denoiser, x_t, level, pixels, max_samples)
     figure, axes = plt.subplots(count, 1 + len(pixels), figsize=(2.0 * (1 + len(pixels)), 2.2 * count), squeeze=False)
     records = []
     for n in range(count):
@@ -52,7 +65,7 @@ def save_patch_figure(denoiser, x_t: torch.Tensor, samples: torch.Tensor, level:
             image = int(top["image"][n, col])
             top_row, top_col = (int(v) for v in top["top_left"][n, col])
             axis = axes[n, col + 1]
-            _show(axis, denoiser.store.gather(torch.tensor([image]))[0])
+            _show(axis, images[n, col])
             kh, kw = top["window"].shape[-2:]
             axis.add_patch(plt.Rectangle((top_col - 0.5, top_row - 0.5), kw, kh, fill=False, color=colour, lw=1.5))
             axis.set_title(f"px ({row},{column}) <- #{image} @ ({top_row},{top_col})", fontsize=7)

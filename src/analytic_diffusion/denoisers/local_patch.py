@@ -102,6 +102,7 @@ class LocalPatchDenoiser(Denoiser):
     centre pixels, `assemble`."""
 
     Params = LocalPatchParams
+    merge = None  # the store is one shard of a distributed run: patch_softmax's merge (distributed/dataset.py)
 
     def fit(self, store: DatasetStore) -> LocalPatchDenoiser:
         """Keep the compact images on the working device; nothing else is precomputed."""
@@ -168,7 +169,8 @@ class LocalPatchDenoiser(Denoiser):
             groups = [replace(g, locations=torch.tensor([column[loc] for loc in g.locations.tolist()]))
                       for g in groups]
         return patch_softmax(queries, self.store, self.images, plan.window, groups, level.signal_scale,
-                             self.params.temperature, level.noise_variance, self.params.chunk_size, track_top, x_t)
+                             self.params.temperature, level.noise_variance, self.params.chunk_size, track_top, x_t,
+                             self.merge)
 
     def cached_plan(self, size: int) -> Plan:
         """The plan at this size, its shared dictionaries deduplicated (once per size; kept for later calls)."""
@@ -196,7 +198,7 @@ class LocalPatchDenoiser(Denoiser):
         result = self.softmax(x_t, level, size, distinct, track_top=True)
         image, position = result.top_image[:, back], result.top_position[:, back]  # [B, L]
         kh, kw = plan.window.size
-        picked = self.store.gather(image.reshape(-1)).to(x_t.device)  # [B*L, C, H, W]
+        picked = self.training_images(image.reshape(-1)).to(x_t.device)  # [B*L, C, H, W]
         unfolded = torch.nn.functional.unfold(picked, (kh, kw), padding=plan.window.padding)  # [B*L, D, P]
         index = position.reshape(-1, 1, 1).expand(-1, unfolded.shape[1], 1)
         windows = unfolded.gather(2, index).reshape(*image.shape, self.store.sample_shape[0], kh, kw)
@@ -204,6 +206,11 @@ class LocalPatchDenoiser(Denoiser):
         top_left = torch.stack([position // grid_width, position % grid_width], -1)
         return {"image": image, "position": position, "window": windows, "size": size,
                 "top_left": top_left - plan.window.padding}
+
+    def training_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """The training images at `indices` [M] of the whole dataset (also when the store is one shard: then a
+        collective), [M, C, H, W] model space on the CPU."""
+        return (self.store if self.merge is None else self.merge).gather(indices)
 
     def pixel_location(self, row: int, column: int, size: int) -> int:
         """The query location that denoises pixel (row, column): the pixel itself for centre-pixel methods."""

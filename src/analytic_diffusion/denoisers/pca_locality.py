@@ -14,6 +14,7 @@ over the run of rows its masks use densely, and gathers the remaining mask entri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,37 @@ def compile_mask(mask: torch.Tensor, active: torch.Tensor, group_size: int) -> M
     )
 
 
+class WideSums(StreamingSoftmax):
+    """`StreamingSoftmax` with float32 logits and weights but float64 sums: the normaliser and the weighted sum
+    come from one float64 product of the weights with [values | 1]. Float32 sums of thousands of weights err by
+    about 1e-5 in x0_hat and by different amounts for different chunkings (the shards of a distributed run are
+    one); float64 sums err by < 1e-6 whatever the chunks, for the price of copying the weights into a reused
+    float64 buffer. Logits must be finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer = torch.empty(0, dtype=torch.float64)
+
+    def add(self, logits: torch.Tensor, values: torch.Tensor) -> None:
+        """logits [P, B, K] (overwritten), values [P, K, 2] float64: [y | 1]."""
+        chunk_max = logits.amax(-1)
+        new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
+        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)  # no subnormal weights, as in StreamingSoftmax
+        weights = logits.sub_(new_max[..., None]).clamp_(min=floor).exp_()
+        if self.buffer.numel() < weights.numel() or self.buffer.device != weights.device:
+            self.buffer = torch.empty(weights.numel(), dtype=torch.float64, device=weights.device)
+        wide = self.buffer[: weights.numel()].view(weights.shape).copy_(weights)  # no fresh pages per chunk
+        sums = torch.bmm(wide, values)  # [P, B, 2]
+        numerator, total = sums[..., 0], sums[..., 1]
+        if self.max is None:
+            self.numerator, self.total = numerator, total
+        else:
+            rescale = torch.exp(self.max.double() - new_max.double())
+            self.numerator = self.numerator * rescale + numerator
+            self.total = self.total * rescale + total
+        self.max = new_max
+
+
 @register_denoiser("pca_locality")
 class PcaLocality(Denoiser):
     """Per-pixel softmax over the dataset on data-derived local masks (Wiener projection, thresholded)."""
@@ -175,7 +207,7 @@ class PcaLocality(Denoiser):
         x0_hat = self.model.mean.to(dtype).expand(batch, -1).clone()  # constant pixels: their one value
         if plan.active.numel():
             x_active = flat[:, plan.active].T.contiguous()  # [n_a, B]: pixel-major, like every tensor below
-            x0_hat[:, plan.active] = self._softmax_average(x_active, plan, level).T
+            x0_hat[:, plan.active] = self._softmax_average(x_active, plan, level).T.to(dtype)
         sizes = plan.mask_sizes.to(dtype)
         diagnostics = {
             "mask_mean_size": sizes.mean().expand(batch),
@@ -184,12 +216,13 @@ class PcaLocality(Denoiser):
         return Denoised(x0_hat.reshape(x_t.shape), diagnostics)
 
     def _softmax_average(self, x_active: torch.Tensor, plan: MaskPlan, level: NoiseLevel) -> torch.Tensor:
-        """sum_i w_iq y_i[q] for the active pixels, [n_a, B], streamed over dataset chunks."""
+        """sum_i w_iq y_i[q] for the active pixels, [n_a, B] (float64), streamed over dataset chunks."""
         return self._softmax_state(x_active, plan, level).mean()
 
     def _softmax_state(self, x_active: torch.Tensor, plan: MaskPlan, level: NoiseLevel) -> StreamingSoftmax:
         """The streamed softmax over the store's images (per active pixel and sample: max, normaliser and weighted
-        sum), before its division: what the shards of a distributed run merge (distributed/dataset.py)."""
+        sum, the sums in float64), before its division: what the shards of a distributed run merge
+        (distributed/dataset.py)."""
         n_active, batch = x_active.shape
         dtype, device = x_active.dtype, x_active.device
         # the logit scale -1 / (2 (1 - a) tau) is folded into the mask values, so sums come out as logits
@@ -197,7 +230,7 @@ class PcaLocality(Denoiser):
         bands = [band.mask.to(dtype).mul_(scale) for band in plan.bands]
         bag_weights = torch.full(plan.bag_indices.shape, scale, dtype=dtype, device=device)
         chunk = self.params.chunk_size or max(1, CHUNK_BYTES // (x_active.element_size() * n_active * batch))
-        softmax = StreamingSoftmax()
+        softmax = WideSums()
         for start in range(0, self.store.num_images, chunk):
             images = self.store.model_space(start, start + chunk, device, dtype).flatten(1)
             images = images[:, plan.active].T.contiguous()  # [n_a, K]
@@ -210,6 +243,6 @@ class PcaLocality(Denoiser):
             for band, band_weights in zip(plan.bands, bands):
                 rows = logits[band.first_output : band.first_output + band_weights.shape[0]]
                 rows.addmm_(band_weights, squared[band.start : band.stop])
-            values = images.unsqueeze(-1)  # [n_a, K, 1]
-            softmax.update(logits.view(n_active, batch, size), lambda p: torch.bmm(p, values).squeeze(-1))
+            values = torch.stack([images.double(), torch.ones_like(images, dtype=torch.float64)], -1)  # [n_a, K, 2]
+            softmax.add(logits.view(n_active, batch, size), values)
         return softmax

@@ -6,8 +6,12 @@ What is merged, and how (all_gather of the per-shard partial results, combined i
 - k-NN: each shard's k nearest with their float64 squared distances (recomputed exactly as the exact kernel's
   re-scoring does); the k smallest of the K k candidates, ties to the lowest global index (shards are contiguous,
   so that is the one-process answer bit for bit);
-- softmax averages (optimal, pca_locality): running max m_r, normaliser s_r and weighted sum v_r per shard;
+- softmax averages (optimal, scfdm, pca_locality, and the patch softmax of local_score, els and pspc through
+  patch_softmax's `merge`): running max m_r, normaliser s_r and weighted sum v_r per shard (and sum w^2);
   M = max_r m_r, s = sum_r e^(m_r - M) s_r, v = sum_r e^(m_r - M) v_r, x0_hat = v / s;
+- optimal topk and nearest_dataset with backends cdist and faiss: the k-NN merge, then (topk) the softmax over the
+  merged k nearest;
+- unet: nothing to merge, every rank runs the network on the same x_t;
 - dataset statistics (wiener, pca_locality): count n_r, mean mu_r and centred second moment M2_r per shard; the
   global mean from the counts, M2 = sum_r M2_r + n_r (mu_r - mu)(mu_r - mu)^T (Chan et al.), summed by all_reduce.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,15 +28,19 @@ import torch.distributed as dist
 
 from ..data.store import DatasetStore
 from ..denoisers import Denoised, Denoiser, NoiseLevel, denoiser_class
+from ..denoisers.local_patch import LocalPatchDenoiser
 from ..denoisers.optimal import OptimalDenoiser, logit_scale
 from ..denoisers.pca_locality import PcaLocality
+from ..denoisers.scfdm import SmoothedClosedFormDenoiser
 from ..devices import synchronize
 from ..errors import StudioError
-from ..search import KnnIndex, KnnResult
+from ..search import KnnIndex, KnnResult, build_index
+from ..search.patch_softmax import PatchSoftmaxResult
+from ..search.softmax import StreamingSoftmax
 from ..statistics import Moments, compute_moments, save_statistics, statistics_from_moments, statistics_path
 from .group import Ranks, collective
 
-SUPPORTED = ("nearest_dataset", "optimal", "pca_locality", "wiener")
+SUPPORTED = ("els", "local_score", "nearest_dataset", "optimal", "pca_locality", "pspc", "scfdm", "unet", "wiener")
 
 
 def shard_of(store: DatasetStore, ranks: Ranks) -> tuple[DatasetStore, int]:
@@ -64,17 +73,38 @@ def _all_gather(ranks: Ranks, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def merge_softmax(ranks: Ranks, maximum: torch.Tensor, total: torch.Tensor, numerator: torch.Tensor,
+def merge_softmax(ranks: Ranks, maximum: torch.Tensor, total: torch.Tensor, numerator: torch.Tensor | None,
                   *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Merge per-shard streaming-softmax states (max m [*b], normaliser s [*b], weighted sum v [*b, *v]) into the
-    state over the whole dataset, identical on every rank. Returns M, s, v, the shard holding M (the lowest on ties)
-    [*b], the factors e^(m_r - M) [K, *b], then `others` gathered alongside ([K, ...]); one collective in all."""
-    m, totals, values, *rest = _all_gather(ranks, maximum, total, numerator, *others)
+    """Merge per-shard streaming-softmax states (max m [*b], normaliser s [*b], weighted sum v [*b, *v] or None)
+    into the state over the whole dataset, identical on every rank. Returns M, s, v (None without one), the shard
+    holding M (the lowest on ties) [*b], the factors e^(m_r - M) [K, *b], then `others` gathered alongside
+    ([K, ...]); one collective in all."""
+    parts = [t for t in (maximum, total, numerator, *others) if t is not None]
+    m, totals, *rest = _all_gather(ranks, *parts)
+    values = rest.pop(0) if numerator is not None else None
     top = m.amax(0)
     factor = torch.exp(m - top.masked_fill(top == -math.inf, 0))  # [K, *b]; shards with only -inf logits add 0
     merged_total = (factor * totals).sum(0)
-    merged_numerator = (factor.reshape(*factor.shape, *[1] * (values.ndim - factor.ndim)) * values).sum(0)
+    merged_numerator = None
+    if values is not None:
+        merged_numerator = (factor.reshape(*factor.shape, *[1] * (values.ndim - factor.ndim)) * values).sum(0)
     return (top, merged_total, merged_numerator, m.argmax(0), factor, *rest)
+
+
+def merge_knn(ranks: Ranks, indices: torch.Tensor, distances: torch.Tensor, k: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each shard's k nearest (global indices [B, k], distances [B, k]) -> the k smallest distances of the K k
+    candidates [B, k] and their indices, ties to the lowest global index (shards are contiguous and each shard's
+    own ties go to its lowest index, so that is the one-process order)."""
+    indices, distances = (part.permute(1, 0, 2).flatten(1) for part in _all_gather(ranks, indices, distances))
+    by_index, order = indices.sort(dim=1)
+    best, order2 = distances.gather(1, order).sort(dim=1, stable=True)
+    return best[:, :k], by_index.gather(1, order2)[:, :k]
+
+
+def pick(values: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+    """values [K, *b] gathered from the shards -> [*b]: each entry from the shard `shard` [*b] names."""
+    return values.gather(0, shard[None])[0]
 
 
 class ShardedDataset:
@@ -99,12 +129,8 @@ class ShardedDataset:
             pad = k - local.shape[1]
             squared = torch.cat([squared, squared.new_full((squared.shape[0], pad), math.inf)], 1)
             local = torch.cat([local, local.new_full((local.shape[0], pad), self.num_images)], 1)
-        indices, distances = (part.permute(1, 0, 2).flatten(1)  # [B, K k]
-                              for part in _all_gather(self.ranks, local + self.offset, squared))
-        by_index, order = indices.sort(dim=1)
-        best, order2 = distances.gather(1, order).sort(dim=1, stable=True)
-        chosen = by_index.gather(1, order2)[:, :k]
-        return KnnResult(best[:, :k].sqrt().to(torch.float32).to(queries.device), chosen.to(queries.device))
+        best, chosen = merge_knn(self.ranks, local + self.offset, squared, k)
+        return KnnResult(best.sqrt().to(torch.float32).to(queries.device), chosen.to(queries.device))
 
     def gather(self, indices: torch.Tensor, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
         """Images at global `indices` (any shape) in model space, [*indices.shape, C, H, W]: each from its shard,
@@ -118,31 +144,50 @@ class ShardedDataset:
 
 
 class ShardedNearest(Denoiser):
-    """nearest_dataset over a sharded store: the nearest image of the whole store, bit for bit."""
+    """nearest_dataset over a sharded store: the nearest image of the whole store, bit for bit. Backend `exact`:
+    the exact merge of ShardedDataset.search; `cdist` and `faiss`: the backend's index over the shard, its own
+    float32 distances merged (the one-process comparison, pair by pair)."""
 
     def __init__(self, params, device: torch.device, dataset: ShardedDataset):
         super().__init__(params, device)
         self.dataset = dataset
+        self.index = None
+        if params.backend != "exact":
+            self.index = build_index(dataset.shard, params.backend, device, params.chunk_size, params.faiss_index,
+                                     params.faiss_nprobe)
 
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
         query = x_t / level.signal_scale if self.params.timestep_aware else x_t
-        found = self.dataset.search(query, k=1)
+        if self.index is None:
+            found = self.dataset.search(query, k=1)
+        else:
+            local = self.index.search(query, k=1)
+            distances, indices = merge_knn(self.dataset.ranks, local.indices.to(x_t.device) + self.dataset.offset,
+                                           local.distances.to(x_t.device), 1)
+            found = KnnResult(distances, indices)
         index = found.indices[:, 0]
         x0_hat = self.dataset.gather(index, x_t.device, x_t.dtype)
         return Denoised(x0_hat, {"nearest_index": index, "nearest_distance": found.distances[:, 0]})
 
 
 class ShardedOptimal(Denoiser):
-    """optimal (exact) over a sharded store: each shard's posterior mean, top weight and effective count (the
+    """optimal over a sharded store. `exact`: each shard's posterior mean, top weight and effective count (the
     kernel's public results) give its softmax state, whose max logit is -c ||q - y_top||^2 recomputed in float64;
-    the states are merged (merge_softmax)."""
+    the states are merged (merge_softmax). `topk`: the k nearest images of q over all shards (merge_knn), then the
+    softmax over them in float64."""
 
     def __init__(self, params, device: torch.device, dataset: ShardedDataset):
         super().__init__(params, device)
         self.dataset = dataset
-        self.shard = OptimalDenoiser(params, device).fit(dataset.shard)
+        self.shard = OptimalDenoiser(params, device).fit(dataset.shard) if params.mode == "exact" else None
 
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
+        return self.posterior_mean(x_t, level)
+
+    def posterior_mean(self, x_t: torch.Tensor, level: NoiseLevel) -> Denoised:
+        """x0_hat and the diagnostics of OptimalDenoiser.posterior_mean, over the whole store."""
+        if self.shard is None:
+            return self._topk(x_t, level)
         part = self.shard.posterior_mean(x_t, level)
         shard = self.dataset.shard
         top = part.diagnostics["top_index"].to(self.device)
@@ -155,13 +200,69 @@ class ShardedOptimal(Denoiser):
         _, total, numerator, shard, factor, squares, tops = merge_softmax(
             self.dataset.ranks, maximum, total, numerator, squares, top + self.dataset.offset)
         squares = (factor.square() * squares).sum(0)
-        top_index = tops.gather(0, shard[None])[0]  # the first shard with the largest logit: the lowest index
+        top_index = pick(tops, shard)  # the first shard with the largest logit: the lowest index
         diagnostics = {
             "effective_count": (total.square() / squares).to(torch.float32).to(x_t.device),
             "top_weight": (1 / total).to(torch.float32).to(x_t.device),
             "top_index": top_index.to(x_t.device),
         }
         return Denoised((numerator / total[:, None]).to(x_t.dtype).reshape(x_t.shape).to(x_t.device), diagnostics)
+
+    def _topk(self, x_t: torch.Tensor, level: NoiseLevel) -> Denoised:
+        """Softmax over the num_neighbors nearest images of q = x_t / sqrt(ab_t) (found as the one-process kernel
+        finds them: exact search of q in float32), every distance in float64."""
+        batch = x_t.shape[0]
+        query = x_t.reshape(batch, -1).to(self.device, torch.float64) / level.signal_scale
+        k = min(self.params.num_neighbors, self.dataset.num_images)
+        neighbours = self.dataset.search(query.to(torch.float32).reshape(x_t.shape), k).indices.to(self.device)
+        rows = self.dataset.gather(neighbours, self.device, torch.float64).reshape(batch, k, -1)
+        logits = -logit_scale(level, self.params.temperature) * (query[:, None] - rows).square().sum(-1)
+        softmax = StreamingSoftmax(track_concentration=True)
+        softmax.update(logits, lambda p: torch.bmm(p[:, None], rows)[:, 0])
+        diagnostics = {
+            "effective_count": softmax.effective_count().to(torch.float32).to(x_t.device),
+            "top_weight": softmax.top_weight().to(torch.float32).to(x_t.device),
+            "top_index": neighbours.gather(1, logits.argmax(1, keepdim=True))[:, 0].to(x_t.device),
+        }
+        return Denoised(softmax.mean().to(x_t.dtype).reshape(x_t.shape).to(x_t.device), diagnostics)
+
+
+class ShardedScfdm(ShardedOptimal):
+    """scfdm over a sharded store: its M perturbed queries through the sharded posterior mean."""
+
+    denoise = SmoothedClosedFormDenoiser.denoise
+
+
+class PatchMerge:
+    """patch_softmax's `merge` for a store split across the ranks: every (sample, query location)'s softmax state
+    over this shard (max, normaliser, sum of squared weights, weighted sum of the centre values) merged with the
+    other shards' (merge_softmax), the best window taken from the shard with the largest logit (the lowest on ties:
+    the lowest global image index), and the shards' folds of window values summed."""
+
+    def __init__(self, dataset: ShardedDataset):
+        self.dataset = dataset
+
+    def state(self, part: PatchSoftmaxResult) -> PatchSoftmaxResult:
+        wide = torch.float64
+        total = part.total.to(wide)
+        numerator = None if part.mean is None else part.mean.to(wide) * total[..., None]
+        tops = [] if part.top_image is None else [part.top_image + self.dataset.offset, part.top_position]
+        top, total, numerator, shard, factor, squares, *tops = merge_softmax(
+            self.dataset.ranks, part.max.to(wide), total, numerator, part.squares.to(wide), *tops)
+        squares = (factor.square() * squares).sum(0)
+        mean = None if numerator is None else (numerator / total[..., None]).to(part.dtype)
+        top_image, top_position = (pick(t, shard) for t in tops) if tops else (None, None)
+        return replace(part, mean=mean, effective_count=(total.square() / squares).to(part.dtype),
+                       top_image=top_image, top_position=top_position, max=top.to(part.dtype),
+                       total=total.to(part.dtype), squares=squares.to(part.dtype))
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """The training images at global `indices` [M], [M, C, H, W] model space on the CPU (a collective)."""
+        return self.dataset.gather(indices)
+
+    def sum(self, folded: torch.Tensor) -> torch.Tensor:
+        """The shards' folds [B, ...] added in rank order (the same bits on every rank)."""
+        return _all_gather(self.dataset.ranks, folded)[0].sum(0)
 
 
 class ShardedPcaLocality(PcaLocality):
@@ -209,20 +310,22 @@ def build_sharded_denoiser(cfg, store: DatasetStore, device: torch.device, ranks
     if name not in SUPPORTED:
         raise StudioError(f"method '{name}' has no distributed.strategy=dataset form yet; it supports "
                           f"{', '.join(SUPPORTED)}; use distributed.strategy=samples (every rank holds the store)")
-    if name == "optimal" and params.mode != "exact":
-        raise StudioError("optimal runs with distributed.strategy=dataset only with model.params.mode=exact")
-    if name == "nearest_dataset" and params.backend != "exact":
-        raise StudioError("nearest_dataset runs with distributed.strategy=dataset only with model.params.backend=exact")
     started = time.perf_counter()
     dataset = ShardedDataset(store, ranks, device, getattr(params, "chunk_size", None))
     cache_dir = Path(cfg.paths.cache)
+    cls = denoiser_class(name)
     if name == "nearest_dataset":
         denoiser: Denoiser = ShardedNearest(params, device, dataset)
-    elif name == "optimal":
-        denoiser = ShardedOptimal(params, device, dataset)
+    elif name in ("optimal", "scfdm"):
+        denoiser = (ShardedOptimal if name == "optimal" else ShardedScfdm)(params, device, dataset)
+    elif issubclass(cls, LocalPatchDenoiser):
+        denoiser = cls(params, device).fit(dataset.shard)
+        denoiser.merge = PatchMerge(dataset)
+    elif name == "unet":  # no sum over the dataset: every rank runs the same network on the same x_t
+        denoiser = cls(params, device).fit(store)
     else:
         share_statistics(store, dataset, cache_dir, device)
-        cls = ShardedPcaLocality if name == "pca_locality" else denoiser_class(name)
+        cls = ShardedPcaLocality if name == "pca_locality" else cls
         denoiser = cls(params, device)
         denoiser.cache_dir = cache_dir
         denoiser.fit(store)  # reads the shared statistics; the images it sums over are the shard's (use_shard)

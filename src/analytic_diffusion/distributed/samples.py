@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from ..data.store import DatasetStore
 from ..errors import StudioError
+from ..search import KnnResult, knn_search
 from .group import Ranks, collective
 
 
@@ -33,3 +36,27 @@ def gather_batches(ranks: Ranks, items: list[Any]) -> list[Any] | None:
     if parts is None:
         return None
     return [item for part in parts for item in part]
+
+
+class SplitQueries:
+    """Exact k-NN search over a store every rank holds, the queries split: each rank searches its contiguous share
+    and every rank receives all results, in order (each query's neighbours are those of a one-process search)."""
+
+    def __init__(self, store: DatasetStore, ranks: Ranks):
+        self.store, self.ranks = store, ranks
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> KnnResult:
+        part = self.ranks.share(queries.shape[0])
+        if len(part):
+            found = knn_search(queries[part.start : part.stop], self.store, k)
+            mine = (found.distances.cpu(), found.indices.cpu())
+        else:
+            width = min(k, self.store.num_images)
+            mine = (torch.empty(0, width), torch.empty(0, width, dtype=torch.long))
+        parts: list[Any] = [None] * self.ranks.world_size
+        collective(dist.all_gather_object, parts, mine)
+        return KnnResult(torch.cat([d for d, _ in parts]).to(queries.device),
+                         torch.cat([i for _, i in parts]).to(queries.device))
+
+    def gather(self, indices: torch.Tensor, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
+        return self.store.gather(indices, device, dtype)

@@ -24,7 +24,8 @@ proportionally fewer logits.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +138,8 @@ class PatchGroup:
 class PatchSoftmaxResult:
     """Per sample b and query location l: the softmax mean of the values, 1 / sum w^2, and (optionally) the
     window of largest weight as (image index, window position). Window values (PSPC) come folded instead: per
-    pixel, the sum of the means of the windows covering it."""
+    pixel, the sum of the means of the windows covering it. With a `merge` (`patch_softmax`), also the state of
+    each softmax before its division: running maximum, normaliser and sum of squared weights."""
 
     mean: torch.Tensor | None  # [B, L, V] in the logits' dtype (centre values)
     effective_count: torch.Tensor  # [B, L]
@@ -145,6 +147,9 @@ class PatchSoftmaxResult:
     top_position: torch.Tensor | None = None  # long [B, L]
     dtype: torch.dtype = torch.float32  # what the logits were computed in
     folded: torch.Tensor | None = None  # [B, C, H, W] window values: sum over the windows covering each pixel
+    max: torch.Tensor | None = None  # [B, L] the largest logit (with a merge)
+    total: torch.Tensor | None = None  # [B, L] sum of e^(logit - max) (with a merge)
+    squares: torch.Tensor | None = None  # [B, L] sum of e^(2 (logit - max)) (with a merge)
 
 
 def logit_scale(noise_variance: float, temperature: float) -> float:
@@ -308,6 +313,7 @@ def patch_softmax(
     chunk_size: int | None = None,
     track_top: bool = False,
     x_t: torch.Tensor | None = None,
+    merge: Any = None,
 ) -> PatchSoftmaxResult:
     """Softmax-weighted values of the training windows for every query window, streamed over the store.
 
@@ -317,6 +323,11 @@ def patch_softmax(
     from with `window`'s size and padding, needed by aligned groups. Returns means [B, L, C] (centre values) or,
     for window values (every group aligned), their fold [B, C, H, W]. DESIGN.md §6; Kamb & Ganguli (arXiv
     2412.20292) eq. for the ELS machine, Niedoba et al. (arXiv 2411.19339) for the patch posterior.
+
+    `merge`: when the store is one part of the dataset (a shard of a distributed run, distributed/dataset.py), an
+    object with `state(result) -> result`, which turns this part's result with its softmax state (max, total,
+    squares) into the whole dataset's (means, effective counts, state, best windows as global image indices), and
+    `sum(folded) -> folded`, which sums the parts' folds; window values are folded with the merged state.
     """
     batch, depth, num_locations = queries.shape
     channels = store.sample_shape[0]
@@ -333,12 +344,16 @@ def patch_softmax(
     margin = None
     if dtype == torch.float64 and not track_top:
         margin = -WEIGHT_FLOOR + 4 * float32_logit_error(queries, signal_scale, scale, window, channels)
-    out = _Output(batch, num_locations, channels, dtype, queries.device, track_top, window.value == "centre")
+    out = _Output(batch, num_locations, channels, dtype, queries.device, track_top, window.value == "centre", merge)
     if aligned:
         _stream_aligned(x_t, store, images, window, aligned, signal_scale, scale, dtype, chunk_size, out)
     if matched:
         _stream_matched(queries, store, images, window, matched, signal_scale, scale, dtype, chunk_size, out, margin)
-    return out.result()
+    if merge is None:
+        return out.result()
+    if window.value == "centre":
+        return merge.state(out.result())
+    return replace(out.result(), folded=merge.sum(out.folded))
 
 
 @dataclass
@@ -352,6 +367,7 @@ class _Output:
     device: torch.device
     track_top: bool
     centre: bool
+    merge: Any = None
 
     def __post_init__(self) -> None:
         shape = (self.batch, self.num_locations)
@@ -360,10 +376,27 @@ class _Output:
         self.top_image = torch.empty(*shape, dtype=torch.long, device=self.device) if self.track_top else None
         self.top_position = torch.empty_like(self.top_image) if self.track_top else None
         self.folded = None
+        kept = self.merge is not None  # the softmax state, for the merge with the other parts of the dataset
+        self.max, self.total, self.squares = (torch.empty(*shape, dtype=self.dtype, device=self.device) if kept
+                                              else None for _ in range(3))
+
+    def keep(self, rows, where: torch.Tensor, softmax: StreamingSoftmax) -> None:
+        """With a merge: keep the state of `softmax` as that of samples `rows` at locations `where`."""
+        if self.merge is not None:
+            for name in ("max", "total", "squares"):
+                target = getattr(self, name)
+                target[rows, where] = getattr(softmax, name).reshape(target[rows, where].shape)
+
+    def merge_parts(self) -> None:
+        """Replace this part's state, effective counts and best windows by the whole dataset's."""
+        whole = self.merge.state(self.result())
+        self.max, self.total, self.squares = whole.max, whole.total, whole.squares
+        self.effective = whole.effective_count
+        self.top_image, self.top_position = whole.top_image, whole.top_position
 
     def result(self) -> PatchSoftmaxResult:
         return PatchSoftmaxResult(self.mean, self.effective, self.top_image, self.top_position, self.dtype,
-                                  self.folded)
+                                  self.folded, self.max, self.total, self.squares)
 
 
 def _stream_matched(queries, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out,
@@ -430,6 +463,7 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
         for b, state in enumerate(group_states):
             out.mean[b, where] = state.softmax.mean().reshape(where.numel(), -1)
             out.effective[b, where] = state.softmax.effective_count().reshape(-1)
+            out.keep(b, where, state.softmax)
             if track_top:
                 out.top_image[b, where] = state.top_image.reshape(-1)
                 out.top_position[b, where] = state.top_position.reshape(-1)
@@ -596,11 +630,16 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
         if centre:
             out.mean[b, where] = state.mean()
         out.effective[b, where] = state.effective_count()
+        out.keep(b, where, state)
         if out.track_top:
             out.top_image[b, where] = state.top_image
             out.top_position[b, where] = index
     if centre:
         return
+    if out.merge is not None:  # one part of the dataset: fold with the whole dataset's maximum and normaliser
+        out.merge_parts()
+        for b, state in enumerate(states):
+            state.max, state.total = out.max[b, where], out.total[b, where]
     floor = 0.5 * math.log(torch.finfo(dtype).tiny)
     grid_shape = (height + 2 * pad - kh + 1, grid_width)
     out.folded = torch.zeros(batch, channels, height, width, dtype=dtype, device=device)
