@@ -42,6 +42,14 @@ LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enoug
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
 WEIGHT_FLOOR = 0.5 * math.log(torch.finfo(torch.float32).tiny)  # -43.7: float32 weights are floored at e^this
 MAX_LOGIT_SCALE = 1e30  # c at ab_t = 1 (no noise): the nearest-window limit, kept finite
+LOG2E = 1.0 / math.log(2.0)  # the streams work in base 2 (c log2 e folded into the queries, exp2 for exp):
+# exp2 is about twice as fast as exp on CPUs, and the weights are the same
+
+
+def weight_floor(dtype: torch.dtype) -> float:
+    """log2 of the smallest weight kept (relative to the row's largest): weights are floored at sqrt(tiny), no
+    subnormals (they slow the CPU down 20-50x); a sum whose largest term is 1 changes by at most M sqrt(tiny)."""
+    return 0.5 * math.log2(torch.finfo(dtype).tiny)
 
 
 @dataclass(frozen=True)
@@ -187,13 +195,13 @@ def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dty
     return max(1, min(by_memory, by_smallest, by_widest))
 
 
-def aligned_chunk_images(sample_shape, window: WindowSpec, dtype: torch.dtype) -> int:
-    """Images per chunk of the aligned path: the decoded chunk, its padded products and window sums, and the
-    logits, weights and values of one sample within BUDGET_BYTES."""
+def aligned_chunk_images(sample_shape, window: WindowSpec, dtype: torch.dtype, locations: int) -> int:
+    """(image, sample) pairs per chunk of the aligned path within BUDGET_BYTES: per pair the product image, its
+    padded channel sum and window sums, and the logits, weights and [values | w | w^2] of `locations` queries."""
     channels, height, width = sample_shape
     padded = (height + 2 * window.padding) * (width + 2 * window.padding)
-    per_image = 2 * channels * height * width + 4 * padded + (channels + 4) * height * width
-    return max(1, BUDGET_BYTES // ((torch.finfo(dtype).bits // 8) * per_image))
+    per_pair = 2 * channels * height * width + 4 * padded + (channels + 4) * locations
+    return max(1, BUDGET_BYTES // ((torch.finfo(dtype).bits // 8) * per_pair))
 
 
 def float32_logit_error(
@@ -233,9 +241,7 @@ class BlockSoftmax(StreamingSoftmax):
         copy."""
         chunk_max = logits.amax(-1)
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
-        # floor as in StreamingSoftmax: no subnormal weights (they slow the CPU down 20-50x), error < M e^-43
-        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
-        weights = logits.sub_(new_max[..., None]).clamp_(min=floor).exp_()
+        weights = logits.sub_(new_max[..., None]).clamp_(min=weight_floor(logits.dtype)).exp2_()
         # one group (G = 1): a GEMM against the transposed values is ~3x faster on CPUs than bmm's skinny output
         sums = F.linear(weights[0], values[0])[None] if weights.shape[0] == 1 else torch.bmm(weights, values.mT)
         # sum w^2 in one pass (a norm, squared)
@@ -248,7 +254,7 @@ class BlockSoftmax(StreamingSoftmax):
         if self.max is None:
             self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
         else:
-            rescale = torch.exp(self.max - new_max)
+            rescale = torch.exp2(self.max - new_max)
             self.numerator = self.numerator * rescale[..., None] + sums[..., :-1]
             self.total = self.total * rescale + sums[..., -1]
             self.squares = self.squares * rescale.square() + squares
@@ -278,8 +284,7 @@ class BlockSoftmax(StreamingSoftmax):
         flat_max = logits.new_full((runs * rows,), -math.inf).scatter_reduce_(0, row, logits, "amax")
         new_max = flat_max.view(runs, rows)
         new_max = new_max if self.max is None else torch.maximum(self.max, new_max)
-        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
-        weights = (logits - new_max.flatten()[row]).clamp_(min=floor).exp_()
+        weights = (logits - new_max.flatten()[row]).clamp_(min=weight_floor(logits.dtype)).exp2_()
         sums = logits.new_zeros(runs * rows, values.shape[1]).index_add_(
             0, row, weights[:, None] * values.transpose(1, 2)[g, j]).view(runs, rows, -1)
         squares = weights.square() if inverse_counts is None else weights.square() * inverse_counts[j]
@@ -333,6 +338,8 @@ def patch_softmax(
     margin = None
     if dtype == torch.float64 and not track_top:
         margin = -WEIGHT_FLOOR + 4 * float32_logit_error(queries, signal_scale, scale, window, channels)
+        margin *= LOG2E
+    scale *= LOG2E  # base-2 logits from here on
     out = _Output(batch, num_locations, channels, dtype, queries.device, track_top, window.value == "centre")
     if aligned:
         _stream_aligned(x_t, store, images, window, aligned, signal_scale, scale, dtype, chunk_size, out)
@@ -443,7 +450,7 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
         counts = unique.counts[start : start + rows]
-        bias = phi.square().sum(1) * bias_scale - counts.log().to(dtype)  # [M]
+        bias = phi.square().sum(1) * bias_scale - counts.log2().to(dtype)  # [M]
         vals = torch.cat([unique.values[start : start + rows].to(dtype).T, phi.new_ones(1, phi.shape[0])])[None]
         inverse_roots = counts.rsqrt().to(dtype)
         phi_t = torch.cat([phi.T, bias[None]])[None]  # [1, D + 1, M]: the bias below the windows
@@ -517,50 +524,71 @@ def box_sums(z: torch.Tensor, size: tuple[int, int], padding: int) -> torch.Tens
 
 
 def _channel_sum(z: torch.Tensor) -> torch.Tensor:
-    """[K, C, H, W] -> [K, H, W] by adding channel slices (elementwise: the same in any batch)."""
-    total = z[:, 0]
-    for c in range(1, z.shape[1]):
-        total = total + z[:, c]
+    """[..., C, H, W] -> [..., H, W] by adding channel slices (elementwise: the same in any batch)."""
+    total = z[..., 0, :, :]
+    for c in range(1, z.shape[-3]):
+        total = total + z[..., c, :, :]
     return total
 
 
+def halving_sum(z: torch.Tensor) -> torch.Tensor:
+    """The sum over dim 0 by pairwise halving (z[:h] + z[h:2h], the odd last slice added to the first): about
+    log2(K) elementwise additions, each entry summed in an order fixed by K alone, so the same whatever the other
+    dimensions hold (a reduction kernel may split or vectorise differently as they grow)."""
+    while z.shape[0] > 1:
+        half = z.shape[0] // 2
+        head = z[:half] + z[half : 2 * half]
+        if z.shape[0] % 2:
+            head[0] += z[2 * half]
+        z = head
+    return z[0]
+
+
 class ColumnSoftmax(StreamingSoftmax):
-    """`StreamingSoftmax` over the rows (images) of [K, L] logits, one softmax per column (location)."""
+    """`StreamingSoftmax` over the images (dim 0) of [K, B, L] logits, one softmax per (sample, location); every
+    step elementwise or a `halving_sum`, so each (sample, location) gets the same bits whatever else is batched."""
 
     def __init__(self) -> None:
         super().__init__(track_concentration=True)
         self.top_image: torch.Tensor | None = None
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor | None, start: int, track_top: bool) -> None:
-        """logits [K, L] (overwritten); values [K, L, V] or None (normaliser, maximum and squares only);
-        `start`: the index of the chunk's first image, for the best window."""
+    def add(self, logits: torch.Tensor, values: torch.Tensor | None, start: int, track_top: bool) -> torch.Tensor:
+        """logits [K, B, L] (overwritten); values [K, L, V] or None (normaliser, maximum and squares only);
+        `start`: the index of the chunk's first image, for the best window (the first of equal maxima). Returns
+        the chunk's weights 2^(logit - the new maximum) [K, B, L]."""
         chunk_max, best = logits.max(0) if track_top else (logits.amax(0), None)
         if track_top:
             better = best + start if self.max is None else torch.where(chunk_max > self.max, best + start,
                                                                         self.top_image)
             self.top_image = better
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
-        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)  # no subnormal weights, as in StreamingSoftmax
-        weights = logits.sub_(new_max).clamp_(min=floor).exp_()
-        total = weights.sum(0)
-        squares = weights.square().sum(0)
-        numerator = (weights[..., None] * values).sum(0) if values is not None else None
+        width = 0 if values is None else values.shape[-1]
+        # [weighted values | weight | weight^2] per image, each a contiguous [K, B, L] slice, summed at once
+        terms = logits.new_empty(width + 2, *logits.shape)
+        weights = torch.exp2(logits.sub_(new_max).clamp_(min=weight_floor(logits.dtype)), out=terms[width])
+        torch.square(weights, out=terms[width + 1])
+        if values is not None:
+            torch.mul(weights[None], values.permute(2, 0, 1)[:, :, None], out=terms[:width])
+        sums = halving_sum(terms.movedim(0, 1))  # [V + 2, B, L]
+        numerator, total, squares = sums[:width].permute(1, 2, 0), sums[width], sums[width + 1]
         if self.max is None:
             self.total, self.squares, self.numerator = total, squares, numerator
         else:
-            rescale = torch.exp(self.max - new_max)
+            rescale = torch.exp2(self.max - new_max)
             self.total = self.total * rescale + total
             self.squares = self.squares * rescale.square() + squares
-            if numerator is not None:
-                self.numerator = self.numerator * rescale[:, None] + numerator
+            self.numerator = self.numerator * rescale[..., None] + numerator
         self.max = new_max
+        return weights
 
 
 def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out) -> None:
-    """Aligned groups: per chunk and sample, the cross terms of every query with every image at its own place
-    are window sums of x_t * y_i, and the norms window sums of y_i^2 (no unfold: about 2 log2 k additions per
-    logit instead of a C k^2-long dot product). Window values (PSPC) take a second pass with the final maximum
-    and normaliser: each pixel gets sum_i y_i(p) * (the sum of w_i over the windows covering p)."""
+    """Aligned groups: per chunk, the cross terms of every query with every image at its own place are window
+    sums of x_t * y_i, and the norms window sums of y_i^2 (no unfold: about 2 log2 k additions per logit instead
+    of a C k^2-long dot product). Samples are batched (as many as BUDGET_BYTES allows against the chunk, a split
+    fixed for the whole call): every operation is elementwise or a `halving_sum`, so a sample's bits do not depend
+    on its batch. Window values (PSPC) take a second pass with the final maximum and normaliser: each pixel gets
+    sum_i y_i(p) * (the sum of w_i over the windows covering p)."""
     batch = x_t.shape[0]
     channels, height, width = store.sample_shape
     kh, kw = window.size
@@ -572,45 +600,68 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     grid = grid_width * (height + 2 * pad - kh + 1)
     whole = index.numel() == grid and bool((index == torch.arange(grid, device=device)).all())
     pixels = (index // grid_width + kh // 2 - pad) * width + index % grid_width + kw // 2 - pad  # centres
-    scaled = x_t.to(dtype) * (2 * signal_scale * scale)  # [B, C, H, W]
+    identity = pixels.numel() == height * width and bool((pixels == torch.arange(height * width, device=device)).all())
+    scaled = F.pad(x_t.to(dtype) * (2 * signal_scale * scale), (pad,) * 4)  # [B, C, H + 2 pad, W + 2 pad]
     bias_scale = scale * signal_scale**2
-    chunk = chunk_size or aligned_chunk_images(store.sample_shape, window, dtype)
-    states = [ColumnSoftmax() for _ in range(batch)]
+    pairs = aligned_chunk_images(store.sample_shape, window, dtype, index.numel())
+    chunk = min(chunk_size or pairs, store.num_images)  # never dependent on the batch
+    step = max(1, min(pairs, LOGIT_BLOCK // index.numel()) // chunk)  # samples per block: it stays in cache
+    batches = [slice(b, min(b + step, batch)) for b in range(0, batch, step)]
+    states = [ColumnSoftmax() for _ in batches]
 
     def chunks():
         for start in range(0, store.num_images, chunk):
             decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
-            norms = box_sums(_channel_sum(decoded * decoded), window.size, pad)  # [K, P]
-            yield start, decoded, (norms if whole else norms[:, index]) * bias_scale
+            padded = F.pad(decoded, (pad,) * 4)
+            norms = box_sums(_channel_sum(padded * padded), window.size, 0)  # [K, P]
+            yield start, decoded, padded, (norms if whole else norms[:, index]) * bias_scale
 
-    def logits(b, decoded, bias):
-        cross = box_sums(_channel_sum(scaled[b] * decoded), window.size, pad)  # [K, P]
-        return (cross if whole else cross[:, index]).sub_(bias)
+    def logits(part, padded, bias):
+        cross = box_sums(_channel_sum(padded[:, None] * scaled[None, part]), window.size, 0)  # [K, b, P]
+        return (cross if whole else cross[..., index]).sub_(bias[:, None])
 
     centre = window.value == "centre"
-    for start, decoded, bias in chunks():
-        values = decoded.flatten(2)[:, :, pixels].transpose(1, 2) if centre else None  # [K, La, C]
-        for b, state in enumerate(states):
-            state.add(logits(b, decoded, bias), values, start, out.track_top)
-    for b, state in enumerate(states):
+    # window values with a single chunk whose weights fit the budget: keep them for the fold (no second pass)
+    keep = not centre and chunk >= store.num_images and (
+        chunk * batch * index.numel() * (torch.finfo(dtype).bits // 8) <= BUDGET_BYTES)
+    kept = []
+    for start, decoded, padded, bias in chunks():
+        values = None
+        if centre:  # [K, La, C]
+            values = decoded.flatten(2).transpose(1, 2) if identity else decoded.flatten(2)[:, :, pixels].transpose(1, 2)
+        for part, state in zip(batches, states):
+            weights = state.add(logits(part, padded, bias), values, start, out.track_top)
+            if keep:
+                kept.append(weights)
+    if bool((where == torch.arange(where.numel(), device=device)).all()):
+        where = slice(0, where.numel())  # every location in order (LS, PSPC): no scatter
+    for part, state in zip(batches, states):
         if centre:
-            out.mean[b, where] = state.mean()
-        out.effective[b, where] = state.effective_count()
+            out.mean[part, where] = state.mean()
+        out.effective[part, where] = state.effective_count()
         if out.track_top:
-            out.top_image[b, where] = state.top_image
-            out.top_position[b, where] = index
+            out.top_image[part, where] = state.top_image
+            out.top_position[part, where] = index
     if centre:
         return
-    floor = 0.5 * math.log(torch.finfo(dtype).tiny)
+    floor = weight_floor(dtype)
     grid_shape = (height + 2 * pad - kh + 1, grid_width)
     out.folded = torch.zeros(batch, channels, height, width, dtype=dtype, device=device)
-    for start, decoded, bias in chunks():
-        for b, state in enumerate(states):
-            weights = logits(b, decoded, bias).sub_(state.max).clamp_(min=floor).exp_().div_(state.total)  # [K, La]
-            if not whole:
-                weights = weights.new_zeros(weights.shape[0], grid).index_copy_(1, index, weights)
-            # the weight of image i at every window covering pixel p, summed: a full-size window sum
-            spread = window_sums(window_sums(F.pad(weights.reshape(-1, *grid_shape), (kw - 1, kw - 1, kh - 1, kh - 1)),
-                                             kh, -2), kw, -1)  # [K, H + 2 pad, W + 2 pad]
-            spread = spread[:, pad : pad + height, pad : pad + width]
-            out.folded[b] += (decoded * spread[:, None]).sum(0)
+
+    def fold(part, decoded, weights):  # weights [K, b, La] normalised: out.folded[part] += their fold
+        if not whole:  # [K, b, La] -> [K, b, grid]
+            weights = weights.new_zeros(*weights.shape[:2], grid).index_copy_(2, index, weights)
+        # the weight of image i at every window covering pixel p, summed: a full-size window sum
+        spread = window_sums(window_sums(F.pad(weights.unflatten(2, grid_shape), (kw - 1, kw - 1, kh - 1, kh - 1)),
+                                         kh, -2), kw, -1)
+        spread = spread[..., pad : pad + height, pad : pad + width]  # [K, b, H, W]
+        out.folded[part] += halving_sum(decoded[:, None] * spread[:, :, None])
+
+    if keep:  # one chunk: its weights were taken against the final maximum already
+        decoded = store.decode(images, dtype)
+        for part, state, weights in zip(batches, states, kept):
+            fold(part, decoded, weights / state.total)
+        return
+    for start, decoded, padded, bias in chunks():
+        for part, state in zip(batches, states):
+            fold(part, decoded, logits(part, padded, bias).sub_(state.max).clamp_(min=floor).exp2_().div_(state.total))
