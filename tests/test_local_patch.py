@@ -367,14 +367,14 @@ def test_window_sums_by_doubling_equal_direct_sums():
 
 @pytest.mark.parametrize("name,k,level", [("local_score", 3, LATE), ("pspc", 3, MID), ("broken", 9, MID)])
 def test_aligned_path_split_into_sample_blocks_is_bit_identical(name, k, level, monkeypatch):
-    """The aligned path batches samples in blocks sized by LOGIT_BLOCK; blocks of 2, 2 and 1 samples give each
+    """The aligned path batches samples in blocks within BUDGET_BYTES; blocks of 2, 2 and 1 samples give each
     sample the bits it gets alone (every operation is elementwise or a halving sum over the images)."""
     import analytic_diffusion.search.patch_softmax as patch_softmax
 
     store = make_store(1, count=50)
     x_t = noisy(store, level, 5)
     denoiser = method(name, store, patch_size=k)
-    monkeypatch.setattr(patch_softmax, "LOGIT_BLOCK", 2 * 50 * 64)  # two samples per block on 8x8 images
+    monkeypatch.setattr(patch_softmax, "aligned_chunk_images", lambda *args: 100)  # chunks of 50, 2 samples
     together = denoiser(x_t, level)
     for n in range(5):
         alone = denoiser(x_t[n : n + 1], level)

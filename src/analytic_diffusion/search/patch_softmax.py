@@ -336,7 +336,7 @@ def patch_softmax(
     # at float64 steps the matched groups are screened with float32 logits and only the entries near each row's
     # maximum recomputed in float64 (not when the best window is tracked: it needs every logit exactly)
     margin = None
-    if dtype == torch.float64 and not track_top:
+    if dtype == torch.float64 and not track_top and matched:
         margin = -WEIGHT_FLOOR + 4 * float32_logit_error(queries, signal_scale, scale, window, channels)
         margin *= LOG2E
     scale *= LOG2E  # base-2 logits from here on
@@ -405,21 +405,31 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
             rows = chunk_size * span if chunk_size else max(1, LOGIT_BLOCK // groups[g].locations.numel())
             _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype,
                            screen_queries and screen_queries[g], margin)
+    inside = _inside_positions(store.sample_shape, window, device)
     for start in range(0, store.num_images if streamed else 0, chunk):
         decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
-        count = decoded.shape[0]
-        unfolded = F.unfold(decoded, window.size, padding=window.padding)  # [K, D, P]
-        biases = unfolded.square().sum(1) * bias_scale  # [K, P]
         values = decoded.flatten(2)  # [K, C, P]: the centre pixel of window p is pixel p
-        screen_windows = F.unfold(decoded.float(), window.size, padding=window.padding) if margin else None
+        unfolds = {}  # per padding, the chunk's windows [K, D, P], their biases [K, P] and float32 windows
+
+        def windows(padding):
+            if padding not in unfolds:
+                unfolded = F.unfold(decoded, window.size, padding=padding)
+                screen_windows = F.unfold(decoded.float(), window.size, padding=padding) if margin else None
+                unfolds[padding] = unfolded, unfolded.square().sum(1) * bias_scale, screen_windows
+            return unfolds[padding]
+
         gathered = {}  # the parts of a split shared group gather their windows once
         for g in streamed:
             group = groups[g]
             positions = group.positions.to(device)  # [G, S]
             span = positions.shape[1]
             if id(group.positions) not in gathered:
-                screen = _gather(screen_windows, biases.float(), positions) if margin else None
-                phi, vals = _gather(unfolded, biases, positions), _gather(values, None, positions)
+                # the fully-inside windows (ELS interiors) come from an unpadded unfold, in order: no gather
+                whole = inside is not None and positions.shape == inside.shape and bool((positions == inside).all())
+                unfolded, biases, screen_windows = windows(0 if whole else window.padding)
+                at = None if whole else positions
+                screen = _gather(screen_windows, biases.float(), at) if margin else None
+                phi, vals = _gather(unfolded, biases, at), _gather(values, None, positions)
                 gathered[id(group.positions)] = phi, vals, screen
             phi, vals, screen = gathered[id(group.positions)]
             for b in range(batch):
@@ -463,14 +473,30 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
                 state.softmax.add(_product(queries[b], phi_t), vals, inverse_roots)
 
 
-def _gather(unfolded: torch.Tensor, below: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-    """[K, D, P] per-image windows (or values) at `positions` [G, S] as [G, D + 1, K*S], with `below` [K, P]
-    (biases) or ones in the last row; column j = image j // S, position j % S."""
-    count, depth, _ = unfolded.shape
-    runs, span = positions.shape
+def _inside_positions(sample_shape, window: WindowSpec, device) -> torch.Tensor | None:
+    """[1, S] the positions of the fully-inside windows in the padded unfold's grid, in order (None without
+    padding or when no window fits)."""
+    _, height, width = sample_shape
+    (kh, kw), pad = window.size, window.padding
+    if not pad or kh > height or kw > width:
+        return None
+    grid_width = width + 2 * pad - kw + 1
+    rows = torch.arange(pad, pad + height - kh + 1, device=device)
+    cols = torch.arange(pad, pad + width - kw + 1, device=device)
+    return (rows[:, None] * grid_width + cols).reshape(1, -1)
+
+
+def _gather(unfolded: torch.Tensor, below: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor:
+    """[K, D, P] per-image windows (or values) at `positions` [G, S] (None: all P, one run) as [G, D + 1, K*S],
+    with `below` [K, P] (biases) or ones in the last row; column j = image j // S, position j % S."""
+    if positions is None:  # [K, D, 1, P]
+        picked, under = unfolded[:, :, None], None if below is None else below[:, None]
+    else:  # [K, D, G, S]
+        picked, under = unfolded[:, :, positions], None if below is None else below[:, positions]
+    count, depth, runs, span = picked.shape
     out = unfolded.new_empty(runs, depth + 1, count * span)
-    out[:, :depth] = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(runs, depth, count * span)
-    out[:, depth] = 1.0 if below is None else below[:, positions].permute(1, 0, 2).reshape(runs, count * span)
+    out[:, :depth] = picked.permute(2, 1, 0, 3).reshape(runs, depth, count * span)
+    out[:, depth] = 1.0 if under is None else under.permute(1, 0, 2).reshape(runs, count * span)
     return out
 
 
@@ -605,7 +631,7 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     bias_scale = scale * signal_scale**2
     pairs = aligned_chunk_images(store.sample_shape, window, dtype, index.numel())
     chunk = min(chunk_size or pairs, store.num_images)  # never dependent on the batch
-    step = max(1, min(pairs, LOGIT_BLOCK // index.numel()) // chunk)  # samples per block: it stays in cache
+    step = max(1, pairs // chunk)  # samples per block (large blocks: the per-call overheads dominate small ones)
     batches = [slice(b, min(b + step, batch)) for b in range(0, batch, step)]
     states = [ColumnSoftmax() for _ in batches]
 
