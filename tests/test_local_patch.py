@@ -391,3 +391,14 @@ def test_halving_sum_is_the_sum_and_ignores_the_other_dimensions():
     for b in range(6):
         assert torch.equal(halving_sum(z[:, b].contiguous()), total[b])
     assert torch.equal(halving_sum(z[:1]), z[0])
+
+
+def test_box_sums_on_flattened_rows_equal_direct_sums():
+    """Window sums along the flattened rows (shifts of 1 and of W); the sums that wrap around a row end are dropped."""
+    from analytic_diffusion.search.patch_softmax import box_sums
+
+    z = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for kh, kw in ((1, 1), (3, 3), (2, 5), (9, 4), (4, 11)):
+        expected = torch.stack([torch.stack([z[..., i : i + kh, j : j + kw].sum((-2, -1)) for j in range(11 - kw + 1)], -1)
+                                for i in range(9 - kh + 1)], -2)
+        torch.testing.assert_close(box_sums(z, (kh, kw)), expected, rtol=0, atol=1e-12)

@@ -409,13 +409,13 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
     for start in range(0, store.num_images if streamed else 0, chunk):
         decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
         values = decoded.flatten(2)  # [K, C, P]: the centre pixel of window p is pixel p
-        unfolds = {}  # per padding, the chunk's windows [K, D, P], their biases [K, P] and float32 windows
+        unfolds = {}  # per padding, the chunk's windows [K, D, P] and float32 windows
 
         def windows(padding):
             if padding not in unfolds:
                 unfolded = F.unfold(decoded, window.size, padding=padding)
                 screen_windows = F.unfold(decoded.float(), window.size, padding=padding) if margin else None
-                unfolds[padding] = unfolded, unfolded.square().sum(1) * bias_scale, screen_windows
+                unfolds[padding] = unfolded, screen_windows
             return unfolds[padding]
 
         gathered = {}  # the parts of a split shared group gather their windows once
@@ -426,10 +426,12 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
             if id(group.positions) not in gathered:
                 # the fully-inside windows (ELS interiors) come from an unpadded unfold, in order: no gather
                 whole = inside is not None and positions.shape == inside.shape and bool((positions == inside).all())
-                unfolded, biases, screen_windows = windows(0 if whole else window.padding)
+                unfolded, screen_windows = windows(0 if whole else window.padding)
                 at = None if whole else positions
-                screen = _gather(screen_windows, biases.float(), at) if margin else None
-                phi, vals = _gather(unfolded, biases, at), _gather(values, None, positions)
+                phi, vals = _gather(unfolded, bias_scale, at), _gather(values, None, positions)
+                screen = _gather(screen_windows, None, at) if margin else None
+                if margin:  # the float32 screen uses the same biases
+                    screen[:, -1] = phi[:, -1]
                 gathered[id(group.positions)] = phi, vals, screen
             phi, vals, screen = gathered[id(group.positions)]
             for b in range(batch):
@@ -486,17 +488,18 @@ def _inside_positions(sample_shape, window: WindowSpec, device) -> torch.Tensor 
     return (rows[:, None] * grid_width + cols).reshape(1, -1)
 
 
-def _gather(unfolded: torch.Tensor, below: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor:
+def _gather(unfolded: torch.Tensor, bias_scale: float | None, positions: torch.Tensor | None) -> torch.Tensor:
     """[K, D, P] per-image windows (or values) at `positions` [G, S] (None: all P, one run) as [G, D + 1, K*S],
-    with `below` [K, P] (biases) or ones in the last row; column j = image j // S, position j % S."""
-    if positions is None:  # [K, D, 1, P]
-        picked, under = unfolded[:, :, None], None if below is None else below[:, None]
-    else:  # [K, D, G, S]
-        picked, under = unfolded[:, :, positions], None if below is None else below[:, positions]
+    with their biases `bias_scale` ||phi||^2 (or ones) in the last row; column j = image j // S, position j % S.
+    Only the windows picked are squared."""
+    picked = unfolded[:, :, None] if positions is None else unfolded[:, :, positions]  # [K, D, G, S]
     count, depth, runs, span = picked.shape
     out = unfolded.new_empty(runs, depth + 1, count * span)
     out[:, :depth] = picked.permute(2, 1, 0, 3).reshape(runs, depth, count * span)
-    out[:, depth] = 1.0 if under is None else under.permute(1, 0, 2).reshape(runs, count * span)
+    if bias_scale is None:
+        out[:, depth] = 1.0
+    else:
+        torch.linalg.vecdot(out[:, :depth], out[:, :depth], dim=1, out=out[:, depth]).mul_(bias_scale)
     return out
 
 
@@ -523,30 +526,32 @@ def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, 
 # --- aligned groups: each query against the windows at its own place -----------------------------------------
 
 
-def window_sums(z: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """Sums of `size` consecutive entries along `dim` (length n -> n - size + 1), by doubling: about 2 log2(size)
-    additions of shifted views, every entry summed in an order fixed by `size` alone (so the same whatever the
-    batch or chunk it is in)."""
-    length = z.shape[dim] - size + 1
+def window_sums(z: torch.Tensor, size: int, dim: int, step: int = 1) -> torch.Tensor:
+    """Sums of `size` entries `step` apart along `dim` (length n -> n - (size - 1) step), by doubling: about
+    2 log2(size) additions of shifted views, every entry summed in an order fixed by `size` alone (so the same
+    whatever the batch or chunk it is in)."""
+    length = z.shape[dim] - (size - 1) * step
     total, offset, span, power = None, 0, 1, z
     while True:
         if size & span:
-            piece = power.narrow(dim, offset, length)
+            piece = power.narrow(dim, offset * step, length)
             total = piece if total is None else total + piece
             offset += span
         if 2 * span > size:
             return total
-        n = power.shape[dim] - span
-        power = power.narrow(dim, 0, n) + power.narrow(dim, span, n)
+        n = power.shape[dim] - span * step
+        power = power.narrow(dim, 0, n) + power.narrow(dim, span * step, n)
         span *= 2
 
 
-def box_sums(z: torch.Tensor, size: tuple[int, int], padding: int) -> torch.Tensor:
-    """[..., H, W] -> the sum of every size[0] x size[1] window of z zero-padded by `padding`, [..., P] flat in
-    unfold order."""
-    if padding:
-        z = F.pad(z, (padding,) * 4)
-    return window_sums(window_sums(z, size[0], -2), size[1], -1).flatten(-2)
+def box_sums(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[..., H, W] -> the sum of every size[0] x size[1] window, [..., H - kh + 1, W - kw + 1] (a strided view).
+    Both passes run on the flattened rows (shifts of 1 and of W: long contiguous loops, several times faster than
+    short rows); the sums that wrap around a row end are never looked at."""
+    (kh, kw), width = size, z.shape[-1]
+    flat = window_sums(window_sums(z.flatten(-2), kh, -1, width), kw, -1)  # [..., (H - kh) W + W - kw + 1]
+    rows, cols = z.shape[-2] - kh + 1, width - kw + 1
+    return flat.as_strided((*flat.shape[:-1], rows, cols), (*flat.stride()[:-1], width, 1))
 
 
 def _channel_sum(z: torch.Tensor) -> torch.Tensor:
@@ -639,12 +644,14 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
         for start in range(0, store.num_images, chunk):
             decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
             padded = F.pad(decoded, (pad,) * 4)
-            norms = box_sums(_channel_sum(padded * padded), window.size, 0)  # [K, P]
+            norms = box_sums(_channel_sum(padded * padded), window.size).reshape(padded.shape[0], -1)  # [K, P]
             yield start, decoded, padded, (norms if whole else norms[:, index]) * bias_scale
 
     def logits(part, padded, bias):
-        cross = box_sums(_channel_sum(padded[:, None] * scaled[None, part]), window.size, 0)  # [K, b, P]
-        return (cross if whole else cross[..., index]).sub_(bias[:, None])
+        cross = box_sums(_channel_sum(padded[:, None] * scaled[None, part]), window.size)  # [K, b, H', W']
+        if whole:  # one pass reads the strided sums and writes the logits
+            return torch.sub(cross, bias.view(bias.shape[0], 1, *cross.shape[-2:])).flatten(-2)
+        return cross.reshape(*cross.shape[:2], -1)[..., index].sub_(bias[:, None])
 
     centre = window.value == "centre"
     # window values with a single chunk whose weights fit the budget: keep them for the fold (no second pass)
@@ -678,8 +685,7 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
         if not whole:  # [K, b, La] -> [K, b, grid]
             weights = weights.new_zeros(*weights.shape[:2], grid).index_copy_(2, index, weights)
         # the weight of image i at every window covering pixel p, summed: a full-size window sum
-        spread = window_sums(window_sums(F.pad(weights.unflatten(2, grid_shape), (kw - 1, kw - 1, kh - 1, kh - 1)),
-                                         kh, -2), kw, -1)
+        spread = box_sums(F.pad(weights.unflatten(2, grid_shape), (kw - 1, kw - 1, kh - 1, kh - 1)), (kh, kw))
         spread = spread[..., pad : pad + height, pad : pad + width]  # [K, b, H, W]
         out.folded[part] += halving_sum(decoded[:, None] * spread[:, :, None])
 
