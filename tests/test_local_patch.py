@@ -399,6 +399,6 @@ def test_box_sums_on_flattened_rows_equal_direct_sums():
 
     z = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for kh, kw in ((1, 1), (3, 3), (2, 5), (9, 4), (4, 11)):
-        expected = torch.stack([torch.stack([z[..., i : i + kh, j : j + kw].sum((-2, -1)) for j in range(11 - kw + 1)], -1)
-                                for i in range(9 - kh + 1)], -2)
+        rows = [[z[..., i : i + kh, j : j + kw].sum((-2, -1)) for j in range(11 - kw + 1)] for i in range(9 - kh + 1)]
+        expected = torch.stack([torch.stack(row, -1) for row in rows], -2)
         torch.testing.assert_close(box_sums(z, (kh, kw)), expected, rtol=0, atol=1e-12)

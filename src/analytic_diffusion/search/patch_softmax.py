@@ -33,7 +33,7 @@ from ..data.store import DatasetStore
 from .softmax import StreamingSoftmax
 
 DISTINCT_BYTES = 256 << 20  # a shared dictionary is deduplicated when its distinct windows fit in this
-MAX_DISTINCT_FRACTION = 0.8  # ... and when at most this fraction of the first chunk's windows are distinct
+MAX_DISTINCT_FRACTION = 0.9  # ... and when at most this fraction of the first chunk's windows are distinct
 MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
 BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
 MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (fewer make the products inefficient)
@@ -661,7 +661,8 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     for start, decoded, padded, bias in chunks():
         values = None
         if centre:  # [K, La, C]
-            values = decoded.flatten(2).transpose(1, 2) if identity else decoded.flatten(2)[:, :, pixels].transpose(1, 2)
+            values = decoded.flatten(2) if identity else decoded.flatten(2)[:, :, pixels]
+            values = values.transpose(1, 2)
         for part, state in zip(batches, states):
             weights = state.add(logits(part, padded, bias), values, start, out.track_top)
             if keep:
