@@ -584,9 +584,12 @@ class ColumnSoftmax(StreamingSoftmax):
         self.top_image: torch.Tensor | None = None
 
     def add(self, logits: torch.Tensor, values: torch.Tensor | None, start: int, track_top: bool) -> torch.Tensor:
-        """logits [K, B, L] (overwritten); values [K, L, V] or None (normaliser, maximum and squares only);
+        """logits [K, B, L]; values [K, L, V] (float32) or None (normaliser, maximum and squares only);
         `start`: the index of the chunk's first image, for the best window (the first of equal maxima). Returns
-        the chunk's weights 2^(logit - the new maximum) [K, B, L]."""
+        the chunk's weights 2^(logit - the new maximum) [K, B, L] in float32: at float64 steps only the logits and
+        their maximum need float64 (their rounding error is what grows with c); the differences to the maximum that
+        matter (down to the floor, -63) are rounded to float32 within 63 u32 < 4e-6, and the weights and their sums
+        are float32 as at float32 steps."""
         chunk_max, best = logits.max(0) if track_top else (logits.amax(0), None)
         if track_top:
             better = best + start if self.max is None else torch.where(chunk_max > self.max, best + start,
@@ -595,8 +598,8 @@ class ColumnSoftmax(StreamingSoftmax):
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
         width = 0 if values is None else values.shape[-1]
         # [weighted values | weight | weight^2] per image, each a contiguous [K, B, L] slice, summed at once
-        terms = logits.new_empty(width + 2, *logits.shape)
-        weights = torch.exp2(logits.sub_(new_max).clamp_(min=weight_floor(logits.dtype)), out=terms[width])
+        terms = logits.new_empty(width + 2, *logits.shape, dtype=torch.float32)
+        weights = torch.sub(logits, new_max, out=terms[width]).clamp_(min=weight_floor(torch.float32)).exp2_()
         torch.square(weights, out=terms[width + 1])
         if values is not None:
             torch.mul(weights[None], values.permute(2, 0, 1)[:, :, None], out=terms[:width])
@@ -605,7 +608,7 @@ class ColumnSoftmax(StreamingSoftmax):
         if self.max is None:
             self.total, self.squares, self.numerator = total, squares, numerator
         else:
-            rescale = torch.exp2(self.max - new_max)
+            rescale = torch.exp2(self.max - new_max).float()
             self.total = self.total * rescale + total
             self.squares = self.squares * rescale.square() + squares
             self.numerator = self.numerator * rescale[..., None] + numerator
@@ -661,7 +664,8 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     for start, decoded, padded, bias in chunks():
         values = None
         if centre:  # [K, La, C]
-            values = decoded.flatten(2) if identity else decoded.flatten(2)[:, :, pixels]
+            values = decoded.float().flatten(2)
+            values = values if identity else values[:, :, pixels]
             values = values.transpose(1, 2)
         for part, state in zip(batches, states):
             weights = state.add(logits(part, padded, bias), values, start, out.track_top)
@@ -671,14 +675,14 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
         where = slice(0, where.numel())  # every location in order (LS, PSPC): no scatter
     for part, state in zip(batches, states):
         if centre:
-            out.mean[part, where] = state.mean()
-        out.effective[part, where] = state.effective_count()
+            out.mean[part, where] = state.mean().to(dtype)
+        out.effective[part, where] = state.effective_count().to(dtype)
         if out.track_top:
             out.top_image[part, where] = state.top_image
             out.top_position[part, where] = index
     if centre:
         return
-    floor = weight_floor(dtype)
+    floor = weight_floor(torch.float32)
     grid_shape = (height + 2 * pad - kh + 1, grid_width)
     out.folded = torch.zeros(batch, channels, height, width, dtype=dtype, device=device)
 
@@ -691,10 +695,11 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
         out.folded[part] += halving_sum(decoded[:, None] * spread[:, :, None])
 
     if keep:  # one chunk: its weights were taken against the final maximum already
-        decoded = store.decode(images, dtype)
+        decoded = store.decode(images, torch.float32)
         for part, state, weights in zip(batches, states, kept):
             fold(part, decoded, weights / state.total)
         return
     for start, decoded, padded, bias in chunks():
         for part, state in zip(batches, states):
-            fold(part, decoded, logits(part, padded, bias).sub_(state.max).clamp_(min=floor).exp2_().div_(state.total))
+            shifted = (logits(part, padded, bias) - state.max).float()
+            fold(part, decoded.float(), shifted.clamp_(min=floor).exp2_().div_(state.total))
