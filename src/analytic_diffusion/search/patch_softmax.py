@@ -12,13 +12,14 @@ window (PSPC).
 Streaming: the store stays in its compact dtype and is decoded and unfolded chunk by chunk; the cross terms q.phi
 of a chunk are one batched matrix product per group of queries; every (sample, query) row keeps its own running
 maximum, normaliser and weighted sum (`StreamingSoftmax`), so the result does not depend on the chunking and no
-maximum is shared across a batch. Samples are processed one by one against each chunk and chunk sizes never
-depend on the batch, so a sample's result is bit-identical whatever batch it is in. Temporaries stay under
+maximum is shared across a batch. Samples are processed one by one against each chunk in the matrix products
+(aligned groups batch them through elementwise operations and halving sums only) and chunk sizes never depend on
+the batch, so a sample's result is bit-identical whatever batch it is in. Temporaries stay under
 BUDGET_BYTES (chunk windows) and LOGIT_BLOCK (logits of one block) whatever N. Logits are float32 while their
 rounding error stays below FLOAT32_LOGIT_NOISE and float64 beyond (the late steps, where c is large), the same
-discipline as `optimal`. A shared dictionary whose windows repeat (backgrounds) can be given as its distinct
-windows with their counts (`unique_windows`, built once per patch size, at most DISTINCT_BYTES): exact, and
-proportionally fewer logits.
+discipline as `optimal`; the streams work in base 2 (log2 e folded into c, exp2 for exp). A shared dictionary
+whose windows repeat (backgrounds) can be given as its distinct windows with their counts (`unique_windows`, built
+once per patch size, at most DISTINCT_BYTES): exact, and proportionally fewer logits.
 """
 
 from __future__ import annotations
@@ -621,8 +622,9 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     sums of x_t * y_i, and the norms window sums of y_i^2 (no unfold: about 2 log2 k additions per logit instead
     of a C k^2-long dot product). Samples are batched (as many as BUDGET_BYTES allows against the chunk, a split
     fixed for the whole call): every operation is elementwise or a `halving_sum`, so a sample's bits do not depend
-    on its batch. Window values (PSPC) take a second pass with the final maximum and normaliser: each pixel gets
-    sum_i y_i(p) * (the sum of w_i over the windows covering p)."""
+    on its batch. Window values (PSPC) are folded with the final maximum and normaliser: each pixel gets
+    sum_i y_i(p) * (the sum of w_i over the windows covering p), from the first pass's weights when the store is
+    one chunk that fits the budget, else from a second pass."""
     batch = x_t.shape[0]
     channels, height, width = store.sample_shape
     kh, kw = window.size
