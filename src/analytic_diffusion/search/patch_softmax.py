@@ -557,8 +557,8 @@ def window_sums(z: torch.Tensor, size: int, dim: int, step: int = 1) -> torch.Te
 
 def box_sums(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[..., H, W] -> the sum of every size[0] x size[1] window, [..., H - kh + 1, W - kw + 1] (a strided view).
-    Both passes run on the flattened rows (shifts of 1 and of W: long contiguous loops, several times faster than
-    short rows); the sums that wrap around a row end are never looked at."""
+    Both passes run on the flattened rows (shifts of 1 and of W: long contiguous loops instead of rows of W);
+    the sums that wrap around a row end are never looked at."""
     (kh, kw), width = size, z.shape[-1]
     flat = window_sums(window_sums(z.flatten(-2), kh, -1, width), kw, -1)  # [..., (H - kh) W + W - kw + 1]
     rows, cols = z.shape[-2] - kh + 1, width - kw + 1
