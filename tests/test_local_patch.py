@@ -363,3 +363,42 @@ def test_window_sums_by_doubling_equal_direct_sums():
     for size in (1, 2, 3, 4, 7, 8, 13, 25, 30):
         expected = torch.stack([z[:, i : i + size].sum(1) for i in range(30 - size + 1)], 1)
         torch.testing.assert_close(window_sums(z, size, 1), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,k,level", [("local_score", 3, LATE), ("pspc", 3, MID), ("broken", 9, MID)])
+def test_aligned_path_split_into_sample_blocks_is_bit_identical(name, k, level, monkeypatch):
+    """The aligned path batches samples in blocks within BUDGET_BYTES; blocks of 2, 2 and 1 samples give each
+    sample the bits it gets alone (every operation is elementwise or a halving sum over the images)."""
+    import analytic_diffusion.search.patch_softmax as patch_softmax
+
+    store = make_store(1, count=50)
+    x_t = noisy(store, level, 5)
+    denoiser = method(name, store, patch_size=k)
+    monkeypatch.setattr(patch_softmax, "aligned_chunk_images", lambda *args: 100)  # chunks of 50, 2 samples
+    together = denoiser(x_t, level)
+    for n in range(5):
+        alone = denoiser(x_t[n : n + 1], level)
+        assert torch.equal(alone.x0_hat[0], together.x0_hat[n])
+        assert torch.equal(alone.diagnostics["effective_patches"][0], together.diagnostics["effective_patches"][n])
+
+
+def test_halving_sum_is_the_sum_and_ignores_the_other_dimensions():
+    from analytic_diffusion.search.patch_softmax import halving_sum
+
+    z = torch.randn(37, 6, 11, generator=torch.Generator().manual_seed(0))
+    total = halving_sum(z)
+    torch.testing.assert_close(total.double(), z.double().sum(0), rtol=0, atol=1e-5)
+    for b in range(6):
+        assert torch.equal(halving_sum(z[:, b].contiguous()), total[b])
+    assert torch.equal(halving_sum(z[:1]), z[0])
+
+
+def test_box_sums_on_flattened_rows_equal_direct_sums():
+    """Window sums along the flattened rows (shifts of 1 and of W); the sums that wrap around a row end are dropped."""
+    from analytic_diffusion.search.patch_softmax import box_sums
+
+    z = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for kh, kw in ((1, 1), (3, 3), (2, 5), (9, 4), (4, 11)):
+        rows = [[z[..., i : i + kh, j : j + kw].sum((-2, -1)) for j in range(11 - kw + 1)] for i in range(9 - kh + 1)]
+        expected = torch.stack([torch.stack(row, -1) for row in rows], -2)
+        torch.testing.assert_close(box_sums(z, (kh, kw)), expected, rtol=0, atol=1e-12)

@@ -74,16 +74,17 @@ def _all_gather(ranks: Ranks, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def merge_softmax(ranks: Ranks, maximum: torch.Tensor, total: torch.Tensor, numerator: torch.Tensor | None,
-                  *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                  *others: torch.Tensor, base2: bool = False) -> tuple[torch.Tensor, ...]:
     """Merge per-shard streaming-softmax states (max m [*b], normaliser s [*b], weighted sum v [*b, *v] or None)
     into the state over the whole dataset, identical on every rank. Returns M, s, v (None without one), the shard
-    holding M (the lowest on ties) [*b], the factors e^(m_r - M) [K, *b], then `others` gathered alongside
-    ([K, ...]); one collective in all."""
+    holding M (the lowest on ties) [*b], the factors e^(m_r - M) (2^(m_r - M) for `base2` logits) [K, *b], then
+    `others` gathered alongside ([K, ...]); one collective in all."""
     parts = [t for t in (maximum, total, numerator, *others) if t is not None]
     m, totals, *rest = _all_gather(ranks, *parts)
     values = rest.pop(0) if numerator is not None else None
     top = m.amax(0)
-    factor = torch.exp(m - top.masked_fill(top == -math.inf, 0))  # [K, *b]; shards with only -inf logits add 0
+    exp = torch.exp2 if base2 else torch.exp
+    factor = exp(m - top.masked_fill(top == -math.inf, 0))  # [K, *b]; shards with only -inf logits add 0
     merged_total = (factor * totals).sum(0)
     merged_numerator = None
     if values is not None:
@@ -248,7 +249,7 @@ class PatchMerge:
         numerator = None if part.mean is None else part.mean.to(wide) * total[..., None]
         tops = [] if part.top_image is None else [part.top_image + self.dataset.offset, part.top_position]
         top, total, numerator, shard, factor, squares, *tops = merge_softmax(
-            self.dataset.ranks, part.max.to(wide), total, numerator, part.squares.to(wide), *tops)
+            self.dataset.ranks, part.max.to(wide), total, numerator, part.squares.to(wide), *tops, base2=True)
         squares = (factor.square() * squares).sum(0)
         mean = None if numerator is None else (numerator / total[..., None]).to(part.dtype)
         top_image, top_position = (pick(t, shard) for t in tops) if tops else (None, None)

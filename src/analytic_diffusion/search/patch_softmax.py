@@ -12,13 +12,14 @@ window (PSPC).
 Streaming: the store stays in its compact dtype and is decoded and unfolded chunk by chunk; the cross terms q.phi
 of a chunk are one batched matrix product per group of queries; every (sample, query) row keeps its own running
 maximum, normaliser and weighted sum (`StreamingSoftmax`), so the result does not depend on the chunking and no
-maximum is shared across a batch. Samples are processed one by one against each chunk and chunk sizes never
-depend on the batch, so a sample's result is bit-identical whatever batch it is in. Temporaries stay under
+maximum is shared across a batch. Samples are processed one by one against each chunk in the matrix products
+(aligned groups batch them through elementwise operations and halving sums only) and chunk sizes never depend on
+the batch, so a sample's result is bit-identical whatever batch it is in. Temporaries stay under
 BUDGET_BYTES (chunk windows) and LOGIT_BLOCK (logits of one block) whatever N. Logits are float32 while their
 rounding error stays below FLOAT32_LOGIT_NOISE and float64 beyond (the late steps, where c is large), the same
-discipline as `optimal`. A shared dictionary whose windows repeat (backgrounds) can be given as its distinct
-windows with their counts (`unique_windows`, built once per patch size, at most DISTINCT_BYTES): exact, and
-proportionally fewer logits.
+discipline as `optimal`; the streams work in base 2 (log2 e folded into c, exp2 for exp). A shared dictionary
+whose windows repeat (backgrounds) can be given as its distinct windows with their counts (`unique_windows`, built
+once per patch size, at most DISTINCT_BYTES): exact, and proportionally fewer logits.
 """
 
 from __future__ import annotations
@@ -34,15 +35,31 @@ from ..data.store import DatasetStore
 from .softmax import StreamingSoftmax
 
 DISTINCT_BYTES = 256 << 20  # a shared dictionary is deduplicated when its distinct windows fit in this
-MAX_DISTINCT_FRACTION = 0.8  # ... and when at most this fraction of the first chunk's windows are distinct
+MAX_DISTINCT_FRACTION = 0.9  # ... and when at most this fraction of the first chunk's windows are distinct
 MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
 BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
 MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (fewer make the products inefficient)
 LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
 # large enough that per-call overheads stay small (docs/local-patch.md)
+WIDE_WINDOWS = 100  # windows of at least this many values (k >= 11 in grey) get blocks WIDE_FACTOR times larger:
+WIDE_FACTOR = 4  # the product then dominates, and it runs 15-20% faster with more rows than the cache-sized block
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
 WEIGHT_FLOOR = 0.5 * math.log(torch.finfo(torch.float32).tiny)  # -43.7: float32 weights are floored at e^this
 MAX_LOGIT_SCALE = 1e30  # c at ab_t = 1 (no noise): the nearest-window limit, kept finite
+LOG2E = 1.0 / math.log(2.0)  # the streams work in base 2 (c log2 e folded into the queries, exp2 for exp):
+# exp2 is about twice as fast as exp on CPUs, and the weights are the same
+
+
+def block_shape(depth: int) -> tuple[int, int]:
+    """(logits of one block, least query rows of a block) for windows of `depth` values."""
+    factor = WIDE_FACTOR if depth >= WIDE_WINDOWS else 1
+    return LOGIT_BLOCK * factor, MIN_BLOCK_ROWS * factor
+
+
+def weight_floor(dtype: torch.dtype) -> float:
+    """log2 of the smallest weight kept (relative to the row's largest): weights are floored at sqrt(tiny), no
+    subnormals (they slow the CPU down 20-50x); a sum whose largest term is 1 changes by at most M sqrt(tiny)."""
+    return 0.5 * math.log2(torch.finfo(dtype).tiny)
 
 
 @dataclass(frozen=True)
@@ -147,9 +164,9 @@ class PatchSoftmaxResult:
     top_position: torch.Tensor | None = None  # long [B, L]
     dtype: torch.dtype = torch.float32  # what the logits were computed in
     folded: torch.Tensor | None = None  # [B, C, H, W] window values: sum over the windows covering each pixel
-    max: torch.Tensor | None = None  # [B, L] the largest logit (with a merge)
-    total: torch.Tensor | None = None  # [B, L] sum of e^(logit - max) (with a merge)
-    squares: torch.Tensor | None = None  # [B, L] sum of e^(2 (logit - max)) (with a merge)
+    max: torch.Tensor | None = None  # [B, L] the largest logit, in base 2 (log2 of a weight; with a merge)
+    total: torch.Tensor | None = None  # [B, L] sum of 2^(logit - max) (with a merge)
+    squares: torch.Tensor | None = None  # [B, L] sum of 2^(2 (logit - max)) (with a merge)
 
 
 def logit_scale(noise_variance: float, temperature: float) -> float:
@@ -177,8 +194,8 @@ def split_groups(groups: list[PatchGroup], max_logits: int) -> list[PatchGroup]:
 
 def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dtype: torch.dtype) -> int:
     """Images per chunk (never dependent on the batch): large enough that the smallest group's block of logits
-    fills LOGIT_BLOCK, small enough that the chunk's windows stay within BUDGET_BYTES and that the widest group
-    still gets blocks of MIN_BLOCK_ROWS query rows (groups are then split to fit LOGIT_BLOCK)."""
+    fills a block (`block_shape`), small enough that the chunk's windows stay within BUDGET_BYTES and that the
+    widest group still gets blocks of its least rows (groups are then split to fit the block)."""
     channels, height, width = sample_shape
     kh, kw = window.size
     depth = channels * kh * kw
@@ -187,18 +204,19 @@ def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dty
     gathered = max(g.positions.numel() for g in groups) * (depth + channels + 2)  # a group's windows, biases, values
     size = torch.finfo(dtype).bits // 8
     by_memory = BUDGET_BYTES // (size * (unfolded + gathered))
-    by_smallest = LOGIT_BLOCK // min(g.locations.numel() * g.positions.shape[1] for g in groups)
-    by_widest = LOGIT_BLOCK // (MIN_BLOCK_ROWS * max(g.positions.shape[1] for g in groups))
+    block, min_rows = block_shape(depth)
+    by_smallest = block // min(g.locations.numel() * g.positions.shape[1] for g in groups)
+    by_widest = block // (min_rows * max(g.positions.shape[1] for g in groups))
     return max(1, min(by_memory, by_smallest, by_widest))
 
 
-def aligned_chunk_images(sample_shape, window: WindowSpec, dtype: torch.dtype) -> int:
-    """Images per chunk of the aligned path: the decoded chunk, its padded products and window sums, and the
-    logits, weights and values of one sample within BUDGET_BYTES."""
+def aligned_chunk_images(sample_shape, window: WindowSpec, dtype: torch.dtype, locations: int) -> int:
+    """(image, sample) pairs per chunk of the aligned path within BUDGET_BYTES: per pair the product image, its
+    padded channel sum and window sums, and the logits, weights and [values | w | w^2] of `locations` queries."""
     channels, height, width = sample_shape
     padded = (height + 2 * window.padding) * (width + 2 * window.padding)
-    per_image = 2 * channels * height * width + 4 * padded + (channels + 4) * height * width
-    return max(1, BUDGET_BYTES // ((torch.finfo(dtype).bits // 8) * per_image))
+    per_pair = 2 * channels * height * width + 4 * padded + (channels + 4) * locations
+    return max(1, BUDGET_BYTES // ((torch.finfo(dtype).bits // 8) * per_pair))
 
 
 def float32_logit_error(
@@ -238,9 +256,7 @@ class BlockSoftmax(StreamingSoftmax):
         copy."""
         chunk_max = logits.amax(-1)
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
-        # floor as in StreamingSoftmax: no subnormal weights (they slow the CPU down 20-50x), error < M e^-43
-        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
-        weights = logits.sub_(new_max[..., None]).clamp_(min=floor).exp_()
+        weights = logits.sub_(new_max[..., None]).clamp_(min=weight_floor(logits.dtype)).exp2_()
         # one group (G = 1): a GEMM against the transposed values is ~3x faster on CPUs than bmm's skinny output
         sums = F.linear(weights[0], values[0])[None] if weights.shape[0] == 1 else torch.bmm(weights, values.mT)
         # sum w^2 in one pass (a norm, squared)
@@ -253,7 +269,7 @@ class BlockSoftmax(StreamingSoftmax):
         if self.max is None:
             self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
         else:
-            rescale = torch.exp(self.max - new_max)
+            rescale = torch.exp2(self.max - new_max)
             self.numerator = self.numerator * rescale[..., None] + sums[..., :-1]
             self.total = self.total * rescale + sums[..., -1]
             self.squares = self.squares * rescale.square() + squares
@@ -283,8 +299,7 @@ class BlockSoftmax(StreamingSoftmax):
         flat_max = logits.new_full((runs * rows,), -math.inf).scatter_reduce_(0, row, logits, "amax")
         new_max = flat_max.view(runs, rows)
         new_max = new_max if self.max is None else torch.maximum(self.max, new_max)
-        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
-        weights = (logits - new_max.flatten()[row]).clamp_(min=floor).exp_()
+        weights = (logits - new_max.flatten()[row]).clamp_(min=weight_floor(logits.dtype)).exp2_()
         sums = logits.new_zeros(runs * rows, values.shape[1]).index_add_(
             0, row, weights[:, None] * values.transpose(1, 2)[g, j]).view(runs, rows, -1)
         squares = weights.square() if inverse_counts is None else weights.square() * inverse_counts[j]
@@ -342,8 +357,10 @@ def patch_softmax(
     # at float64 steps the matched groups are screened with float32 logits and only the entries near each row's
     # maximum recomputed in float64 (not when the best window is tracked: it needs every logit exactly)
     margin = None
-    if dtype == torch.float64 and not track_top:
+    if dtype == torch.float64 and not track_top and matched:
         margin = -WEIGHT_FLOOR + 4 * float32_logit_error(queries, signal_scale, scale, window, channels)
+        margin *= LOG2E
+    scale *= LOG2E  # base-2 logits from here on
     out = _Output(batch, num_locations, channels, dtype, queries.device, track_top, window.value == "centre", merge)
     if aligned:
         _stream_aligned(x_t, store, images, window, aligned, signal_scale, scale, dtype, chunk_size, out)
@@ -413,8 +430,9 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
     chunk = chunk_size or (chunk_images(from_images, window, store.sample_shape, dtype) if from_images else 1)
     if margin is not None and not chunk_size:  # float32 and float64 windows both: two thirds of the chunk
         chunk = max(1, 2 * chunk // 3)
-    groups = split_groups([g for g in groups if g.unique is not None], LOGIT_BLOCK) + split_groups(
-        from_images, max(1, LOGIT_BLOCK // chunk))
+    block, _ = block_shape(depth)
+    groups = split_groups([g for g in groups if g.unique is not None], block) + split_groups(
+        from_images, max(1, block // chunk))
     streamed = [g for g, group in enumerate(groups) if group.unique is None]
     device = queries.device
     # per group and sample, the queries pre-multiplied by 2 s c and a last entry -1 for the bias: [G, run, D + 1]
@@ -428,24 +446,36 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
     for g in range(len(groups)):
         if groups[g].unique is not None:
             span = groups[g].positions.shape[1]
-            rows = chunk_size * span if chunk_size else max(1, LOGIT_BLOCK // groups[g].locations.numel())
+            rows = chunk_size * span if chunk_size else max(1, block // groups[g].locations.numel())
             _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype,
                            screen_queries and screen_queries[g], margin)
+    inside = _inside_positions(store.sample_shape, window, device)
     for start in range(0, store.num_images if streamed else 0, chunk):
         decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
-        count = decoded.shape[0]
-        unfolded = F.unfold(decoded, window.size, padding=window.padding)  # [K, D, P]
-        biases = unfolded.square().sum(1) * bias_scale  # [K, P]
         values = decoded.flatten(2)  # [K, C, P]: the centre pixel of window p is pixel p
-        screen_windows = F.unfold(decoded.float(), window.size, padding=window.padding) if margin else None
+        unfolds = {}  # per padding, the chunk's windows [K, D, P] and float32 windows
+
+        def windows(padding):
+            if padding not in unfolds:
+                unfolded = F.unfold(decoded, window.size, padding=padding)
+                screen_windows = F.unfold(decoded.float(), window.size, padding=padding) if margin else None
+                unfolds[padding] = unfolded, screen_windows
+            return unfolds[padding]
+
         gathered = {}  # the parts of a split shared group gather their windows once
         for g in streamed:
             group = groups[g]
             positions = group.positions.to(device)  # [G, S]
             span = positions.shape[1]
             if id(group.positions) not in gathered:
-                screen = _gather(screen_windows, biases.float(), positions) if margin else None
-                phi, vals = _gather(unfolded, biases, positions), _gather(values, None, positions)
+                # the fully-inside windows (ELS interiors) come from an unpadded unfold, in order: no gather
+                whole = inside is not None and positions.shape == inside.shape and bool((positions == inside).all())
+                unfolded, screen_windows = windows(0 if whole else window.padding)
+                at = None if whole else positions
+                phi, vals = _gather(unfolded, bias_scale, at), _gather(values, None, positions)
+                screen = _gather(screen_windows, None, at) if margin else None
+                if margin:  # the float32 screen uses the same biases
+                    screen[:, -1] = phi[:, -1]
                 gathered[id(group.positions)] = phi, vals, screen
             phi, vals, screen = gathered[id(group.positions)]
             for b in range(batch):
@@ -477,7 +507,7 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
         counts = unique.counts[start : start + rows]
-        bias = phi.square().sum(1) * bias_scale - counts.log().to(dtype)  # [M]
+        bias = phi.square().sum(1) * bias_scale - counts.log2().to(dtype)  # [M]
         vals = torch.cat([unique.values[start : start + rows].to(dtype).T, phi.new_ones(1, phi.shape[0])])[None]
         inverse_roots = counts.rsqrt().to(dtype)
         phi_t = torch.cat([phi.T, bias[None]])[None]  # [1, D + 1, M]: the bias below the windows
@@ -490,14 +520,31 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
                 state.softmax.add(_product(queries[b], phi_t), vals, inverse_roots)
 
 
-def _gather(unfolded: torch.Tensor, below: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-    """[K, D, P] per-image windows (or values) at `positions` [G, S] as [G, D + 1, K*S], with `below` [K, P]
-    (biases) or ones in the last row; column j = image j // S, position j % S."""
-    count, depth, _ = unfolded.shape
-    runs, span = positions.shape
+def _inside_positions(sample_shape, window: WindowSpec, device) -> torch.Tensor | None:
+    """[1, S] the positions of the fully-inside windows in the padded unfold's grid, in order (None without
+    padding or when no window fits)."""
+    _, height, width = sample_shape
+    (kh, kw), pad = window.size, window.padding
+    if not pad or kh > height or kw > width:
+        return None
+    grid_width = width + 2 * pad - kw + 1
+    rows = torch.arange(pad, pad + height - kh + 1, device=device)
+    cols = torch.arange(pad, pad + width - kw + 1, device=device)
+    return (rows[:, None] * grid_width + cols).reshape(1, -1)
+
+
+def _gather(unfolded: torch.Tensor, bias_scale: float | None, positions: torch.Tensor | None) -> torch.Tensor:
+    """[K, D, P] per-image windows (or values) at `positions` [G, S] (None: all P, one run) as [G, D + 1, K*S],
+    with their biases `bias_scale` ||phi||^2 (or ones) in the last row; column j = image j // S, position j % S.
+    Only the windows picked are squared."""
+    picked = unfolded[:, :, None] if positions is None else unfolded[:, :, positions]  # [K, D, G, S]
+    count, depth, runs, span = picked.shape
     out = unfolded.new_empty(runs, depth + 1, count * span)
-    out[:, :depth] = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(runs, depth, count * span)
-    out[:, depth] = 1.0 if below is None else below[:, positions].permute(1, 0, 2).reshape(runs, count * span)
+    out[:, :depth] = picked.permute(2, 1, 0, 3).reshape(runs, depth, count * span)
+    if bias_scale is None:
+        out[:, depth] = 1.0
+    else:
+        torch.linalg.vecdot(out[:, :depth], out[:, :depth], dim=1, out=out[:, depth]).mul_(bias_scale)
     return out
 
 
@@ -524,77 +571,104 @@ def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, 
 # --- aligned groups: each query against the windows at its own place -----------------------------------------
 
 
-def window_sums(z: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """Sums of `size` consecutive entries along `dim` (length n -> n - size + 1), by doubling: about 2 log2(size)
-    additions of shifted views, every entry summed in an order fixed by `size` alone (so the same whatever the
-    batch or chunk it is in)."""
-    length = z.shape[dim] - size + 1
+def window_sums(z: torch.Tensor, size: int, dim: int, step: int = 1) -> torch.Tensor:
+    """Sums of `size` entries `step` apart along `dim` (length n -> n - (size - 1) step), by doubling: about
+    2 log2(size) additions of shifted views, every entry summed in an order fixed by `size` alone (so the same
+    whatever the batch or chunk it is in)."""
+    length = z.shape[dim] - (size - 1) * step
     total, offset, span, power = None, 0, 1, z
     while True:
         if size & span:
-            piece = power.narrow(dim, offset, length)
+            piece = power.narrow(dim, offset * step, length)
             total = piece if total is None else total + piece
             offset += span
         if 2 * span > size:
             return total
-        n = power.shape[dim] - span
-        power = power.narrow(dim, 0, n) + power.narrow(dim, span, n)
+        n = power.shape[dim] - span * step
+        power = power.narrow(dim, 0, n) + power.narrow(dim, span * step, n)
         span *= 2
 
 
-def box_sums(z: torch.Tensor, size: tuple[int, int], padding: int) -> torch.Tensor:
-    """[..., H, W] -> the sum of every size[0] x size[1] window of z zero-padded by `padding`, [..., P] flat in
-    unfold order."""
-    if padding:
-        z = F.pad(z, (padding,) * 4)
-    return window_sums(window_sums(z, size[0], -2), size[1], -1).flatten(-2)
+def box_sums(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[..., H, W] -> the sum of every size[0] x size[1] window, [..., H - kh + 1, W - kw + 1] (a strided view).
+    Both passes run on the flattened rows (shifts of 1 and of W: long contiguous loops instead of rows of W);
+    the sums that wrap around a row end are never looked at."""
+    (kh, kw), width = size, z.shape[-1]
+    flat = window_sums(window_sums(z.flatten(-2), kh, -1, width), kw, -1)  # [..., (H - kh) W + W - kw + 1]
+    rows, cols = z.shape[-2] - kh + 1, width - kw + 1
+    return flat.as_strided((*flat.shape[:-1], rows, cols), (*flat.stride()[:-1], width, 1))
 
 
 def _channel_sum(z: torch.Tensor) -> torch.Tensor:
-    """[K, C, H, W] -> [K, H, W] by adding channel slices (elementwise: the same in any batch)."""
-    total = z[:, 0]
-    for c in range(1, z.shape[1]):
-        total = total + z[:, c]
+    """[..., C, H, W] -> [..., H, W] by adding channel slices (elementwise: the same in any batch)."""
+    total = z[..., 0, :, :]
+    for c in range(1, z.shape[-3]):
+        total = total + z[..., c, :, :]
     return total
 
 
+def halving_sum(z: torch.Tensor) -> torch.Tensor:
+    """The sum over dim 0 by pairwise halving (z[:h] + z[h:2h], the odd last slice added to the first): about
+    log2(K) elementwise additions, each entry summed in an order fixed by K alone, so the same whatever the other
+    dimensions hold (a reduction kernel may split or vectorise differently as they grow)."""
+    while z.shape[0] > 1:
+        half = z.shape[0] // 2
+        head = z[:half] + z[half : 2 * half]
+        if z.shape[0] % 2:
+            head[0] += z[2 * half]
+        z = head
+    return z[0]
+
+
 class ColumnSoftmax(StreamingSoftmax):
-    """`StreamingSoftmax` over the rows (images) of [K, L] logits, one softmax per column (location)."""
+    """`StreamingSoftmax` over the images (dim 0) of [K, B, L] logits, one softmax per (sample, location); every
+    step elementwise or a `halving_sum`, so each (sample, location) gets the same bits whatever else is batched."""
 
     def __init__(self) -> None:
         super().__init__(track_concentration=True)
         self.top_image: torch.Tensor | None = None
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor | None, start: int, track_top: bool) -> None:
-        """logits [K, L] (overwritten); values [K, L, V] or None (normaliser, maximum and squares only);
-        `start`: the index of the chunk's first image, for the best window."""
+    def add(self, logits: torch.Tensor, values: torch.Tensor | None, start: int, track_top: bool) -> torch.Tensor:
+        """logits [K, B, L]; values [K, L, V] (float32) or None (normaliser, maximum and squares only);
+        `start`: the index of the chunk's first image, for the best window (the first of equal maxima). Returns
+        the chunk's weights 2^(logit - the new maximum) [K, B, L] in float32: at float64 steps only the logits and
+        their maximum need float64 (their rounding error is what grows with c); the differences to the maximum that
+        matter (down to the floor, -63) are rounded to float32 within 63 u32 < 4e-6, and the weights and their sums
+        are float32 as at float32 steps."""
         chunk_max, best = logits.max(0) if track_top else (logits.amax(0), None)
         if track_top:
             better = best + start if self.max is None else torch.where(chunk_max > self.max, best + start,
                                                                         self.top_image)
             self.top_image = better
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
-        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)  # no subnormal weights, as in StreamingSoftmax
-        weights = logits.sub_(new_max).clamp_(min=floor).exp_()
-        total = weights.sum(0)
-        squares = weights.square().sum(0)
-        numerator = (weights[..., None] * values).sum(0) if values is not None else None
+        width = 0 if values is None else values.shape[-1]
+        # [weighted values | weight | weight^2] per image, each a contiguous [K, B, L] slice, summed at once
+        terms = logits.new_empty(width + 2, *logits.shape, dtype=torch.float32)
+        weights = torch.sub(logits, new_max, out=terms[width]).clamp_(min=weight_floor(torch.float32)).exp2_()
+        torch.square(weights, out=terms[width + 1])
+        if values is not None:
+            torch.mul(weights[None], values.permute(2, 0, 1)[:, :, None], out=terms[:width])
+        sums = halving_sum(terms.movedim(0, 1))  # [V + 2, B, L]
+        numerator, total, squares = sums[:width].permute(1, 2, 0), sums[width], sums[width + 1]
         if self.max is None:
             self.total, self.squares, self.numerator = total, squares, numerator
         else:
-            rescale = torch.exp(self.max - new_max)
+            rescale = torch.exp2(self.max - new_max).float()
             self.total = self.total * rescale + total
             self.squares = self.squares * rescale.square() + squares
-            if numerator is not None:
-                self.numerator = self.numerator * rescale[:, None] + numerator
+            self.numerator = self.numerator * rescale[..., None] + numerator
         self.max = new_max
+        return weights
 
 
 def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out) -> None:
-    """Aligned groups: per chunk and sample, the cross terms of every query with every image at its own place
-    are window sums of x_t * y_i, and the norms window sums of y_i^2 (no unfold: about 2 log2 k additions per
-    logit instead of a C k^2-long dot product). Window values (PSPC) take a second pass with the final maximum
-    and normaliser: each pixel gets sum_i y_i(p) * (the sum of w_i over the windows covering p)."""
+    """Aligned groups: per chunk, the cross terms of every query with every image at its own place are window
+    sums of x_t * y_i, and the norms window sums of y_i^2 (no unfold: about 2 log2 k additions per logit instead
+    of a C k^2-long dot product). Samples are batched (as many as BUDGET_BYTES allows against the chunk, a split
+    fixed for the whole call): every operation is elementwise or a `halving_sum`, so a sample's bits do not depend
+    on its batch. Window values (PSPC) are folded with the final maximum and normaliser: each pixel gets
+    sum_i y_i(p) * (the sum of w_i over the windows covering p), from the first pass's weights when the store is
+    one chunk that fits the budget, else from a second pass."""
     batch = x_t.shape[0]
     channels, height, width = store.sample_shape
     kh, kw = window.size
@@ -606,50 +680,77 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     grid = grid_width * (height + 2 * pad - kh + 1)
     whole = index.numel() == grid and bool((index == torch.arange(grid, device=device)).all())
     pixels = (index // grid_width + kh // 2 - pad) * width + index % grid_width + kw // 2 - pad  # centres
-    scaled = x_t.to(dtype) * (2 * signal_scale * scale)  # [B, C, H, W]
+    identity = pixels.numel() == height * width and bool((pixels == torch.arange(height * width, device=device)).all())
+    scaled = F.pad(x_t.to(dtype) * (2 * signal_scale * scale), (pad,) * 4)  # [B, C, H + 2 pad, W + 2 pad]
     bias_scale = scale * signal_scale**2
-    chunk = chunk_size or aligned_chunk_images(store.sample_shape, window, dtype)
-    states = [ColumnSoftmax() for _ in range(batch)]
+    pairs = aligned_chunk_images(store.sample_shape, window, dtype, index.numel())
+    chunk = min(chunk_size or pairs, store.num_images)  # never dependent on the batch
+    step = max(1, pairs // chunk)  # samples per block (large blocks: the per-call overheads dominate small ones)
+    batches = [slice(b, min(b + step, batch)) for b in range(0, batch, step)]
+    states = [ColumnSoftmax() for _ in batches]
 
     def chunks():
         for start in range(0, store.num_images, chunk):
             decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
-            norms = box_sums(_channel_sum(decoded * decoded), window.size, pad)  # [K, P]
-            yield start, decoded, (norms if whole else norms[:, index]) * bias_scale
+            padded = F.pad(decoded, (pad,) * 4)
+            norms = box_sums(_channel_sum(padded * padded), window.size).reshape(padded.shape[0], -1)  # [K, P]
+            yield start, decoded, padded, (norms if whole else norms[:, index]) * bias_scale
 
-    def logits(b, decoded, bias):
-        cross = box_sums(_channel_sum(scaled[b] * decoded), window.size, pad)  # [K, P]
-        return (cross if whole else cross[:, index]).sub_(bias)
+    def logits(part, padded, bias):
+        cross = box_sums(_channel_sum(padded[:, None] * scaled[None, part]), window.size)  # [K, b, H', W']
+        if whole:  # one pass reads the strided sums and writes the logits
+            return torch.sub(cross, bias.view(bias.shape[0], 1, *cross.shape[-2:])).flatten(-2)
+        return cross.reshape(*cross.shape[:2], -1)[..., index].sub_(bias[:, None])
 
     centre = window.value == "centre"
-    for start, decoded, bias in chunks():
-        values = decoded.flatten(2)[:, :, pixels].transpose(1, 2) if centre else None  # [K, La, C]
-        for b, state in enumerate(states):
-            state.add(logits(b, decoded, bias), values, start, out.track_top)
-    for b, state in enumerate(states):
+    # window values with a single chunk whose weights fit the budget: keep them for the fold (no second pass)
+    keep = not centre and out.merge is None and chunk >= store.num_images and (
+        chunk * batch * index.numel() * (torch.finfo(dtype).bits // 8) <= BUDGET_BYTES)
+    kept = []
+    for start, decoded, padded, bias in chunks():
+        values = None
+        if centre:  # [K, La, C]
+            values = decoded.float().flatten(2)
+            values = values if identity else values[:, :, pixels]
+            values = values.transpose(1, 2)
+        for part, state in zip(batches, states):
+            weights = state.add(logits(part, padded, bias), values, start, out.track_top)
+            if keep:
+                kept.append(weights)
+    if bool((where == torch.arange(where.numel(), device=device)).all()):
+        where = slice(0, where.numel())  # every location in order (LS, PSPC): no scatter
+    for part, state in zip(batches, states):
         if centre:
-            out.mean[b, where] = state.mean()
-        out.effective[b, where] = state.effective_count()
-        out.keep(b, where, state)
+            out.mean[part, where] = state.mean().to(dtype)
+        out.effective[part, where] = state.effective_count().to(dtype)
+        out.keep(part, where, state)
         if out.track_top:
-            out.top_image[b, where] = state.top_image
-            out.top_position[b, where] = index
+            out.top_image[part, where] = state.top_image
+            out.top_position[part, where] = index
     if centre:
         return
     if out.merge is not None:  # one part of the dataset: fold with the whole dataset's maximum and normaliser
         out.merge_parts()
-        for b, state in enumerate(states):
-            state.max, state.total = out.max[b, where], out.total[b, where]
-    floor = 0.5 * math.log(torch.finfo(dtype).tiny)
+        for part, state in zip(batches, states):
+            state.max, state.total = out.max[part, where], out.total[part, where]
+    floor = weight_floor(torch.float32)
     grid_shape = (height + 2 * pad - kh + 1, grid_width)
     out.folded = torch.zeros(batch, channels, height, width, dtype=dtype, device=device)
-    for start, decoded, bias in chunks():
-        for b, state in enumerate(states):
-            weights = logits(b, decoded, bias).sub_(state.max).clamp_(min=floor).exp_().div_(state.total)  # [K, La]
-            if not whole:
-                weights = weights.new_zeros(weights.shape[0], grid).index_copy_(1, index, weights)
-            # the weight of image i at every window covering pixel p, summed: a full-size window sum
-            spread = window_sums(window_sums(F.pad(weights.reshape(-1, *grid_shape), (kw - 1, kw - 1, kh - 1, kh - 1)),
-                                             kh, -2), kw, -1)  # [K, H + 2 pad, W + 2 pad]
-            spread = spread[:, pad : pad + height, pad : pad + width]
-            out.folded[b] += (decoded * spread[:, None]).sum(0)
+
+    def fold(part, decoded, weights):  # weights [K, b, La] normalised: out.folded[part] += their fold
+        if not whole:  # [K, b, La] -> [K, b, grid]
+            weights = weights.new_zeros(*weights.shape[:2], grid).index_copy_(2, index, weights)
+        # the weight of image i at every window covering pixel p, summed: a full-size window sum
+        spread = box_sums(F.pad(weights.unflatten(2, grid_shape), (kw - 1, kw - 1, kh - 1, kh - 1)), (kh, kw))
+        spread = spread[..., pad : pad + height, pad : pad + width]  # [K, b, H, W]
+        out.folded[part] += halving_sum(decoded[:, None] * spread[:, :, None])
+
+    if keep:  # one chunk: its weights were taken against the final maximum already
+        decoded = store.decode(images, torch.float32)
+        for part, state, weights in zip(batches, states, kept):
+            fold(part, decoded, weights / state.total)
+        return
+    for start, decoded, padded, bias in chunks():
+        for part, state in zip(batches, states):
+            shifted = (logits(part, padded, bias) - state.max).float()
+            fold(part, decoded.float(), shifted.clamp_(min=floor).exp2_().div_(state.total))
