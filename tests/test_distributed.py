@@ -310,11 +310,13 @@ def test_memorization_under_both_strategies_equals_one_process(tmp_path: Path, s
 
     assert main(["memorization", str(run), *settings]) == 0
     (one,) = analyses.iterdir()
+    too_small = ["distributed.strategy=dataset", "dataset.subset_size=1"]  # 1 image cannot be split over 2 ranks
     ranks = _launch(tmp_path, [(None, ["memorization", str(run), *settings, f"distributed.strategy={strategy}"])
-                               for strategy in ("samples", "dataset")])
-    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0]] * 2, ranks
+                               for strategy in ("samples", "dataset")]
+                    + [(None, ["memorization", str(run), *settings, *too_small])])
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0, 2]] * 2, ranks
     distributed = [folder for folder in analyses.iterdir() if folder != one]
-    assert len(distributed) == 2  # rank 0 wrote one folder per run, the other rank none
+    assert len(distributed) == 2  # rank 0 wrote one folder per run, the other rank none; none for the refused one
     for folder in distributed:
         assert not (folder / INCOMPLETE).exists()
         assert (folder / "memorization.csv").read_text() == (one / "memorization.csv").read_text()

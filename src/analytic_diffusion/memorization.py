@@ -273,18 +273,19 @@ def _memorization(path: Path, inputs: list[SampleInput], config: str | None, ove
     runs = Path(first.paths.runs)
     if runs.name == SWEEPS_FOLDER:  # a sweep cell's config: its runs folder is <paths.runs>/sweeps
         runs = runs.parent
+    searchers: dict[str, object] = {}  # made first: a store that cannot be split stops before the folder exists
+    for item in prepared:
+        if item.store.fingerprint not in searchers:
+            searchers[item.store.fingerprint] = _neighbours(item.store, ranks, device)
     run = None
     if writer:
         run = RunDirectory.create(runs, EXPERIMENT, prepared[0].samples.input.name if len(prepared) == 1 else path.name,
                                   append_timestamp=True)
     try:
         references: dict[tuple, Reference] = {}
-        searchers: dict[str, object] = {}
         analyses = []
         for item in prepared:
             fingerprint = item.store.fingerprint
-            if fingerprint not in searchers:
-                searchers[fingerprint] = _neighbours(item.store, ranks, device)
             training = searchers[fingerprint]
             key = (fingerprint, _reference_kind(item.cfg), item.cfg.memorization.reference_size,
                    item.cfg.memorization.threshold)
