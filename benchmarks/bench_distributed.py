@@ -137,7 +137,7 @@ def launch(method: str, world: int, args: argparse.Namespace, store: Path, folde
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=60_000)

@@ -106,7 +106,7 @@ def run_case(name: str, methods: dict, store: DatasetStore, batch: int, repeats:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 64])
     parser.add_argument("--repeats", type=int, default=5)

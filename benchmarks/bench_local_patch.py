@@ -151,7 +151,7 @@ def peak_memory(name: str, size: int, args) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--methods", nargs="+", default=["els", "broken", "local_score", "pspc"])

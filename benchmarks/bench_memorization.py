@@ -77,7 +77,7 @@ def timed(fn) -> tuple[float, float, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--store", type=int, default=50_000)
     parser.add_argument("--shape", type=int, nargs=3, default=[3, 32, 32])

@@ -241,7 +241,7 @@ def truncation_table(batch: int, num_neighbors: int = 200) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stores", default="mnist5k,mnist60k,cifar50k")
     parser.add_argument("--batches", default="16,160")

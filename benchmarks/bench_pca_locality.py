@@ -85,7 +85,7 @@ def timed(fn) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=["mnist", "cifar"], default="mnist")
     parser.add_argument("--num-images", type=int, default=None, help="default: 5000 (mnist), 2000 (cifar)")
     parser.add_argument("--batch-size", type=int, default=16)

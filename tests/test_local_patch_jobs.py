@@ -94,6 +94,9 @@ def test_choose_sizes_takes_the_per_step_median_of_the_per_sample_best():
 @pytest.mark.parametrize("config,extra,message", [
     ("els/mnist5k", [], "baseline.checkpoint"),
     ("optimal/mnist5k", ["baseline.checkpoint=x"], "local_score, els or pspc"),
+    ("els/mnist5k", ["baseline.checkpoint=x", "calibration.candidates=[3,4]"],
+     "calibration.candidates must be odd positive integers (patch sizes of els); got 4 in [3, 4]"),
+    ("els/mnist5k", ["baseline.checkpoint=x", "calibration.candidates=[]"], "calibration.candidates is empty"),
 ])
 def test_calibrate_refuses_what_it_cannot_do(fresh_root, capsys, config, extra, message):
     assert main(["calibrate", "-c", config, *FAST, *extra]) == 2

@@ -137,7 +137,7 @@ def test_train_unet_command_trains_and_resumes(tmp_path, capsys):
             "training.architecture.attention_resolutions=[]", "training.preview_samples=4", "training.preview_steps=2",
             f"training.output_dir={tmp_path}"]
     assert main(["train-unet", *tiny]) == 0
-    assert "for 1 epochs (2 steps" in capsys.readouterr().out
+    assert "for 1 epoch (2 steps" in capsys.readouterr().out
     assert {"checkpoint.pt", "config.yaml", "loss.png", "samples.png", "training.json"} <= {p.name for p in tmp_path.iterdir()}
     assert main(["train-unet", *tiny, "training.epochs=2"]) == 0  # resumes, trains one more epoch
     assert "for 2 epochs (4 steps" in capsys.readouterr().out

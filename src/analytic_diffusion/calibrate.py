@@ -27,7 +27,7 @@ from .fileio import atomic_write
 from .metrics.agreement import eps_cosine
 from .noise import batch_noise_sources
 from .runs import RunDirectory
-from .sampling import Step, epsilon_from_x0, make_scheduler, noise_level, sample
+from .sampling import Step, epsilon_from_x0, make_scheduler, noise_level, sample, start_warning
 from .figures import pyplot
 
 log = logging.getLogger("analytic_diffusion")
@@ -64,16 +64,28 @@ def calibrate(cfg: StudioConfig) -> CalibrationResult:
         raise StudioError("ads calibrate needs the trained network: baseline.checkpoint=<checkpoint file or folder>")
     device = resolve_device(cfg.experiment.device)
     store, _ = load_or_build_store(StoreRequest(**asdict(cfg.dataset)), Path(cfg.paths.datasets), Path(cfg.paths.cache))
-    candidates = cfg.calibration.candidates or default_candidates(store.sample_shape, cls.Params.odd_sizes)
+    candidates = cfg.calibration.candidates
+    if candidates is not None and len(candidates) == 0:
+        raise StudioError("calibration.candidates is empty: list the patch sizes to try (e.g. [3,5,7]) or leave it "
+                          "unset for 3, 5, ... up to the image size")
+    candidates = candidates or default_candidates(store.sample_shape, cls.Params.odd_sizes)
     params = replace(cfg.model.params, patch_size=candidates[0])  # validates the sizes; the run sets its own
     for size in candidates:
-        params.check_size(size)
+        try:
+            params.check_size(size)
+        except StudioError:
+            parity = "odd " if cls.Params.odd_sizes else ""
+            raise StudioError(f"calibration.candidates must be {parity}positive integers (patch sizes of "
+                              f"{cfg.model.name}); got {size!r} in {list(candidates)}") from None
     for size in candidates:
         cls.check_fits(params, size, store.sample_shape)  # e.g. circular ELS beyond the image: before the run dir
     method = cls(params, device).fit(store)
     network = UNetDenoiser(UNetParams(cfg.baseline.checkpoint, cfg.baseline.use_ema), device).fit(store)  # any backbone format, checked
     scheduler = make_scheduler(cfg.sampling)
     timesteps = scheduler.timesteps.tolist()
+    warning = start_warning(scheduler)
+    if warning:
+        log.warning("warning: %s", warning)
     run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name,
                               cfg.experiment.run_name or f"calibrate_{cfg.model.name}_{cfg.dataset.name}",
                               cfg.experiment.append_timestamp)
@@ -143,6 +155,7 @@ def plot_calibration(cosine: torch.Tensor, candidates: list[int], timesteps: lis
     for i, t in enumerate(timesteps):
         axis.plot(candidates, mean[i].tolist(), "-o", color=colours[i], markersize=3, label=f"t={t}")
         axis.plot([chosen[i]], [mean[i, candidates.index(chosen[i])].item()], "k*", markersize=8)
+    axis.set_xticks(candidates)  # whole patch sizes, not fractional ticks
     axis.set_xlabel("patch size")
     axis.set_ylabel("eps_cosine (mean over seeds)")
     axis.set_title(f"{method}: agreement with the network per step (* = chosen, median of per-seed best)", fontsize=9)

@@ -37,7 +37,8 @@ def summary(result: TrainingResult, wall_seconds: float) -> str:
     first, last = (result.epoch_losses[0], result.epoch_losses[-1]) if result.epoch_losses else (float("nan"),) * 2
     folder = result.checkpoint.parent
     return (
-        f"Trained a UNet with {result.parameters:,} parameters for {result.epochs} epochs ({result.steps} steps; "
+        f"Trained a UNet with {result.parameters:,} parameters for {result.epochs} "
+        f"epoch{'s' if result.epochs != 1 else ''} ({result.steps} steps; "
         f"{result.seconds:.0f} s of training over all sessions, this session {wall_seconds:.0f} s wall): epoch loss "
         f"{first:.4f} -> {last:.4f}. Checkpoint {result.checkpoint}; loss curve {folder / 'loss.png'}; samples "
         f"{folder / 'samples.png'}.{_exported(folder)} Compare with it: ads generate -c <method>/<dataset> "

@@ -85,7 +85,8 @@ class LocalPatchParams:
         missing = [t for t in timesteps if t not in self.calibrated]
         if missing:
             raise StudioError(f"{self.patch_size} was calibrated at timesteps {sorted(self.calibrated, reverse=True)} "
-                              f"but sampling visits {missing}; rerun `ads calibrate` with the same sampling settings")
+                              f"but sampling visits {list(timesteps)} ({missing} not calibrated); rerun `ads calibrate` "
+                              "with the same sampling settings")
         return {t: self.calibrated[t] for t in timesteps}
 
 
