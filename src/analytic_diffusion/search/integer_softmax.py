@@ -306,7 +306,7 @@ class IntegerSoftmax:
         places = self._first_places(scale, plans)
         approx, error, _ = self._first_pass(q, plans, places)
         limit = self._refine_limit()
-        width = 4 * plans.error(1, False) + 2 * error + (SKIP_LOGITS + math.log(self.num_images)) / scale
+        width = 4 * plans.error(1, False) + 2 * error + self._skip_width(scale)
         kept = (approx <= (approx.amin(dim=1) + width)[:, None]).sum(1)
         one_digit = bool((kept * RESCORE_COST * PROBE_MARGIN <= self.num_images).all())  # << one digit column
         first_places = 1 if one_digit else places
@@ -389,11 +389,15 @@ class IntegerSoftmax:
         dots = self._dots(first)
         return self._approx(q, [first], dots, None), plans.error(places, False), dots
 
+    def _skip_width(self, c: float) -> float:
+        """(SKIP_LOGITS + ln N) / c: how far above the smallest distance an image weighs < e^-SKIP_LOGITS / N of
+        the largest weight."""
+        return (SKIP_LOGITS + math.log(self.num_images)) / c
+
     def _candidates(self, approx: torch.Tensor, error: torch.Tensor, c: float) -> _Candidates:
         """The images that may weigh more than e^-SKIP_LOGITS / N of the largest weight (the others are skipped):
         gathered into [B, K] when every query keeps at most N / COMPACT_SHARE of them, else all N."""
-        skip = SKIP_LOGITS + math.log(self.num_images)
-        threshold = approx.amin(dim=1) + (2 * error + skip / c)
+        threshold = approx.amin(dim=1) + (2 * error + self._skip_width(c))
         kept = approx <= threshold[:, None]
         most = int(kept.sum(1).max())
         if most * COMPACT_SHARE > self.num_images:
