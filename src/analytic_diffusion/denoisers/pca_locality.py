@@ -14,7 +14,6 @@ over the run of rows its masks use densely, and gathers the remaining mask entri
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from ..data.store import DatasetStore
 from ..errors import StudioError
-from ..search.softmax import StreamingSoftmax
+from ..search.softmax import StreamingSoftmax, logit_floor
 from ..statistics import dataset_statistics
 from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, check_temperature, register_denoiser
 from .wiener import GaussianModel
@@ -154,8 +153,7 @@ class WideSums(StreamingSoftmax):
         """logits [P, B, K] (overwritten), values [P, K, 2] float64: [y | 1]."""
         chunk_max = logits.amax(-1)
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
-        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)  # no subnormal weights, as in StreamingSoftmax
-        weights = logits.sub_(new_max[..., None]).clamp_(min=floor).exp_()
+        weights = logits.sub_(new_max[..., None]).clamp_(min=logit_floor(logits.dtype)).exp_()
         if self.buffer.numel() < weights.numel() or self.buffer.device != weights.device:
             self.buffer = torch.empty(weights.numel(), dtype=torch.float64, device=weights.device)
         wide = self.buffer[: weights.numel()].view(weights.shape).copy_(weights)  # no fresh pages per chunk

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.store import DatasetStore
-from .softmax import StreamingSoftmax
+from .softmax import StreamingSoftmax, logit_floor
 
 DISTINCT_BYTES = 256 << 20  # a shared dictionary is deduplicated when its distinct windows fit in this
 MAX_DISTINCT_FRACTION = 0.9  # ... and when at most this fraction of the first chunk's windows are distinct
@@ -44,7 +44,7 @@ LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enoug
 WIDE_WINDOWS = 100  # windows of at least this many values (k >= 11 in grey) get blocks WIDE_FACTOR times larger:
 WIDE_FACTOR = 4  # the product then dominates, and it runs 15-20% faster with more rows than the cache-sized block
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
-WEIGHT_FLOOR = 0.5 * math.log(torch.finfo(torch.float32).tiny)  # -43.7: float32 weights are floored at e^this
+WEIGHT_FLOOR = logit_floor(torch.float32)  # -43.7: float32 weights are floored at e^this
 MAX_LOGIT_SCALE = 1e30  # c at ab_t = 1 (no noise): the nearest-window limit, kept finite
 LOG2E = 1.0 / math.log(2.0)  # the streams work in base 2 (c log2 e folded into the queries, exp2 for exp):
 # exp2 is about twice as fast as exp on CPUs, and the weights are the same

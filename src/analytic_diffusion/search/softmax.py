@@ -13,6 +13,12 @@ from collections.abc import Callable
 import torch
 
 
+def logit_floor(dtype: torch.dtype) -> float:
+    """log(tiny) / 2 of `dtype` (-43.7 in float32): logits relative to the maximum are floored here, so that no
+    weight e^l is subnormal (see StreamingSoftmax.update)."""
+    return 0.5 * math.log(torch.finfo(dtype).tiny)
+
+
 class StreamingSoftmax:
     """Accumulates softmax-weighted sums over chunks of a set; `mean()` is the softmax average.
 
@@ -33,7 +39,7 @@ class StreamingSoftmax:
         # weights near the underflow limit (exp(-87) in float32) make the CPU exp and the products that follow
         # 20-50x slower (subnormal numbers); flooring the exponent at log(tiny) / 2 (e^-43.7 in float32) changes
         # a sum whose largest term is 1 by at most K * e^-43.7, far below float precision (-inf logits included)
-        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
+        floor = logit_floor(logits.dtype)
         # rows with only -inf logits so far are shifted by 0, not by -inf (-inf - -inf = NaN would poison every
         # later chunk); what they add is wiped by the rescale exp(-inf) = 0 at their first finite logit
         shift = new_max.masked_fill(new_max == -math.inf, 0.0)
