@@ -22,6 +22,7 @@ from ..search.patch_softmax import (
     MIN_DEDUP_POSITIONS,
     PatchGroup,
     PatchSoftmaxResult,
+    Scratch,
     WindowSpec,
     patch_softmax,
     unique_windows,
@@ -111,6 +112,7 @@ class LocalPatchDenoiser(Denoiser):
         self.images = store.images.to(self.device)
         self.timestep_sizes: dict[int, int] | None = getattr(self.params, "calibrated", None)
         self._plans: dict[int, Plan] = {}
+        self.scratch = Scratch(self.device)  # the kernel's temporaries, reused from step to step
         return self
 
     @classmethod
@@ -171,7 +173,7 @@ class LocalPatchDenoiser(Denoiser):
                       for g in groups]
         return patch_softmax(queries, self.store, self.images, plan.window, groups, level.signal_scale,
                              self.params.temperature, level.noise_variance, self.params.chunk_size, track_top, x_t,
-                             self.merge)
+                             self.merge, self.scratch)
 
     def cached_plan(self, size: int) -> Plan:
         """The plan at this size, its shared dictionaries deduplicated (once per size; kept for later calls)."""
