@@ -39,10 +39,12 @@ MAX_DISTINCT_FRACTION = 0.9  # ... and when at most this fraction of the first c
 MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
 BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
 MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (fewer make the products inefficient)
-LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
-# large enough that per-call overheads stay small (docs/local-patch.md)
+LOGIT_BLOCK = 1 << 19  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
+# large enough that per-call overheads stay small (2^19 is 8-15% faster than 2^18 at k = 3-7 with the few passes
+# left per block; docs/local-patch.md)
 WIDE_WINDOWS = 100  # windows of at least this many values (k >= 11 in grey) get blocks WIDE_FACTOR times larger:
-WIDE_FACTOR = 4  # the product then dominates, and it runs 15-20% faster with more rows than the cache-sized block
+WIDE_FACTOR = 2  # the product then dominates, and it runs 15-20% faster with more rows than the cache-sized block
+WIDE_MIN_ROWS = 256  # ... and at least this many query rows
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
 WEIGHT_FLOOR = logit_floor(torch.float32)  # -43.7: float32 weights are floored at e^this
 MAX_LOGIT_SCALE = 1e30  # c at ab_t = 1 (no noise): the nearest-window limit, kept finite
@@ -52,8 +54,9 @@ LOG2E = 1.0 / math.log(2.0)  # the streams work in base 2 (c log2 e folded into 
 
 def block_shape(depth: int) -> tuple[int, int]:
     """(logits of one block, least query rows of a block) for windows of `depth` values."""
-    factor = WIDE_FACTOR if depth >= WIDE_WINDOWS else 1
-    return LOGIT_BLOCK * factor, MIN_BLOCK_ROWS * factor
+    if depth >= WIDE_WINDOWS:
+        return LOGIT_BLOCK * WIDE_FACTOR, WIDE_MIN_ROWS
+    return LOGIT_BLOCK, MIN_BLOCK_ROWS
 
 
 def weight_floor(dtype: torch.dtype) -> float:
@@ -211,11 +214,12 @@ def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dty
 
 
 def aligned_chunk_images(sample_shape, window: WindowSpec, dtype: torch.dtype, locations: int) -> int:
-    """(image, sample) pairs per chunk of the aligned path within BUDGET_BYTES: per pair the product image, its
-    padded channel sum and window sums, and the logits, weights and [values | w | w^2] of `locations` queries."""
+    """(image, sample) pairs per chunk of the aligned path within BUDGET_BYTES: per pair a padded image for each
+    of the three buffers of the window sums and `locations` queries' terms [values | w | w^2] with their first
+    halving, all counted in the logits' dtype (at float64 steps two smaller blocks measured faster than one)."""
     channels, height, width = sample_shape
     padded = (height + 2 * window.padding) * (width + 2 * window.padding)
-    per_pair = 2 * channels * height * width + 4 * padded + (channels + 4) * locations
+    per_pair = 3 * channels * padded + 2 * padded + (channels + 4) * locations
     return max(1, BUDGET_BYTES // ((torch.finfo(dtype).bits // 8) * per_pair))
 
 
@@ -895,10 +899,10 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     kept = []
     for start, decoded, padded, neg_bias in chunks():
         values = None
-        if centre:  # [K, span or La, C]: a window's centre pixel (whole: the padded grid is the image's pixels)
+        if centre:  # [K, span or La, C]: a window's centre pixel (whole: a slice of the padded rows)
             values = decoded.float().flatten(2)
             if whole:
-                values = F.pad(decoded.float(), (0, padded_shape[1] - width)).flatten(2)[..., :span]
+                values = padded.float()[..., (kh // 2) * padded_shape[1] + kw // 2 :][..., :span]
             elif pixels.numel() != height * width or not bool((pixels == torch.arange(pixels.numel(), device=device)).all()):
                 values = values[:, :, pixels]
             values = values.transpose(1, 2)
@@ -909,7 +913,11 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
                 kept.append(weights)
 
     def located(z):  # [b, span or La, ...] -> [b, La, ...]
-        return z[:, flat] if whole else z
+        if not whole:
+            return z
+        rows = z.as_strided((z.shape[0], *grid_shape, *z.shape[2:]),
+                            (z.stride(0), padded_shape[1] * z.stride(1), *z.stride()[1:]))
+        return rows.reshape(z.shape[0], grid, *z.shape[2:])
 
     if bool((where == torch.arange(where.numel(), device=device)).all()):
         where = slice(0, where.numel())  # every location in order (LS, PSPC): no scatter
@@ -937,11 +945,18 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     lowest = weight_floor(torch.float32)
     out.folded = torch.zeros(batch, channels, height, width, dtype=dtype, device=device)
 
+    full = (grid_shape[0] + 2 * (kh - 1), grid_shape[1] + 2 * (kw - 1))
+
     def fold(part, decoded, weights):  # weights [K, b, span or La] normalised: out.folded[part] += their fold
-        # the weight of image i at every window covering pixel p, summed: a full-size window sum
-        spread = box_sums(F.pad(on_grid(weights), (kw - 1, kw - 1, kh - 1, kh - 1)), (kh, kw))
-        spread = spread[..., pad : pad + height, pad : pad + width]  # [K, b, H, W]
-        out.folded[part] += halving_sum_(decoded[:, None] * spread[:, :, None])
+        # the weight of image i at every window covering pixel p, summed: a full-size window sum of the weights
+        # zero-padded by the window size
+        count, size = weights.shape[:2]
+        buffers = [scratch.take(("fold", i), (count, size, full[0] * full[1]), torch.float32) for i in range(3)]
+        buffers[0].zero_().view(count, size, *full)[..., kh - 1 : kh - 1 + grid_shape[0],
+                                                     kw - 1 : kw - 1 + grid_shape[1]] = on_grid(weights)
+        spread = box_sums_(buffers, full, (kh, kw))[..., pad : pad + height, pad : pad + width]  # [K, b, H, W]
+        terms = scratch.take("fold terms", (count, size, channels, height, width), torch.float32)
+        out.folded[part] += halving_sum_(torch.mul(decoded[:, None], spread[:, :, None], out=terms))
 
     if keep:  # one chunk: its weights were taken against the final maximum already
         decoded = store.decode(images, torch.float32)
