@@ -39,7 +39,7 @@ MAX_DISTINCT_FRACTION = 0.9  # ... and when at most this fraction of the first c
 MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
 BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
 MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (fewer make the products inefficient)
-LOGIT_BLOCK = 1 << 19  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
+LOGIT_BLOCK = 1 << 19  # logits of one (sample, group, chunk) block: small enough to stay in cache (L3),
 # large enough that per-call overheads stay small (2^19 is 8-15% faster than 2^18 at k = 3-7 with the few passes
 # left per block; docs/local-patch.md)
 WIDE_WINDOWS = 100  # windows of at least this many values (k >= 11 in grey) get blocks WIDE_FACTOR times larger:
