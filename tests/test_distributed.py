@@ -81,10 +81,7 @@ METHODS = [
     ("unet", "unet", "grey", []),
 ]
 BIT_IDENTICAL = {"nearest_dataset", "nearest_cdist", "nearest_faiss", "unet"}
-# The patch kernel sums its weights in float32: one process alone is 1e-6 off a float64 evaluation (els_circular on
-# the sparse store: 1.2e-6; the merged shards 0.5e-6), so one process and the shards differ by up to 1.3e-6 there.
-# Float64 sums in search/patch_softmax.py would bring both within 2e-7 (docs/distributed.md).
-PATCH_SUMS_TOLERANCE = 2e-6
+
 
 
 def _overrides(stores: dict[str, list[str]], name: str, store: str, extra: list[str]) -> list[str]:
@@ -204,8 +201,9 @@ def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, l
         if name in BIT_IDENTICAL:
             assert torch.equal(expected, actual), name
         else:
-            tolerance = PATCH_SUMS_TOLERANCE if config.split("/")[0] in ("els", "local_score", "pspc") else 1e-6
-            assert (expected - actual).abs().max() <= tolerance, (name, (expected - actual).abs().max())
+            # the patch methods sum in float32: circular ELS on the sparse store is 7.2e-7 off (other sparse stores
+            # up to 1.1e-6: the last steps amplify the per-step rounding, docs/distributed.md)
+            assert (expected - actual).abs().max() <= 1e-6, (name, (expected - actual).abs().max())
         metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
         records = [m["samples"] for m in metrics]
         for key in ("nearest_train_index", "second_train_index", "nearest_index", "top_index", "patch_size"):

@@ -76,7 +76,7 @@ class WindowSpec:
 class UniqueWindows:
     """The distinct windows of a shared dictionary and how often each occurs (N (H - k + 1)^2 MNIST windows of
     size 3 hold about 27% distinct ones: the background repeats). A window that occurs m times enters the softmax
-    once with logit + log m: the same weights, sums and 1 / sum w^2 as the full dictionary."""
+    once, weighing m times as much: the same weights, sums and 1 / sum w^2 as the full dictionary."""
 
     windows: torch.Tensor  # [U, D] model space, float32
     counts: torch.Tensor  # [U] float64 multiplicities
@@ -250,17 +250,18 @@ class BlockSoftmax(StreamingSoftmax):
     def __init__(self) -> None:
         super().__init__(track_concentration=True)
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor, inverse_roots: torch.Tensor | None = None) -> None:
-        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones; `inverse_roots` [M]:
-        m^-1/2 for windows that stand for m copies (their logits include + log m), so that squares count every
-        copy."""
+    def add(self, logits: torch.Tensor, values: torch.Tensor, roots: torch.Tensor | None = None) -> None:
+        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones, or, for windows that stand
+        for m copies, the values times m and the last row m, with `roots` [M] = m^1/2 so that the squares count
+        every copy. (The copies enter as factors, not as + log m in the logits: a logit then does not depend on
+        how many copies a part of the dataset holds, so the parts of a distributed run round as the whole does.)"""
         chunk_max = logits.amax(-1)
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
         weights = logits.sub_(new_max[..., None]).clamp_(min=weight_floor(logits.dtype)).exp2_()
         # one group (G = 1): a GEMM against the transposed values is ~3x faster on CPUs than bmm's skinny output
         sums = F.linear(weights[0], values[0])[None] if weights.shape[0] == 1 else torch.bmm(weights, values.mT)
         # sum w^2 in one pass (a norm, squared)
-        squares = torch.linalg.vector_norm(weights if inverse_roots is None else weights * inverse_roots, dim=-1)
+        squares = torch.linalg.vector_norm(weights if roots is None else weights * roots, dim=-1)
         squares = squares.square_()
         self._merge(new_max, sums, squares)
 
@@ -502,22 +503,27 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
 def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_GroupState], rows: int,
                    bias_scale: float, dtype: torch.dtype, screen_queries: torch.Tensor | None = None,
                    margin: float | None = None) -> None:
-    """One shared group against its distinct windows, `rows` windows per chunk: logits + log m, squares / m
-    (screened in float32 and rescored in float64 when `screen_queries` are given)."""
+    """One shared group against its distinct windows, `rows` windows per chunk, each weighing m times (its
+    copies): a factor m of the values and the normaliser, or, screened in float32 and rescored in float64 when
+    `screen_queries` are given, logits + log m and squares / m."""
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
-        counts = unique.counts[start : start + rows]
-        bias = phi.square().sum(1) * bias_scale - counts.log2().to(dtype)  # [M]
-        vals = torch.cat([unique.values[start : start + rows].to(dtype).T, phi.new_ones(1, phi.shape[0])])[None]
-        inverse_roots = counts.rsqrt().to(dtype)
-        phi_t = torch.cat([phi.T, bias[None]])[None]  # [1, D + 1, M]: the bias below the windows
-        screen = phi_t.float() if screen_queries is not None else None
-        for b, state in enumerate(states):
-            if screen is not None:
+        counts = unique.counts[start : start + rows].to(dtype)
+        values = unique.values[start : start + rows].to(dtype).T
+        bias = phi.square().sum(1) * bias_scale  # [M]
+        if screen_queries is not None:  # the screen must see the copies: + log m in the logits
+            phi_t = torch.cat([phi.T, (bias - counts.log2())[None]])[None]  # [1, D + 1, M]: the bias below
+            vals = torch.cat([values, phi.new_ones(1, phi.shape[0])])[None]
+            screen = phi_t.float()
+            for b, state in enumerate(states):
                 state.softmax.add_screened(_product(screen_queries[b], screen), margin, queries[b], phi_t, vals,
-                                           counts.reciprocal().to(dtype))
-            else:
-                state.softmax.add(_product(queries[b], phi_t), vals, inverse_roots)
+                                           counts.reciprocal())
+        else:  # the copies as factors of the values (BlockSoftmax.add)
+            phi_t = torch.cat([phi.T, bias[None]])[None]
+            vals = torch.cat([values * counts, counts[None]])[None]
+            roots = counts.sqrt()
+            for b, state in enumerate(states):
+                state.softmax.add(_product(queries[b], phi_t), vals, roots)
 
 
 def _inside_positions(sample_shape, window: WindowSpec, device) -> torch.Tensor | None:
