@@ -402,3 +402,27 @@ def test_box_sums_on_flattened_rows_equal_direct_sums():
         rows = [[z[..., i : i + kh, j : j + kw].sum((-2, -1)) for j in range(11 - kw + 1)] for i in range(9 - kh + 1)]
         expected = torch.stack([torch.stack(row, -1) for row in rows], -2)
         torch.testing.assert_close(box_sums(z, (kh, kw)), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_top_patch_of_broken_els_at_edges_and_corners_is_the_window_of_largest_weight(k):
+    """Boundary-broken ELS draws an edge pixel's windows from the same distance to that edge (zero-padded), a corner
+    pixel's from its own position: the figure's top window is the brute force's nearest one among exactly those."""
+    store = make_store(1)
+    images = store.model_space(dtype=torch.float64)
+    x_t = noisy(store, LATE, 2)
+    denoiser = method("broken", store, patch_size=k)
+    rule = els_broken_rule(k, 8, 8)
+    pixels = torch.tensor([0, 7, 1, 8, 15, 56, 62, 36])  # corners, edges (top, left, right, bottom), interior
+    training = padded(images, k, circular=False)
+    top = denoiser.top_patches(x_t, LATE, pixels)
+    for n in range(2):
+        for col, pixel in enumerate(pixels.tolist()):
+            i, j = divmod(pixel, 8)
+            circular, centres = rule(i, j)
+            query = window(x_t[n], i, j, k, circular).flatten()
+            patches = torch.stack([training[:, :, a : a + k, b : b + k] for a, b in centres], 1).flatten(2)
+            best = int((query - LATE.signal_scale * patches).square().sum(-1).flatten().argmin())
+            image, (a, b) = best // len(centres), centres[best % len(centres)]
+            assert (top["image"][n, col].item(), top["position"][n, col].item()) == (image, a * 8 + b), (n, pixel)
+            torch.testing.assert_close(top["window"][n, col].double(), window(images[image], a, b, k, False))
