@@ -18,6 +18,7 @@ from analytic_diffusion.metrics.agreement import eps_cosine
 from analytic_diffusion.data.store import StoreRequest, load_or_build_store
 from analytic_diffusion.denoisers import denoiser_class
 from analytic_diffusion.denoisers.unet import UNetDenoiser, UNetParams
+from analytic_diffusion.errors import StudioError
 from analytic_diffusion.generate import generate
 from analytic_diffusion.noise import batch_noise_sources
 from analytic_diffusion.sampling import epsilon_from_x0, make_scheduler, noise_level, sample
@@ -50,6 +51,21 @@ def test_a_list_of_the_wrong_length_stops_generate_before_the_run_directory(fres
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "one size per step" in error
     assert not (fresh_root / "runs").exists()
+
+
+def test_the_configs_list_of_sizes_with_another_step_count_says_what_to_give(fresh_root, capsys):
+    """els/mnist5k lists 10 sizes, one per step: another sampling.num_inference_steps is refused with the three
+    ways out, as overrides."""
+    small = ["experiment.device=cpu", "dataset.subset_size=12", "dataset.resolution=8"]
+    assert main(["generate", "-c", "els/mnist5k", *small, "sampling.num_inference_steps=5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: model.params.patch_size lists 10 sizes but sampling has 5 steps")
+    for way in ("model.params.patch_size=[...] with 5 odd sizes", "model.params.patch_size=<odd int>",
+                "model.params.patch_size=<run>/calibration.json from `ads calibrate`"):
+        assert way in error
+    assert not (fresh_root / "runs").exists()
+    with pytest.raises(StudioError, match=r"=\[\.\.\.\] with 3 sizes\), a single size \(model.params.patch_size=<int>\)"):
+        denoiser_class("pspc").Params(patch_size=[2, 4]).sizes_for([900, 500, 0])
 
 
 def test_calibration_scores_every_candidate_at_the_networks_own_x_t(tmp_path, capsys):

@@ -107,8 +107,12 @@ class LocalPatchParams:
             return dict.fromkeys(timesteps, self.patch_size)
         if isinstance(self.patch_size, (list, tuple)):
             if len(self.patch_size) != len(timesteps):
+                odd = "odd " if self.odd_sizes else ""
                 raise StudioError(f"model.params.patch_size lists {len(self.patch_size)} sizes but sampling has "
-                                  f"{len(timesteps)} steps; give one size per step or a single size")
+                                  f"{len(timesteps)} steps (sampling.num_inference_steps); give one size per step "
+                                  f"(model.params.patch_size=[...] with {len(timesteps)} {odd}sizes), a single size "
+                                  f"(model.params.patch_size=<{odd}int>) or a calibration for this schedule "
+                                  "(model.params.patch_size=<run>/calibration.json from `ads calibrate`)")
             return dict(zip(timesteps, self.patch_size))
         calibrated = self.calibration.sizes
         missing = [t for t in timesteps if t not in calibrated]
