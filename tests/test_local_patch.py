@@ -251,6 +251,16 @@ def test_one_image_dataset_returns_that_image():
         torch.testing.assert_close(method(name, store, patch_size=k)(x_t, MID).x0_hat, image)
 
 
+@pytest.mark.parametrize("k,level", [(3, LATE), (5, MID), (5, EARLY)])
+def test_pspc_stays_in_the_data_range(k, level):
+    """x0_hat is a convex combination of training values in [-1, 1]: the float32 sum of the square means over the
+    squares covering a pixel made the band that is -1 in every image -1.0000001."""
+    store = make_store(1)
+    x0_hat = method("pspc", store, patch_size=k)(noisy(store, level, 4), level).x0_hat
+    assert x0_hat.min().item() >= -1.0 and x0_hat.max().item() <= 1.0
+    torch.testing.assert_close(x0_hat[..., :4, :], torch.full_like(x0_hat[..., :4, :], -1.0), rtol=0, atol=2e-7)
+
+
 # --- patch sizes per step, top patches and errors --------------------------------------------------------------
 
 
