@@ -4,6 +4,7 @@ patch size per step fitted along the network's own trajectory at exactly the sam
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,13 +16,15 @@ from analytic_diffusion.calibrate import calibrate, choose_sizes
 from analytic_diffusion.cli import main
 from analytic_diffusion.config import load_config
 from analytic_diffusion.metrics.agreement import eps_cosine
-from analytic_diffusion.data.store import StoreRequest, load_or_build_store
+from analytic_diffusion.data.store import DatasetStore, StoreRequest, load_or_build_store
 from analytic_diffusion.denoisers import denoiser_class
 from analytic_diffusion.denoisers.unet import UNetDenoiser, UNetParams
 from analytic_diffusion.errors import StudioError
+from analytic_diffusion.figures import pyplot
 from analytic_diffusion.generate import generate
 from analytic_diffusion.noise import batch_noise_sources
-from analytic_diffusion.sampling import epsilon_from_x0, make_scheduler, noise_level, sample
+from analytic_diffusion.patch_images import draw_patch_figure
+from analytic_diffusion.sampling import SchedulerOptions, epsilon_from_x0, make_scheduler, noise_level, sample
 from analytic_diffusion.unet import UNetCheckpoint, save_checkpoint
 
 FAST = ["experiment.device=cpu", "dataset.subset_size=12", "dataset.resolution=8", "sampling.num_inference_steps=2",
@@ -44,6 +47,27 @@ def test_generate_records_patch_sizes_per_step_and_draws_the_mosaic():
     assert (result.run_dir / "patches.png").read_bytes()[:4] == b"\x89PNG"
     drawn = metrics["top_patches"]
     assert drawn["timestep"] == 0 and all(0 <= p["train_index"] < 12 for p in drawn["patches"])
+
+
+def test_the_mosaic_draws_without_warnings_and_each_rows_titles_clear_the_row_above(tmp_path):
+    """Two rows of 16 x 16 RGB images: tight_layout let the second row's titles overlap the first row's images,
+    and imshow of a tensor made numpy 2 warn about copy=False."""
+    g = torch.Generator().manual_seed(0)
+    store = DatasetStore.from_tensor(torch.randint(0, 256, (20, 3, 16, 16), generator=g, dtype=torch.uint8))
+    cls = denoiser_class("local_score")
+    denoiser = cls(cls.Params(patch_size=5)).fit(store)
+    level = noise_level(make_scheduler(SchedulerOptions()), 0)
+    x_t = torch.randn(2, 3, 16, 16, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure, drawn = draw_patch_figure(denoiser, x_t, denoiser(x_t, level).x0_hat, level)
+        figure.savefig(tmp_path / "patches.png", format="png", dpi=110)
+    renderer = figure.canvas.get_renderer()
+    columns = len(figure.axes) // 2  # two rows: the sample, then one panel per pixel
+    first, second = figure.axes[:columns], figure.axes[columns : 2 * columns]
+    lowest = min(axis.get_window_extent(renderer).y0 for axis in first)
+    assert all(axis.title.get_window_extent(renderer).y1 <= lowest for axis in second)
+    pyplot().close(figure)
 
 
 def test_a_list_of_the_wrong_length_stops_generate_before_the_run_directory(fresh_root, capsys):
