@@ -292,10 +292,10 @@ def test_under_torchrun_only_rank_0_prints_the_error_line(monkeypatch, capsys, r
     failure, through the failure it publishes)."""
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["sweep", "--methods", "optimal"]) == 2
+    assert main(["calibrate"]) == 2
     err = capsys.readouterr().err
-    assert err == ("error: ads sweep does not run under torchrun; only ads generate and ads memorization do "
-                   "(docs/distributed.md): launch it as one process\n" if rank == "0" else "")
+    assert err == ("error: ads calibrate does not run under torchrun; only ads generate, ads sweep and ads "
+                   "memorization do (docs/distributed.md): launch it as one process\n" if rank == "0" else "")
 
 
 def test_memorization_under_both_strategies_equals_one_process(tmp_path: Path, stores: dict[str, list[str]],
