@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -25,6 +26,7 @@ SMALL = ["sampling.num_samples=2", "sampling.batch_size=1", "sampling.num_infere
          "sampling.per_sample_seeds=true", "output.images=false", "output.grid=false", "output.masks=false",
          "output.patches=false", "experiment.append_timestamp=false"]
 TIMINGS = ("fit_seconds", "sampling_seconds", "seconds_per_step", "store")
+DISTRIBUTED = {"world_size": 2, "backend": "gloo"}  # metrics.json's "distributed", with the strategy
 
 
 def _array(folder: Path, name: str, shape: tuple[int, ...], seed: int) -> list[str]:
@@ -97,6 +99,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fail_in_sweeps(rank: int) -> None:
+    """Wiener's fit raises on every rank; rank 1's optimal posterior mean (one process's, or its shard's) raises
+    at every second call."""
+    from analytic_diffusion.denoisers.optimal import OptimalDenoiser
+    from analytic_diffusion.denoisers.wiener import Wiener
+
+    def broken(self, store):
+        raise RuntimeError("eigendecomposition exploded")
+
+    Wiener.fit = broken
+    if rank == 1:
+        original, calls = OptimalDenoiser.posterior_mean, []
+
+        def posterior_mean(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) % 2 == 0:
+                raise ValueError("injected failure")
+            return original(self, *args, **kwargs)
+
+        OptimalDenoiser.posterior_mean = posterior_mean
+
+
 def _fail_on_rank_one(fault: str) -> None:
     """Rank 1's optimal denoiser raises (or its process dies) at its second call."""
     from analytic_diffusion.denoisers.optimal import OptimalDenoiser
@@ -119,7 +143,9 @@ def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: s
     itself where the config is None); results as JSON."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    if fault and rank == 1:
+    if fault == "sweeps":
+        _fail_in_sweeps(rank)
+    elif fault and rank == 1:
         _fail_on_rank_one(fault)
     results = []
     for (config, overrides), port in zip(runs, ports):
@@ -146,10 +172,14 @@ def _launch(tmp_path: Path, runs: list[tuple[str, list[str]]], fault: str | None
 
 def _one_process(config: str, overrides: list[str]) -> None:
     """The reference run, with one thread as each rank has (a network's convolutions round differently with more)."""
+    _one_process_main(["generate", "-c", config, *overrides])
+
+
+def _one_process_main(argv: list[str]) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["generate", "-c", config, *overrides]) == 0
+        assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -159,7 +189,7 @@ def _run_dir(name: str, method: str) -> Path:
 
 
 def _without_timings(metrics: dict) -> dict:
-    kept = {k: v for k, v in metrics.items() if k not in TIMINGS}
+    kept = {k: v for k, v in metrics.items() if k not in (*TIMINGS, "distributed")}
     kept["steps"] = [{k: v for k, v in step.items() if k != "seconds"} for step in metrics["steps"]]
     return kept
 
@@ -181,6 +211,7 @@ def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, stores:
         assert torch.equal(torch.load(one / "samples.pt"), torch.load(two / "samples.pt")), name
         metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
         assert _without_timings(metrics[0]) == _without_timings(metrics[1]), name
+        assert metrics[0]["distributed"] is None and metrics[1]["distributed"] == {**DISTRIBUTED, "strategy": "samples"}
 
 
 def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, list[str]]) -> None:
@@ -325,3 +356,77 @@ def test_memorization_under_both_strategies_equals_one_process(tmp_path: Path, s
             del summary["search_seconds"]
         assert summaries[0] == summaries[1]
         assert (folder / "neighbours.png").exists() and (folder / "distances.png").exists()
+
+
+SWEEP = ["--methods", "optimal,wiener", "dataset.subset_size=60", "sampling.num_samples=4", "sampling.batch_size=2",
+         "sampling.num_inference_steps=2", "output.images=false", "output.grid=false"]
+
+
+def _sweep_rows(name: str) -> list[dict]:
+    with open(Path(os.environ["ADS_ROOT"]) / "runs" / "sweeps" / name / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_under_both_strategies_equals_one_process(tmp_path: Path) -> None:
+    """ads sweep on two ranks: every cell runs distributed, rank 0 writes the sweep folder, the cells and the table
+    of a one-process sweep (samples bit for bit with `samples`, within 1e-6 with `dataset`), and each cell's
+    metrics.json says how it ran. A sweep that cannot run on two ranks stops with one line before any folder."""
+    sweeps = Path(os.environ["ADS_ROOT"]) / "runs" / "sweeps"
+    _one_process_main(["sweep", *SWEEP, "--name", "one"])
+    refused = [["sampling.per_sample_seeds=false", "--name", "seeds"], ["sampling.num_samples=2", "--name", "batches"]]
+    ranks = _launch(tmp_path, [(None, ["sweep", *SWEEP, "--name", strategy, f"distributed.strategy={strategy}"])
+                               for strategy in ("samples", "dataset")]
+                    + [(None, ["sweep", *SWEEP, *extra]) for extra in refused])
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0, 2, 2]] * 2, ranks
+    assert [run["stderr"].strip().splitlines()[-1] for run in ranks[0][2:]] == [
+        "error: a sweep always uses per-sample seeds (every cell of a dataset from the same x_T); remove "
+        "sampling.per_sample_seeds",
+        "error: 1 sampling batch(es) for 2 ranks: some ranks would idle; lower sampling.batch_size or raise "
+        "sampling.num_samples"]
+    assert all(run["stderr"] == "" for run in ranks[1][2:])
+    assert not (sweeps / "seeds").exists() and not (sweeps / "batches").exists()
+    expected = _sweep_rows("one")
+    for strategy in ("samples", "dataset"):
+        rows = _sweep_rows(strategy)
+        assert [{k: v for k, v in row.items() if k not in ("seconds_per_step", "fit_seconds")} for row in rows] == [
+            {k: v for k, v in row.items() if k not in ("seconds_per_step", "fit_seconds")} for row in expected]
+        assert (sweeps / strategy / "comparison_mnist5k.png").is_file()
+        for row in rows:
+            one, two = sweeps / "one" / row["run"], sweeps / strategy / row["run"]
+            assert not (two / INCOMPLETE).exists()
+            expected_samples, samples = torch.load(one / "samples.pt"), torch.load(two / "samples.pt")
+            if strategy == "samples":
+                assert torch.equal(expected_samples, samples), row["run"]
+            else:
+                assert (expected_samples - samples).abs().max() <= 1e-6, row["run"]
+            metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+            assert metrics[0]["distributed"] is None
+            assert metrics[1]["distributed"] == {**DISTRIBUTED, "strategy": strategy}
+
+
+def test_a_failing_cell_of_a_sweep_on_two_ranks(tmp_path: Path) -> None:
+    """Where the ranks can agree (a fit that fails on both, a rank that fails while sampling its own batches), the
+    cell is recorded as in one process and the sweep goes on; a rank that fails inside the `dataset` strategy's
+    collectives stops both, with one line, the cell INCOMPLETE and the summary written (the rest not run)."""
+    settings = ["dataset.subset_size=60", "sampling.num_samples=4", "sampling.batch_size=2",
+                "sampling.num_inference_steps=2", "output.images=false", "output.grid=false",
+                "distributed.timeout_seconds=30"]
+    runs = [(None, ["sweep", "--methods", "wiener,optimal,nearest_dataset", "--name", "agreed", *settings]),
+            (None, ["sweep", "--methods", "optimal,nearest_dataset", "--name", "stopped", *settings,
+                    "distributed.strategy=dataset"])]
+    (agreed0, stopped0), (agreed1, stopped1) = _launch(tmp_path, runs, fault="sweeps")
+    sweeps = Path(os.environ["ADS_ROOT"]) / "runs" / "sweeps"
+    assert (agreed0["code"], agreed1["code"]) == (1, 0), (agreed0, agreed1)
+    assert [(r["method"], r["status"], r["error"]) for r in _sweep_rows("agreed")] == [
+        ("wiener", "failed", "RuntimeError: eigendecomposition exploded"),  # the one-process line
+        ("optimal", "failed", "rank 1 of 2 failed: ValueError: injected failure"),
+        ("nearest_dataset", "ran", "")]
+    assert (sweeps / "agreed" / "optimal_mnist5k" / INCOMPLETE).exists()
+    assert not (sweeps / "agreed" / "wiener_mnist5k").exists()  # its checks failed: nothing written
+    assert stopped0["code"] == 2 and stopped1["code"] == "ValueError: injected failure"
+    lines = [line for line in stopped0["stderr"].splitlines() if "error" in line.lower()]
+    assert lines == ["error: rank 1 of 2 failed: ValueError: injected failure; rank 0 stopped"], stopped0["stderr"]
+    assert stopped0["seconds"] < 30
+    assert [(r["method"], r["status"]) for r in _sweep_rows("stopped")] == [("optimal", "failed"),
+                                                                           ("nearest_dataset", "not run")]
+    assert (sweeps / "stopped" / "optimal_mnist5k" / INCOMPLETE).exists()

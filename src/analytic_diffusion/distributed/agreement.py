@@ -40,6 +40,7 @@ class Agreement:
     def __init__(self, ranks: Ranks, name: str, timeout_seconds: float):
         self.ranks, self.name, self.timeout_seconds = ranks, name, timeout_seconds
         self.points = 0
+        self.broken = False  # an error passed a phase that is not agreed: no later phase agrees on it either
 
     @contextmanager
     def phase(self, recoverable: bool = True) -> Iterator[None]:
@@ -47,13 +48,19 @@ class Agreement:
         rank's phase failed and PeerFailure when the ranks cannot agree; `recoverable=False`: no agreement, an
         error goes on as it is (every rank stops)."""
         if not recoverable:
-            yield
+            try:
+                yield
+            except BaseException:
+                self.broken = True
+                raise
             return
         try:
             yield
         except (AgreedFailure, PeerFailure):  # already agreed (a phase inside this one), or fatal
             raise
         except Exception as exc:
+            if self.broken:  # the others may be inside a collective this rank left: every rank stops
+                raise
             raise self._agree(one_line(exc)) from exc
         failure = self._agree(None)
         if failure is not None:
