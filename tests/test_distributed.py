@@ -63,7 +63,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     weights = {k: v.clone() for k, v in random_unet(size=8).state_dict().items()}
     save_checkpoint(folder / "unet" / "checkpoint.pt", UNetCheckpoint(TINY, (1, 8, 8), weights, dict(weights)))
     return {"grey": _array(folder, "grey", (60, 8, 8), 0), "colour": _array(folder, "colour", (60, 8, 8, 3), 1),
-            "sparse": _sparse(folder), "unet": [f"model.params.checkpoint={folder / 'unet'}"]}
+            "sparse": _sparse(folder), "unet": [f"model.params.checkpoint={folder / 'unet'}"],
+            "baseline": [f"baseline.checkpoint={folder / 'unet'}"]}
 
 
 # Every method, each form the dataset strategy merges differently: (run name, config, store, overrides)
@@ -190,6 +191,8 @@ def _run_dir(name: str, method: str) -> Path:
 
 def _without_timings(metrics: dict) -> dict:
     kept = {k: v for k, v in metrics.items() if k not in (*TIMINGS, "distributed")}
+    if "baseline" in kept:
+        kept["baseline"] = {k: v for k, v in kept["baseline"].items() if k != "seconds"}
     kept["steps"] = [{k: v for k, v in step.items() if k != "seconds"} for step in metrics["steps"]]
     return kept
 
@@ -199,6 +202,7 @@ def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, stores:
     one-process run's, bit for bit."""
     runs = [(name, f"{config}/mnist5k", [*SMALL, *_overrides(stores, name, store, extra)])
             for name, config, store, extra in METHODS if name not in ("nearest_cdist", "nearest_faiss", "optimal_topk")]
+    runs.append(("optimal_baseline", "optimal/mnist5k", [*SMALL, *stores["grey"], *stores["baseline"]]))
     for name, config, overrides in runs:
         _one_process(config, [*overrides, f"experiment.run_name={name}_s1"])
     ranks = _launch(tmp_path, [(config, [*overrides, f"experiment.run_name={name}_s2"])
@@ -212,6 +216,7 @@ def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, stores:
         metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
         assert _without_timings(metrics[0]) == _without_timings(metrics[1]), name
         assert metrics[0]["distributed"] is None and metrics[1]["distributed"] == {**DISTRIBUTED, "strategy": "samples"}
+        assert ("baseline" in metrics[1]) == (name == "optimal_baseline")  # each rank compared its own batches
 
 
 def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, list[str]]) -> None:
@@ -222,6 +227,7 @@ def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, l
     figure = {"els_broken": ["output.patches=true"], "pspc": ["output.patches=true"]}
     runs = [(name, f"{config}/mnist5k", [*common, *_overrides(stores, name, store, extra), *figure.get(name, [])])
             for name, config, store, extra in METHODS]
+    runs.append(("optimal_baseline", "optimal/mnist5k", [*common, *stores["grey"], *stores["baseline"]]))
     for name, config, overrides in runs:  # the one-process runs, with a cache of their own (statistics computed apart)
         _one_process(config, [*overrides, f"experiment.run_name={name}_one"])
     ranks = _launch(tmp_path, [(config, [*overrides, f"experiment.run_name={name}_dataset",
@@ -247,6 +253,10 @@ def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, l
                     assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (name, key)
         assert metrics[0].get("top_patches") == metrics[1].get("top_patches"), name
         assert (name in figure) == (two / "patches.png").exists(), name
+        if name == "optimal_baseline":  # rank 0 compared its x0_hat with the baseline's (all ranks hold the same)
+            for key in ("final", "final_median"):
+                assert metrics[1]["baseline"][key] == pytest.approx(metrics[0]["baseline"][key], rel=1e-5), key
+            assert (two / "comparison.png").exists() and (two / "side_by_side.png").exists()
         for a, b in zip(metrics[0]["steps"], metrics[1]["steps"]):  # every step's diagnostics, not only the last
             for key, values in a["diagnostics"].items():
                 assert b["diagnostics"][key] == pytest.approx(values, rel=1e-5, abs=1e-9), (name, key)

@@ -204,11 +204,8 @@ def generate(cfg: StudioConfig) -> GenerateResult | None:
 
 def check_distributed_run(cfg: StudioConfig, ranks: Ranks) -> None:
     """What a run under torchrun needs, checked by every rank alike before its store is opened (and by a sweep for
-    every cell before anything is written): no baseline yet; `samples`: per-sample seeds and a batch for every
-    rank; `dataset`: a method with a sharded form."""
-    if cfg.baseline.checkpoint:
-        raise StudioError("baseline.checkpoint is not supported under torchrun yet; compare with the baseline in "
-                          "a one-process run (or set baseline.checkpoint=null)")
+    every cell before anything is written): `samples`: per-sample seeds and a batch for every rank; `dataset`: a
+    method with a sharded form."""
     if ranks.strategy == "samples":
         num_batches = -(-cfg.sampling.num_samples // cfg.sampling.batch_size)
         check_samples_strategy(cfg.sampling.per_sample_seeds, num_batches, ranks)
@@ -250,7 +247,9 @@ def generate_on(cfg: StudioConfig, device: torch.device, ranks: Ranks | None,
         else:
             denoiser, fit_seconds = build_denoiser(cfg, store, device)
         denoiser.use_schedule(scheduler.timesteps.tolist())
-        comparison = build_comparison(cfg, baseline, scheduler)
+        # `samples`: each rank compares its own batches, rank 0 gathers them; `dataset`: every rank holds the same
+        # x_t, rank 0 alone compares (the baseline has no collective)
+        comparison = build_comparison(cfg, baseline, scheduler) if writer or ranks.strategy == "samples" else None
     with _phase(agreement):  # rank 0 alone creates it; had that failed, the others would wait for rank 0
         if writer:
             run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
@@ -306,13 +305,15 @@ def _last_step(recorders: list[TrajectoryRecorder], scheduler) -> tuple[torch.Te
     return torch.cat([r.final_x_t for r in recorders]), noise_level(scheduler, recorders[0].timesteps[-1])
 
 
-def _portable(batch: Denoised, recorder: TrajectoryRecorder, seconds: float) -> tuple:
-    """A finished batch as rank 0 receives it: tensors on the CPU, no progress bar."""
+def _portable(batch: Denoised, recorder: TrajectoryRecorder, seconds: float, compared: tuple | None,
+              comparison_seconds: float) -> tuple:
+    """A finished batch as rank 0 receives it: tensors on the CPU, no progress bar; with the rank's sampling time,
+    the batch's comparison with the baseline (BaselineComparison.batches) and the rank's comparison time."""
     recorder.progress = None
     if recorder.final_x_t is not None:
         recorder.final_x_t = recorder.final_x_t.cpu()
     cpu = Denoised(batch.x0_hat.detach().cpu(), {k: v.detach().cpu() for k, v in batch.diagnostics.items()})
-    return cpu, recorder, seconds
+    return cpu, recorder, seconds, compared, comparison_seconds
 
 
 def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
@@ -360,11 +361,16 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
     synchronize(device)
     sampling_seconds = time.perf_counter() - started - (comparison.seconds if comparison else 0.0)
     if split:
-        gathered = gather_batches(ranks, [_portable(b, r, sampling_seconds) for b, r in zip(batches, recorders)])
+        compared = comparison.batches() if comparison is not None else [None] * len(batches)
+        seconds = comparison.seconds if comparison is not None else 0.0
+        gathered = gather_batches(ranks, [_portable(b, r, sampling_seconds, c, seconds)
+                                          for b, r, c in zip(batches, recorders, compared)])
         if gathered is None:
             return None
         batches, recorders = [g[0] for g in gathered], [g[1] for g in gathered]
         sampling_seconds = max(g[2] for g in gathered)  # the slowest rank's wall time
+        if comparison is not None:
+            comparison.adopt([g[3] for g in gathered], max(g[4] for g in gathered))
     samples = torch.cat([b.x0_hat.detach().cpu() for b in batches])
     final = {k: torch.cat([b.diagnostics[k].detach().cpu() for b in batches]) for k in batches[0].diagnostics}
     records, memorization = _sample_records(samples, store, final, cfg.memorization.threshold, sharded)
