@@ -100,9 +100,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fail_in_sweeps(rank: int) -> None:
+def _fail_in_sweeps(rank: int, kill: bool = False) -> None:
     """Wiener's fit raises on every rank; rank 1's optimal posterior mean (one process's, or its shard's) raises
-    at every second call."""
+    (or its process dies) at every second call."""
     from analytic_diffusion.denoisers.optimal import OptimalDenoiser
     from analytic_diffusion.denoisers.wiener import Wiener
 
@@ -116,6 +116,8 @@ def _fail_in_sweeps(rank: int) -> None:
         def posterior_mean(self, *args, **kwargs):
             calls.append(1)
             if len(calls) % 2 == 0:
+                if kill:
+                    os._exit(9)
                 raise ValueError("injected failure")
             return original(self, *args, **kwargs)
 
@@ -144,8 +146,8 @@ def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: s
     itself where the config is None); results as JSON."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    if fault == "sweeps":
-        _fail_in_sweeps(rank)
+    if fault in ("sweeps", "sweeps_kill"):
+        _fail_in_sweeps(rank, kill=fault == "sweeps_kill")
     elif fault and rank == 1:
         _fail_on_rank_one(fault)
     results = []
@@ -440,3 +442,22 @@ def test_a_failing_cell_of_a_sweep_on_two_ranks(tmp_path: Path) -> None:
     assert [(r["method"], r["status"]) for r in _sweep_rows("stopped")] == [("optimal", "failed"),
                                                                            ("nearest_dataset", "not run")]
     assert (sweeps / "stopped" / "optimal_mnist5k" / INCOMPLETE).exists()
+
+
+def test_a_rank_that_dies_in_a_sweep_stops_the_other_within_the_timeout(tmp_path: Path) -> None:
+    """Rank 1 dies while sampling its batches (`samples`): rank 0 waits for it at the end of sampling for
+    distributed.timeout_seconds at most (torchrun would stop it sooner), then stops with one line, the cell
+    INCOMPLETE and the summary written."""
+    timeout = 4
+    run = ["sweep", "--methods", "optimal,nearest_dataset", "--name", "died", "dataset.subset_size=60",
+           "sampling.num_samples=4", "sampling.batch_size=2", "sampling.num_inference_steps=2", "output.images=false",
+           "output.grid=false", f"distributed.timeout_seconds={timeout}"]
+    (rank0,), rank1 = _launch(tmp_path, [(None, run)], fault="sweeps_kill")
+    assert rank1 is None and rank0["code"] == 2
+    lines = [line for line in rank0["stderr"].splitlines() if "error" in line.lower()]
+    assert lines == [f"error: rank 1 of 2 did not end a phase of cell optimal_mnist5k within "
+                     f"distributed.timeout_seconds={timeout} (it died, hangs or is that much slower); rank 0 stopped"]
+    assert rank0["seconds"] < timeout + 10
+    assert [(r["method"], r["status"]) for r in _sweep_rows("died")] == [("optimal", "failed"),
+                                                                        ("nearest_dataset", "not run")]
+    assert (Path(os.environ["ADS_ROOT"]) / "runs" / "sweeps" / "died" / "optimal_mnist5k" / INCOMPLETE).exists()

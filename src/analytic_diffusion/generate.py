@@ -228,8 +228,7 @@ def generate_on(cfg: StudioConfig, device: torch.device, ranks: Ranks | None,
     if not writer:
         log.setLevel(logging.WARNING)  # rank 0 reports; the others only warn
     with records_before_run(log) as early, _phase(agreement):  # the records go to run.log once it exists
-        wandb = wandb_module(cfg)
-        wandb = wandb if writer else None
+        wandb = wandb_module(cfg)  # checked on every rank alike; rank 0 logs the run
         if ranks is not None:
             check_distributed_run(cfg, ranks)
         torch.manual_seed(cfg.experiment.seed)

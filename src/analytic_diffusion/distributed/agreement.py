@@ -79,8 +79,9 @@ class Agreement:
                 check_peers()
                 if time.monotonic() > deadline:
                     missing = [r for r, key in enumerate(keys) if not store.check([key])]
-                    raise PeerFailure(f"rank {missing[0]} of {size} did not finish {self.name} within "
-                                      f"distributed.timeout_seconds={self.timeout_seconds:g}; rank {me} stopped")
+                    raise PeerFailure(f"rank {missing[0]} of {size} did not end a phase of {self.name} within "
+                                      f"distributed.timeout_seconds={self.timeout_seconds:g} (it died, hangs or "
+                                      f"is that much slower); rank {me} stopped")
                 time.sleep(pause)
                 pause = min(2 * pause, POLL_LIMIT)
             posts = [json.loads(store.get(key)) for key in keys]

@@ -24,11 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-
-import torch.distributed as dist
 
 from .. import distributed
 from .. import generate as generate_job
@@ -188,8 +187,11 @@ def _states(plan: SweepPlan, force: bool, ranks: Ranks | None) -> dict[str, str]
 
 
 def _run_cells(plan: SweepPlan, force: bool, ranks: Ranks | None) -> SweepResult | None:
+    """run_sweep's walk over the cells, in one process (ranks None) or on every rank of the sweep's group."""
     started = time.perf_counter()
     writer = ranks is None or ranks.is_writer
+    if not writer:
+        log.setLevel(logging.WARNING)  # rank 0 reports; the others only warn
     states = _states(plan, force, ranks)
     if writer:
         _prepare_stores([c for c in plan.cells if states[c.name] != "complete"])  # a bad dataset fails before any write
