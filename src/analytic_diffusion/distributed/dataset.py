@@ -318,14 +318,19 @@ def share_statistics(store: DatasetStore, dataset: ShardedDataset, cache_dir: Pa
     save_statistics(stats[0], path)  # atomic: on a shared file system every rank writes the same bytes
 
 
-def build_sharded_denoiser(cfg, store: DatasetStore, device: torch.device, ranks: Ranks
-                           ) -> tuple[Denoiser, float, ShardedDataset]:
-    """The configured method over this rank's shard, merged with the others; its fit time; the sharded dataset
-    (for the memorization records). Methods without a sharded form stop with one line naming those that have."""
-    name, params = cfg.model.name, cfg.model.params
+def check_sharded_method(name: str) -> None:
+    """A method without a sharded form stops with one line naming those that have one."""
     if name not in SUPPORTED:
         raise StudioError(f"method '{name}' has no distributed.strategy=dataset form yet; it supports "
                           f"{', '.join(SUPPORTED)}; use distributed.strategy=samples (every rank holds the store)")
+
+
+def build_sharded_denoiser(cfg, store: DatasetStore, device: torch.device, ranks: Ranks
+                           ) -> tuple[Denoiser, float, ShardedDataset]:
+    """The configured method over this rank's shard, merged with the others; its fit time; the sharded dataset
+    (for the memorization records). Methods without a sharded form stop with one line (check_sharded_method)."""
+    name, params = cfg.model.name, cfg.model.params
+    check_sharded_method(name)
     started = time.perf_counter()
     dataset = ShardedDataset(store, ranks, device, getattr(params, "chunk_size", None))
     cache_dir = Path(cfg.paths.cache)
