@@ -70,11 +70,11 @@ def test_the_mosaic_draws_without_warnings_and_each_rows_titles_clear_the_row_ab
     pyplot().close(figure)
 
 
-def test_a_list_of_the_wrong_length_stops_generate_before_the_run_directory(fresh_root, capsys):
+def test_a_list_of_the_wrong_length_stops_generate_before_the_store_and_the_run_directory(fresh_root, capsys):
     assert main(["generate", "-c", "els/mnist5k", *FAST, "model.params.patch_size=[3,5,7]"]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "one size per step" in error
-    assert not (fresh_root / "runs").exists()
+    assert not (fresh_root / "runs").exists() and not (fresh_root / "cache").exists()  # no store built either
 
 
 def test_the_configs_list_of_sizes_with_another_step_count_says_what_to_give(fresh_root, capsys):

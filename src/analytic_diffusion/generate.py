@@ -231,13 +231,14 @@ def generate_on(cfg: StudioConfig, device: torch.device, ranks: Ranks | None,
         wandb = wandb_module(cfg)  # checked on every rank alike; rank 0 logs the run
         if ranks is not None:
             check_distributed_run(cfg, ranks)
+        scheduler = make_scheduler(cfg.sampling)
+        method = denoiser_class(cfg.model.name)
+        method.check_schedule(cfg.model.params, scheduler.timesteps.tolist(), None)  # before a store is built
         torch.manual_seed(cfg.experiment.seed)
         request = StoreRequest(**asdict(cfg.dataset))
         store, store_info = _open_store(request, cfg, ranks)
         baseline = load_baseline(cfg, store, device)  # a wrong file stops the run before its directory exists
-        scheduler = make_scheduler(cfg.sampling)
-        denoiser_class(cfg.model.name).check_schedule(cfg.model.params, scheduler.timesteps.tolist(),
-                                                      store.sample_shape)
+        method.check_schedule(cfg.model.params, scheduler.timesteps.tolist(), store.sample_shape)  # sizes fit
         # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with
         # more lists than images, a baseline for other images) stops here and leaves nothing behind.
         sharded = None
