@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from analytic_diffusion.cli import main
 from analytic_diffusion.distributed.group import Ranks
-from analytic_diffusion.distributed.samples import check_samples_strategy
+from analytic_diffusion.distributed.samples import check_samples_strategy, idle_ranks_warning
 from analytic_diffusion.errors import StudioError
 from analytic_diffusion.runs import INCOMPLETE
 
@@ -202,6 +202,7 @@ def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, stores:
     runs = [(name, f"{config}/mnist5k", [*SMALL, *_overrides(stores, name, store, extra)])
             for name, config, store, extra in METHODS if name not in ("nearest_cdist", "nearest_faiss", "optimal_topk")]
     runs.append(("optimal_baseline", "optimal/mnist5k", [*SMALL, *stores["grey"], *stores["baseline"]]))
+    runs.append(("optimal_one_batch", "optimal/mnist5k", [*SMALL, *stores["grey"], "sampling.batch_size=2"]))
     for name, config, overrides in runs:
         _one_process(config, [*overrides, f"experiment.run_name={name}_s1"])
     ranks = _launch(tmp_path, [(config, [*overrides, f"experiment.run_name={name}_s2"])
@@ -213,6 +214,10 @@ def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, stores:
         assert not (two / INCOMPLETE).exists()
         assert torch.equal(torch.load(one / "samples.pt"), torch.load(two / "samples.pt")), name
         metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+        if name == "optimal_one_batch":  # one batch for two ranks: rank 1 idles, and the run says so
+            assert metrics[1]["warnings"] == [*metrics[0]["warnings"],
+                "1 sampling batch for 2 ranks: 1 rank idle (lower sampling.batch_size to give every rank a batch)"]
+            metrics[1]["warnings"] = metrics[0]["warnings"]
         assert _without_timings(metrics[0]) == _without_timings(metrics[1]), name
         assert metrics[0]["distributed"] is None and metrics[1]["distributed"] == {**DISTRIBUTED, "strategy": "samples"}
         assert ("baseline" in metrics[1]) == (name == "optimal_baseline")  # each rank compared its own batches
@@ -296,12 +301,13 @@ def test_a_failed_rank_stops_the_other_with_one_line(tmp_path: Path, fault: str,
     assert not (_run_dir(name, "optimal") / "samples.pt").exists()
 
 
-def test_samples_strategy_requires_per_sample_seeds() -> None:
-    ranks = Ranks(0, 2, 0, "samples", "gloo")
+def test_samples_strategy_requires_per_sample_seeds_and_warns_of_idle_ranks() -> None:
     with pytest.raises(StudioError, match="set sampling.per_sample_seeds=true"):
-        check_samples_strategy(False, 4, ranks)
-    with pytest.raises(StudioError, match="1 sampling batch"):
-        check_samples_strategy(True, 1, ranks)
+        check_samples_strategy(False)
+    check_samples_strategy(True)
+    assert idle_ranks_warning(2, Ranks(0, 2, 0, "samples", "gloo")) is None
+    assert idle_ranks_warning(1, Ranks(0, 3, 0, "samples", "gloo")) == (
+        "1 sampling batch for 3 ranks: 2 ranks idle (lower sampling.batch_size to give every rank a batch)")
 
 
 def test_bad_distributed_options_are_one_line_errors_even_in_one_process(capsys: pytest.CaptureFixture) -> None:
@@ -383,18 +389,15 @@ def test_sweep_under_both_strategies_equals_one_process(tmp_path: Path) -> None:
     metrics.json says how it ran. A sweep that cannot run on two ranks stops with one line before any folder."""
     sweeps = Path(os.environ["ADS_ROOT"]) / "runs" / "sweeps"
     _one_process_main(["sweep", *SWEEP, "--name", "one"])
-    refused = [["sampling.per_sample_seeds=false", "--name", "seeds"], ["sampling.num_samples=2", "--name", "batches"]]
     ranks = _launch(tmp_path, [(None, ["sweep", *SWEEP, "--name", strategy, f"distributed.strategy={strategy}"])
                                for strategy in ("samples", "dataset")]
-                    + [(None, ["sweep", *SWEEP, *extra]) for extra in refused])
-    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0, 2, 2]] * 2, ranks
-    assert [run["stderr"].strip().splitlines()[-1] for run in ranks[0][2:]] == [
+                    + [(None, ["sweep", *SWEEP, "sampling.per_sample_seeds=false", "--name", "seeds"])])
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0, 2]] * 2, ranks
+    assert ranks[0][2]["stderr"].strip().splitlines()[-1] == (
         "error: a sweep always uses per-sample seeds (every cell of a dataset from the same x_T); remove "
-        "sampling.per_sample_seeds",
-        "error: 1 sampling batch(es) for 2 ranks: some ranks would idle; lower sampling.batch_size or raise "
-        "sampling.num_samples"]
-    assert all(run["stderr"] == "" for run in ranks[1][2:])
-    assert not (sweeps / "seeds").exists() and not (sweeps / "batches").exists()
+        "sampling.per_sample_seeds")
+    assert ranks[1][2]["stderr"] == ""
+    assert not (sweeps / "seeds").exists()
     expected = _sweep_rows("one")
     for strategy in ("samples", "dataset"):
         rows = _sweep_rows(strategy)

@@ -25,7 +25,7 @@ from . import distributed
 from .distributed import Ranks
 from .distributed.agreement import Agreement
 from .distributed.dataset import ShardedDataset, build_sharded_denoiser, check_sharded_method
-from .distributed.samples import check_samples_strategy, gather_batches
+from .distributed.samples import check_samples_strategy, gather_batches, idle_ranks_warning
 from .noise import batch_noise_sources
 from .runs import RunDirectory, records_before_run, save_grid, save_images, save_tensor
 from .mask_images import default_mask_pixels, save_mask_images
@@ -204,11 +204,10 @@ def generate(cfg: StudioConfig) -> GenerateResult | None:
 
 def check_distributed_run(cfg: StudioConfig, ranks: Ranks) -> None:
     """What a run under torchrun needs, checked by every rank alike before its store is opened (and by a sweep for
-    every cell before anything is written): `samples`: per-sample seeds and a batch for every rank; `dataset`: a
+    every cell before anything is written): `samples`: per-sample seeds; `dataset`: a
     method with a sharded form."""
     if ranks.strategy == "samples":
-        num_batches = -(-cfg.sampling.num_samples // cfg.sampling.batch_size)
-        check_samples_strategy(cfg.sampling.per_sample_seeds, num_batches, ranks)
+        check_samples_strategy(cfg.sampling.per_sample_seeds)
     else:
         check_sharded_method(cfg.model.name)
 
@@ -328,7 +327,10 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
         log.info("distributed: %d ranks (%s), strategy %s", ranks.world_size, ranks.backend, ranks.strategy)
     if "files" in store_info:
         log.info("%s", files_sentence(store_info["files"]))
-    warnings = [w for w in (start_warning(scheduler),) if w]
+    idle = None
+    if ranks is not None and ranks.strategy == "samples":
+        idle = idle_ranks_warning(-(-cfg.sampling.num_samples // cfg.sampling.batch_size), ranks)
+    warnings = [w for w in (start_warning(scheduler), idle) if w]
     for warning in warnings:
         log.warning("warning: %s", warning)
     sources = batch_noise_sources(cfg.experiment.seed, cfg.sampling.num_samples, cfg.sampling.batch_size,
