@@ -2,7 +2,7 @@
 `pca_locality` on a 60,000-image MNIST-shaped random uint8 store, on 1 process against K processes (gloo, one
 thread each), with seconds per step (wall clock, the slowest rank; and CPU seconds of each process, which a busy
 machine inflates less) and peak memory per process; the 1-process vs K-process x0_hat difference; and, as the
-control, one process on N / K images (one rank's work without the collectives).
+control, one process on N / K images with the same queries (one rank's work without the collectives).
 
     PYTHONPATH=src python benchmarks/bench_distributed.py [--processes 2] [--repeats 3] [--images 60000]
         [--batch 16] [--pca-batch 2]
@@ -51,12 +51,15 @@ def worker(args: argparse.Namespace) -> None:
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB: Python, torch, the studio
-    images = torch.from_numpy(np.load(args.store, mmap_mode="c"))[: args.subset]
-    store = DatasetStore("random60k", f"random{images.shape[0]}", images)
+    images = torch.from_numpy(np.load(args.store, mmap_mode="c"))
+    queried = DatasetStore("random60k", f"random{images.shape[0]}", images)
+    store = DatasetStore("random60k", f"random{images.shape[0]}", images[: args.subset])
     device = torch.device("cpu")
     batch = args.batch if args.method == "optimal" else args.pca_batch
     generator = torch.Generator().manual_seed(0)
-    clean = store.gather(torch.randint(0, store.num_images, (batch,), generator=generator))
+    # the queries come from the whole store in every configuration, the control's too: a rank's shard holds the
+    # images of only some of them, and a query far from every image of a shard costs it more
+    clean = queried.gather(torch.randint(0, queried.num_images, (batch,), generator=generator))
     x_t = ALPHA_BAR**0.5 * clean + (1 - ALPHA_BAR) ** 0.5 * torch.randn(clean.shape, generator=generator)
     level = NoiseLevel(500, ALPHA_BAR)
     started = time.perf_counter()

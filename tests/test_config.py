@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from analytic_diffusion.cli import main
-from analytic_diffusion.config import load_config
+from analytic_diffusion.config import load_config, loader
+from analytic_diffusion.config.loader import INSTALLED_CONFIGS, configs_dir, resolve_config_path
 from analytic_diffusion.errors import StudioError
 
 
@@ -33,6 +35,32 @@ def test_absolute_path_and_user_defaults_chain(tmp_path: Path):
     top.write_text(f"defaults:\n  - {base}\nsampling:\n  batch_size: 2\n")
     cfg = load_config(str(top))
     assert (cfg.sampling.num_samples, cfg.sampling.batch_size, cfg.model.name) == (3, 2, "nearest_dataset")
+
+
+def test_a_local_configs_folder_does_not_replace_the_installed_configs(tmp_path: Path, monkeypatch, caplog):
+    """A name is looked up in the installed configs (or $ADS_CONFIGS), never silently in ./configs; a local copy
+    that differs is named in a warning and is used when passed by path."""
+    monkeypatch.delenv("ADS_CONFIGS")
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "configs"
+    (local / "optimal").mkdir(parents=True)
+    (local / "defaults.yaml").write_text("experiment:\n  seed: 7\n")
+    (local / "optimal" / "mnist5k.yaml").write_text("defaults:\n  - defaults\n  - datasets/mnist5k\n"
+                                                    "model:\n  name: optimal\nexperiment:\n  name: local_copy\n")
+    caplog.set_level(logging.WARNING, logger="analytic_diffusion")
+    cfg = load_config("optimal/mnist5k")
+    assert (cfg.experiment.name, cfg.experiment.seed) == ("optimal", 0)
+    (record,) = caplog.records
+    assert record.message.startswith(f"warning: config optimal/mnist5k is {INSTALLED_CONFIGS / 'optimal/mnist5k.yaml'}")
+    assert "not ./configs/optimal/mnist5k.yaml; pass -c ./configs/optimal/mnist5k.yaml for the local file" in record.message
+    caplog.clear()
+    cfg = load_config("./configs/optimal/mnist5k.yaml")  # by path: the local file, its defaults by name
+    assert (cfg.experiment.name, cfg.experiment.seed) == ("local_copy", 0) and caplog.records == []
+    monkeypatch.setenv("ADS_CONFIGS", str(local))  # asked for: the whole local folder
+    assert resolve_config_path("optimal/mnist5k") == local / "optimal" / "mnist5k.yaml"
+    monkeypatch.delenv("ADS_CONFIGS")
+    monkeypatch.setattr(loader, "INSTALLED_CONFIGS", tmp_path / "absent")  # an install without its configs
+    assert configs_dir() == local
 
 
 @pytest.mark.parametrize(

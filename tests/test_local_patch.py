@@ -4,6 +4,7 @@ read literally, whatever the chunking and batching, and meet the oracles of §6.
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -250,6 +251,16 @@ def test_one_image_dataset_returns_that_image():
         torch.testing.assert_close(method(name, store, patch_size=k)(x_t, MID).x0_hat, image)
 
 
+@pytest.mark.parametrize("k,level", [(3, LATE), (5, MID), (5, EARLY)])
+def test_pspc_stays_in_the_data_range(k, level):
+    """x0_hat is a convex combination of training values in [-1, 1]: the float32 sum of the square means over the
+    squares covering a pixel made the band that is -1 in every image -1.0000001."""
+    store = make_store(1)
+    x0_hat = method("pspc", store, patch_size=k)(noisy(store, level, 4), level).x0_hat
+    assert x0_hat.min().item() >= -1.0 and x0_hat.max().item() <= 1.0
+    torch.testing.assert_close(x0_hat[..., :4, :], torch.full_like(x0_hat[..., :4, :], -1.0), rtol=0, atol=2e-7)
+
+
 # --- patch sizes per step, top patches and errors --------------------------------------------------------------
 
 
@@ -274,6 +285,25 @@ def test_patch_size_per_step_from_a_list_and_a_calibration_file(tmp_path):
         calibrated.Params(patch_size=[3, 5]).sizes_for(timesteps)
     with pytest.raises(StudioError, match="sampling visits"):
         calibrated.Params(patch_size=str(path)).sizes_for(make_scheduler(SchedulerOptions(num_inference_steps=20)).timesteps.tolist())
+
+
+def test_a_calibration_for_another_method_or_dataset_is_used_with_one_warning(tmp_path, caplog):
+    timesteps = SCHEDULE.timesteps.tolist()
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"method": "els", "dataset": "memory", "checkpoint": "unet.pt",
+                                "timesteps": timesteps, "patch_size": [3] * len(timesteps)}))
+    store = make_store(1)  # named "memory"
+    caplog.set_level(logging.WARNING, logger="analytic_diffusion")
+    method("els", store, patch_size=str(path))
+    assert caplog.records == []
+    method("pspc", store, patch_size=str(path))
+    (record,) = caplog.records
+    assert f"{path} was calibrated for els on memory against unet.pt, used here for pspc on memory" in record.message
+    caplog.clear()
+    other = DatasetStore.from_tensor(store.images, name="cifar10")
+    assert method("els", other, patch_size=str(path)).timestep_sizes == dict.fromkeys(timesteps, 3)  # still used
+    (record,) = caplog.records
+    assert "calibrated for els on memory against unet.pt, used here for els on cifar10" in record.message
 
 
 def test_top_patch_is_the_window_of_largest_weight():
@@ -402,3 +432,27 @@ def test_box_sums_on_flattened_rows_equal_direct_sums():
         rows = [[z[..., i : i + kh, j : j + kw].sum((-2, -1)) for j in range(11 - kw + 1)] for i in range(9 - kh + 1)]
         expected = torch.stack([torch.stack(row, -1) for row in rows], -2)
         torch.testing.assert_close(box_sums(z, (kh, kw)), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_top_patch_of_broken_els_at_edges_and_corners_is_the_window_of_largest_weight(k):
+    """Boundary-broken ELS draws an edge pixel's windows from the same distance to that edge (zero-padded), a corner
+    pixel's from its own position: the figure's top window is the brute force's nearest one among exactly those."""
+    store = make_store(1)
+    images = store.model_space(dtype=torch.float64)
+    x_t = noisy(store, LATE, 2)
+    denoiser = method("broken", store, patch_size=k)
+    rule = els_broken_rule(k, 8, 8)
+    pixels = torch.tensor([0, 7, 1, 8, 15, 56, 62, 36])  # corners, edges (top, left, right, bottom), interior
+    training = padded(images, k, circular=False)
+    top = denoiser.top_patches(x_t, LATE, pixels)
+    for n in range(2):
+        for col, pixel in enumerate(pixels.tolist()):
+            i, j = divmod(pixel, 8)
+            circular, centres = rule(i, j)
+            query = window(x_t[n], i, j, k, circular).flatten()
+            patches = torch.stack([training[:, :, a : a + k, b : b + k] for a, b in centres], 1).flatten(2)
+            best = int((query - LATE.signal_scale * patches).square().sum(-1).flatten().argmin())
+            image, (a, b) = best // len(centres), centres[best % len(centres)]
+            assert (top["image"][n, col].item(), top["position"][n, col].item()) == (image, a * 8 + b), (n, pixel)
+            torch.testing.assert_close(top["window"][n, col].double(), window(images[image], a, b, k, False))

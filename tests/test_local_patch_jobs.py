@@ -4,6 +4,7 @@ patch size per step fitted along the network's own trajectory at exactly the sam
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,12 +16,15 @@ from analytic_diffusion.calibrate import calibrate, choose_sizes
 from analytic_diffusion.cli import main
 from analytic_diffusion.config import load_config
 from analytic_diffusion.metrics.agreement import eps_cosine
-from analytic_diffusion.data.store import StoreRequest, load_or_build_store
+from analytic_diffusion.data.store import DatasetStore, StoreRequest, load_or_build_store
 from analytic_diffusion.denoisers import denoiser_class
 from analytic_diffusion.denoisers.unet import UNetDenoiser, UNetParams
+from analytic_diffusion.errors import StudioError
+from analytic_diffusion.figures import pyplot
 from analytic_diffusion.generate import generate
 from analytic_diffusion.noise import batch_noise_sources
-from analytic_diffusion.sampling import epsilon_from_x0, make_scheduler, noise_level, sample
+from analytic_diffusion.patch_images import draw_patch_figure
+from analytic_diffusion.sampling import SchedulerOptions, epsilon_from_x0, make_scheduler, noise_level, sample
 from analytic_diffusion.unet import UNetCheckpoint, save_checkpoint
 
 FAST = ["experiment.device=cpu", "dataset.subset_size=12", "dataset.resolution=8", "sampling.num_inference_steps=2",
@@ -45,11 +49,47 @@ def test_generate_records_patch_sizes_per_step_and_draws_the_mosaic():
     assert drawn["timestep"] == 0 and all(0 <= p["train_index"] < 12 for p in drawn["patches"])
 
 
-def test_a_list_of_the_wrong_length_stops_generate_before_the_run_directory(fresh_root, capsys):
+def test_the_mosaic_draws_without_warnings_and_each_rows_titles_clear_the_row_above(tmp_path):
+    """Two rows of 16 x 16 RGB images: tight_layout let the second row's titles overlap the first row's images,
+    and imshow of a tensor made numpy 2 warn about copy=False."""
+    g = torch.Generator().manual_seed(0)
+    store = DatasetStore.from_tensor(torch.randint(0, 256, (20, 3, 16, 16), generator=g, dtype=torch.uint8))
+    cls = denoiser_class("local_score")
+    denoiser = cls(cls.Params(patch_size=5)).fit(store)
+    level = noise_level(make_scheduler(SchedulerOptions()), 0)
+    x_t = torch.randn(2, 3, 16, 16, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure, drawn = draw_patch_figure(denoiser, x_t, denoiser(x_t, level).x0_hat, level)
+        figure.savefig(tmp_path / "patches.png", format="png", dpi=110)
+    renderer = figure.canvas.get_renderer()
+    columns = len(figure.axes) // 2  # two rows: the sample, then one panel per pixel
+    first, second = figure.axes[:columns], figure.axes[columns : 2 * columns]
+    lowest = min(axis.get_window_extent(renderer).y0 for axis in first)
+    assert all(axis.title.get_window_extent(renderer).y1 <= lowest for axis in second)
+    pyplot().close(figure)
+
+
+def test_a_list_of_the_wrong_length_stops_generate_before_the_store_and_the_run_directory(fresh_root, capsys):
     assert main(["generate", "-c", "els/mnist5k", *FAST, "model.params.patch_size=[3,5,7]"]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "one size per step" in error
+    assert not (fresh_root / "runs").exists() and not (fresh_root / "cache").exists()  # no store built either
+
+
+def test_the_configs_list_of_sizes_with_another_step_count_says_what_to_give(fresh_root, capsys):
+    """els/mnist5k lists 10 sizes, one per step: another sampling.num_inference_steps is refused with the three
+    ways out, as overrides."""
+    small = ["experiment.device=cpu", "dataset.subset_size=12", "dataset.resolution=8"]
+    assert main(["generate", "-c", "els/mnist5k", *small, "sampling.num_inference_steps=5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: model.params.patch_size lists 10 sizes but sampling has 5 steps")
+    for way in ("model.params.patch_size=[...] with 5 odd sizes", "model.params.patch_size=<odd int>",
+                "model.params.patch_size=<run>/calibration.json from `ads calibrate`"):
+        assert way in error
     assert not (fresh_root / "runs").exists()
+    with pytest.raises(StudioError, match=r"=\[\.\.\.\] with 3 sizes\), a single size \(model.params.patch_size=<int>\)"):
+        denoiser_class("pspc").Params(patch_size=[2, 4]).sizes_for([900, 500, 0])
 
 
 def test_calibration_scores_every_candidate_at_the_networks_own_x_t(tmp_path, capsys):

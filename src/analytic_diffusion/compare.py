@@ -122,6 +122,21 @@ class BaselineComparison:
         """Record the method's final images of the batch (the last x0_hat)."""
         self._method_images.append(method_final.cpu())
 
+    def batches(self) -> list[tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor]]:
+        """Per batch so far: its rows (per metric, one [B] tensor per step), the method's and the baseline's final
+        images; what a rank of a distributed run sends to rank 0 (`adopt`)."""
+        return [({name: batches[i] for name, batches in self._rows.items()}, self._method_images[i],
+                 self._baseline_images[i]) for i in range(len(self._method_images))]
+
+    def adopt(self, batches: list[tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor]],
+              seconds: float) -> None:
+        """Replace this comparison's batches with `batches` (every rank's `batches()`, in sample order) and its time
+        with `seconds`: `result()` is then that of one process sampling them all."""
+        self._rows = {name: [rows[name] for rows, _, _ in batches] for name in METRICS}
+        self._method_images = [method for _, method, _ in batches]
+        self._baseline_images = [baseline for _, _, baseline in batches]
+        self.seconds = seconds
+
     def result(self) -> ComparisonResult:
         """Concatenate the batches: [S, N] per metric."""
         stacked = {name: torch.cat([torch.stack(rows) for rows in batches], dim=1) for name, batches in self._rows.items()}

@@ -20,3 +20,11 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> StudioError:
     """An error for a name that is not registered, naming the closest valid one and listing all."""
     choices = sorted(choices)
     return StudioError(f"unknown {kind} '{name}'{closest(name, choices)}; choose one of: {', '.join(choices)}")
+
+
+def one_line(exc: BaseException) -> str:
+    """How a failure is reported in one line: a StudioError's own message, any other error as `Type: message`
+    (its first line)."""
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else ""
+    return message if isinstance(exc, StudioError) else f"{type(exc).__name__}: {message}".rstrip(": ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,13 @@ from .config import StudioConfig, to_yaml
 from .data.store import DatasetStore, StoreRequest, files_sentence, load_or_build_store
 from .denoisers import Denoised, Denoiser, NoiseLevel, denoiser_class
 from .denoisers.unet import UNetDenoiser, UNetParams
-from .errors import StudioError
+from .errors import StudioError, one_line
 from .devices import resolve_device, synchronize
 from . import distributed
 from .distributed import Ranks
-from .distributed.dataset import ShardedDataset, build_sharded_denoiser
-from .distributed.samples import check_samples_strategy, gather_batches
+from .distributed.agreement import Agreement
+from .distributed.dataset import ShardedDataset, build_sharded_denoiser, check_sharded_method
+from .distributed.samples import check_samples_strategy, gather_batches, idle_ranks_warning
 from .noise import batch_noise_sources
 from .runs import RunDirectory, records_before_run, save_grid, save_images, save_tensor
 from .mask_images import default_mask_pixels, save_mask_images
@@ -193,32 +195,49 @@ def generate(cfg: StudioConfig) -> GenerateResult | None:
     device = resolve_device(name)
     ranks = distributed.start(cfg.distributed.strategy, cfg.distributed.timeout_seconds, device)
     if ranks is None:
-        return _generate(cfg, device, None)
+        return generate_on(cfg, device, None)
     with distributed.failures_published(ranks):
-        result = _generate(cfg, device, ranks)
+        result = generate_on(cfg, device, ranks)
         distributed.finish(ranks)
     return result
 
 
-def _generate(cfg: StudioConfig, device: torch.device, ranks: Ranks | None) -> GenerateResult | None:
+def check_distributed_run(cfg: StudioConfig, ranks: Ranks) -> None:
+    """What a run under torchrun needs, checked by every rank alike before its store is opened (and by a sweep for
+    every cell before anything is written): `samples`: per-sample seeds; `dataset`: a
+    method with a sharded form."""
+    if ranks.strategy == "samples":
+        check_samples_strategy(cfg.sampling.per_sample_seeds)
+    else:
+        check_sharded_method(cfg.model.name)
+
+
+def _phase(agreement: Agreement | None, recoverable: bool = True) -> AbstractContextManager:
+    """A phase of the run that the ranks agree on at its end (agreement.py); nothing in one `ads generate`."""
+    return nullcontext() if agreement is None else agreement.phase(recoverable)
+
+
+def generate_on(cfg: StudioConfig, device: torch.device, ranks: Ranks | None,
+                agreement: Agreement | None = None) -> GenerateResult | None:
+    """The generate job on `device`, in this process alone (ranks None) or on every rank of a started process
+    group; rank 0 returns the result, the others None. With an `agreement` (a sweep's cell), the ranks agree at
+    the end of the checks, of the run directory's creation and (samples strategy) of sampling, so that a failure
+    there fails the run on every rank alike and the process group stays usable (distributed/agreement.py)."""
     writer = ranks is None or ranks.is_writer
     if not writer:
         log.setLevel(logging.WARNING)  # rank 0 reports; the others only warn
-    with records_before_run(log) as early:  # written to run.log once the run directory exists
-        wandb = wandb_module(cfg) if writer else None
+    with records_before_run(log) as early, _phase(agreement):  # the records go to run.log once it exists
+        wandb = wandb_module(cfg)  # checked on every rank alike; rank 0 logs the run
+        if ranks is not None:
+            check_distributed_run(cfg, ranks)
+        scheduler = make_scheduler(cfg.sampling)
+        method = denoiser_class(cfg.model.name)
+        method.check_schedule(cfg.model.params, scheduler.timesteps.tolist(), None)  # before a store is built
         torch.manual_seed(cfg.experiment.seed)
         request = StoreRequest(**asdict(cfg.dataset))
         store, store_info = _open_store(request, cfg, ranks)
-        if ranks is not None and cfg.baseline.checkpoint:
-            raise StudioError("baseline.checkpoint is not supported under torchrun yet; compare with the baseline in "
-                              "a one-process run (or set baseline.checkpoint=null)")
         baseline = load_baseline(cfg, store, device)  # a wrong file stops the run before its directory exists
-        scheduler = make_scheduler(cfg.sampling)
-        denoiser_class(cfg.model.name).check_schedule(cfg.model.params, scheduler.timesteps.tolist(),
-                                                      store.sample_shape)
-        if ranks is not None and ranks.strategy == "samples":
-            num_batches = -(-cfg.sampling.num_samples // cfg.sampling.batch_size)
-            check_samples_strategy(cfg.sampling.per_sample_seeds, num_batches, ranks)
+        method.check_schedule(cfg.model.params, scheduler.timesteps.tolist(), store.sample_shape)  # sizes fit
         # The method meets the dataset before the run directory exists: a fit that cannot work (a FAISS index with
         # more lists than images, a baseline for other images) stops here and leaves nothing behind.
         sharded = None
@@ -227,18 +246,21 @@ def _generate(cfg: StudioConfig, device: torch.device, ranks: Ranks | None) -> G
         else:
             denoiser, fit_seconds = build_denoiser(cfg, store, device)
         denoiser.use_schedule(scheduler.timesteps.tolist())
-        comparison = build_comparison(cfg, baseline, scheduler)
+        # `samples`: each rank compares its own batches, rank 0 gathers them; `dataset`: every rank holds the same
+        # x_t, rank 0 alone compares (the baseline has no collective)
+        comparison = build_comparison(cfg, baseline, scheduler) if writer or ranks.strategy == "samples" else None
+    with _phase(agreement):  # rank 0 alone creates it; had that failed, the others would wait for rank 0
         if writer:
             run_name = cfg.experiment.run_name or f"{cfg.model.name}_{cfg.dataset.name}"
             run = RunDirectory.create(Path(cfg.paths.runs), cfg.experiment.name, run_name,
                                       cfg.experiment.append_timestamp)
     if not writer:
         return _generate_into(None, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison, ranks,
-                              sharded)
+                              sharded, agreement)
     handler = run.attach_log(log, early)
     try:
         result = _generate_into(run, cfg, store, store_info, device, denoiser, fit_seconds, scheduler, comparison,
-                                ranks, sharded)
+                                ranks, sharded, agreement)
         if wandb is not None:
             log_run(wandb, cfg, run.path, result.metrics)
     except BaseException as exc:
@@ -252,10 +274,16 @@ def _generate(cfg: StudioConfig, device: torch.device, ranks: Ranks | None) -> G
 
 
 def _open_store(request: StoreRequest, cfg: StudioConfig, ranks: Ranks | None) -> tuple[DatasetStore, dict]:
-    """The dataset store; under torchrun rank 0 builds it (when not cached) before the others open it."""
+    """The dataset store; under torchrun rank 0 builds it (when not cached) before the others open it, and if it
+    cannot, the others stop with rank 0's line."""
     if ranks is not None and not ranks.is_writer:
         distributed.wait_for("store")
-    opened = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+    try:
+        opened = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
+    except Exception as exc:
+        if ranks is not None and ranks.is_writer:
+            distributed.announce("store", one_line(exc))
+        raise
     if ranks is not None and ranks.is_writer:
         distributed.announce("store")
     return opened
@@ -276,18 +304,21 @@ def _last_step(recorders: list[TrajectoryRecorder], scheduler) -> tuple[torch.Te
     return torch.cat([r.final_x_t for r in recorders]), noise_level(scheduler, recorders[0].timesteps[-1])
 
 
-def _portable(batch: Denoised, recorder: TrajectoryRecorder, seconds: float) -> tuple:
-    """A finished batch as rank 0 receives it: tensors on the CPU, no progress bar."""
+def _portable(batch: Denoised, recorder: TrajectoryRecorder, seconds: float, compared: tuple | None,
+              comparison_seconds: float) -> tuple:
+    """A finished batch as rank 0 receives it: tensors on the CPU, no progress bar; with the rank's sampling time,
+    the batch's comparison with the baseline (BaselineComparison.batches) and the rank's comparison time."""
     recorder.progress = None
     if recorder.final_x_t is not None:
         recorder.final_x_t = recorder.final_x_t.cpu()
     cpu = Denoised(batch.x0_hat.detach().cpu(), {k: v.detach().cpu() for k, v in batch.diagnostics.items()})
-    return cpu, recorder, seconds
+    return cpu, recorder, seconds, compared, comparison_seconds
 
 
 def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetStore, store_info: dict, device,
                    denoiser: Denoiser, fit_seconds: float, scheduler, comparison: BaselineComparison | None,
-                   ranks: Ranks | None = None, sharded: ShardedDataset | None = None) -> GenerateResult | None:
+                   ranks: Ranks | None = None, sharded: ShardedDataset | None = None,
+                   agreement: Agreement | None = None) -> GenerateResult | None:
     if run is not None:
         run.write_text("config.yaml", to_yaml(cfg))
     log.info("run %s: %s on %s (%d images, %s) on %s", run.path if run else None, cfg.model.name, cfg.dataset.name,
@@ -296,7 +327,10 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
         log.info("distributed: %d ranks (%s), strategy %s", ranks.world_size, ranks.backend, ranks.strategy)
     if "files" in store_info:
         log.info("%s", files_sentence(store_info["files"]))
-    warnings = [w for w in (start_warning(scheduler),) if w]
+    idle = None
+    if ranks is not None and ranks.strategy == "samples":
+        idle = idle_ranks_warning(-(-cfg.sampling.num_samples // cfg.sampling.batch_size), ranks)
+    warnings = [w for w in (start_warning(scheduler), idle) if w]
     for warning in warnings:
         log.warning("warning: %s", warning)
     sources = batch_noise_sources(cfg.experiment.seed, cfg.sampling.num_samples, cfg.sampling.batch_size,
@@ -309,7 +343,10 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
     recorders, batches = [], []
     total_steps = len(chosen) * len(scheduler.timesteps)
     started = time.perf_counter()
-    with tqdm(total=total_steps, desc=f"sampling {cfg.model.name}", unit="step", disable=run is None) as progress:
+    # Agreed only under `samples` (no collective while sampling): under `dataset` a rank that fails leaves the
+    # others inside the step's collectives, and every rank stops.
+    with _phase(agreement, recoverable=split), \
+            tqdm(total=total_steps, desc=f"sampling {cfg.model.name}", unit="step", disable=run is None) as progress:
         for index in chosen:
             noise, baseline_noise = sources[index], baseline_sources[index]
             recorder = TrajectoryRecorder(device, keep_images=cfg.output.intermediates, progress=progress)
@@ -326,11 +363,16 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
     synchronize(device)
     sampling_seconds = time.perf_counter() - started - (comparison.seconds if comparison else 0.0)
     if split:
-        gathered = gather_batches(ranks, [_portable(b, r, sampling_seconds) for b, r in zip(batches, recorders)])
+        compared = comparison.batches() if comparison is not None else [None] * len(batches)
+        seconds = comparison.seconds if comparison is not None else 0.0
+        gathered = gather_batches(ranks, [_portable(b, r, sampling_seconds, c, seconds)
+                                          for b, r, c in zip(batches, recorders, compared)])
         if gathered is None:
             return None
         batches, recorders = [g[0] for g in gathered], [g[1] for g in gathered]
         sampling_seconds = max(g[2] for g in gathered)  # the slowest rank's wall time
+        if comparison is not None:
+            comparison.adopt([g[3] for g in gathered], max(g[4] for g in gathered))
     samples = torch.cat([b.x0_hat.detach().cpu() for b in batches])
     final = {k: torch.cat([b.diagnostics[k].detach().cpu() for b in batches]) for k in batches[0].diagnostics}
     records, memorization = _sample_records(samples, store, final, cfg.memorization.threshold, sharded)
@@ -362,6 +404,8 @@ def _generate_into(run: RunDirectory | None, cfg: StudioConfig, store: DatasetSt
         "sample_shape": list(store.sample_shape),
         "store": {key: store_info[key] for key in ("fingerprint", "built", "seconds", "files") if key in store_info},
         "device": str(device),
+        "distributed": None if ranks is None else {"world_size": ranks.world_size, "strategy": ranks.strategy,
+                                                   "backend": ranks.backend},
         "num_samples": samples.shape[0],
         "num_inference_steps": len(scheduler.timesteps),
         "fit_seconds": fit_seconds,

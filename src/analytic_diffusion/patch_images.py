@@ -8,6 +8,7 @@ Works with any fitted denoiser that has `top_patches(x_t, level, locations)`, `p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ COLOURS = ("tab:red", "tab:orange", "tab:green", "tab:cyan", "tab:purple", "tab:
 
 
 def _show(axis, image: torch.Tensor) -> None:
-    picture = to_unit_range(image).permute(1, 2, 0)
+    picture = to_unit_range(image).permute(1, 2, 0).cpu().numpy()  # a tensor makes numpy 2 warn inside imshow
     axis.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
     axis.set_xticks([])
     axis.set_yticks([])
@@ -43,9 +44,19 @@ def top_patch_images(denoiser, x_t: torch.Tensor, level: NoiseLevel, pixels: lis
 
 def save_patch_figure(denoiser, x_t: torch.Tensor, samples: torch.Tensor, level: NoiseLevel, path: Path,
                       pixels: list[int] | None = None, max_samples: int = 3) -> dict:
+    """`draw_patch_figure` written to `path` (PNG); returns what it drew as a dict (pixel, image index, window
+    top-left) for metrics.json."""
+    figure, drawn = draw_patch_figure(denoiser, x_t, samples, level, pixels, max_samples)
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    pyplot().close(figure)
+    return drawn
+
+
+def draw_patch_figure(denoiser, x_t: torch.Tensor, samples: torch.Tensor, level: NoiseLevel,
+                      pixels: list[int] | None = None, max_samples: int = 3) -> tuple[Any, dict]:
     """One row per sample (up to `max_samples`): the sample with the chosen pixels marked, then per pixel the
-    training image whose window had the largest weight, the window outlined. Returns what it drew as a dict
-    (pixel, image index, window top-left) for metrics.json."""
+    training image whose window had the largest weight, the window outlined. Returns the matplotlib figure and
+    what it drew."""
     plt = pyplot()
 
     count = min(max_samples, samples.shape[0])
@@ -53,7 +64,10 @@ def save_patch_figure(denoiser, x_t: torch.Tensor, samples: torch.Tensor, level:
     pixels = pixels if pixels is not None else default_mask_pixels(denoiser.store.sample_shape, 4)
     size = denoiser.patch_size(level)
     top, images = top_patch_images(denoiser, x_t, level, pixels, max_samples)
-    figure, axes = plt.subplots(count, 1 + len(pixels), figsize=(2.0 * (1 + len(pixels)), 2.2 * count), squeeze=False)
+    # square panels 2 in wide, each row with room for its titles, the figure title on top; the constrained
+    # layout places them (tight_layout let the second row's titles overlap the first row's images)
+    figure, axes = plt.subplots(count, 1 + len(pixels), figsize=(2.0 * (1 + len(pixels)), 2.2 * count + 0.3),
+                                squeeze=False, layout="constrained")
     records = []
     for n in range(count):
         _show(axes[n, 0], samples[n])
@@ -72,7 +86,4 @@ def save_patch_figure(denoiser, x_t: torch.Tensor, samples: torch.Tensor, level:
             records.append({"sample": n, "pixel": [row, column], "train_index": image,
                             "window_top_left": [top_row, top_col], "patch_size": size})
     figure.suptitle(f"largest-weight training patch at t={level.timestep} (k={size})", fontsize=9)
-    figure.tight_layout()
-    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-    plt.close(figure)
-    return {"timestep": level.timestep, "patches": records}
+    return figure, {"timestep": level.timestep, "patches": records}

@@ -7,6 +7,7 @@ one-line StudioError that names the closest valid key or name.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ from ..errors import StudioError, closest, unknown_name
 from ..fileio import user_path
 from .schema import StudioConfig
 
+log = logging.getLogger(__name__)
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 CHOICES = {
     "sampling.timestep_spacing": ("leading", "trailing", "linspace"),
@@ -35,13 +38,19 @@ PATH_KEYS = ("paths.root", "paths.datasets", "paths.cache", "paths.runs", "datas
 PATH_PARAMS = ("checkpoint", "path")  # method parameters that are paths, and any ending in _path, _dir or _file
 
 
+INSTALLED_CONFIGS = Path(__file__).resolve().parents[3] / "configs"  # the source tree's (an editable install)
+
+
 def configs_dir() -> Path:
-    """Where named configs live: $ADS_CONFIGS, else ./configs, else the configs/ folder of this source tree."""
+    """Where named configs live: $ADS_CONFIGS, else the installed configs/ folder of this source tree; ./configs in
+    the working directory only where the install has none (a non-editable install run from a checkout). A
+    ./configs folder never replaces the installed configs unasked: pass its files by path, or ADS_CONFIGS=./configs."""
     if os.environ.get("ADS_CONFIGS"):
         return Path(os.environ["ADS_CONFIGS"])
-    if (Path.cwd() / "configs" / "defaults.yaml").is_file():
-        return Path.cwd() / "configs"
-    return Path(__file__).resolve().parents[3] / "configs"
+    local = Path.cwd() / "configs"
+    if not (INSTALLED_CONFIGS / "defaults.yaml").is_file() and (local / "defaults.yaml").is_file():
+        return local
+    return INSTALLED_CONFIGS
 
 
 SWEEPS = "sweeps"  # configs/sweeps/ holds sweep specifications (`ads sweep -c sweeps/<name>`), not run configs
@@ -60,10 +69,25 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
     candidates = [path] if path.is_absolute() else [configs_dir() / path, configs_dir() / f"{path}.yaml", path]
     for candidate in candidates:
         if candidate.is_file():
+            _note_local_copy(candidate)
             return candidate
     hint = closest(str(path.with_suffix("")) if path.suffix == ".yaml" else str(path),
                    available_configs("run") + available_configs("sweep"))
     raise StudioError(f"config '{name}' not found in {configs_dir()}{hint}; `ads list` shows the available configs")
+
+
+def _note_local_copy(used: Path) -> None:
+    """Warn when a config taken by name from configs_dir() has a different namesake under ./configs, which
+    earlier versions read instead (a user who edited that copy learns it is not the one used, and how to use it)."""
+    root = configs_dir()
+    if not used.is_relative_to(root):
+        return
+    name = used.relative_to(root)
+    local = Path.cwd() / "configs" / name
+    if local.is_file() and local.resolve() != used.resolve() and local.read_bytes() != used.read_bytes():
+        log.warning("warning: config %s is %s (names are looked up in %s), not ./configs/%s; pass -c ./configs/%s "
+                    "for the local file, or set ADS_CONFIGS=%s for the whole local folder", name.with_suffix(""),
+                    used, root, name, name, Path.cwd() / "configs")
 
 
 def _default_entry_path(entry: str, including: Path) -> Path:

@@ -122,4 +122,4 @@ class StudioConfig:
     training: TrainingSection = field(default_factory=TrainingSection)  # train-unet only
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # calibrate only
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)  # memorization and generate
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # generate under torchrun only
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun only

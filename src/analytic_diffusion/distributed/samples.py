@@ -18,15 +18,21 @@ from ..search import KnnResult, knn_search
 from .group import Ranks, collective
 
 
-def check_samples_strategy(per_sample_seeds: bool, num_batches: int, ranks: Ranks) -> None:
+def check_samples_strategy(per_sample_seeds: bool) -> None:
     """The samples strategy needs per-sample seeds (a shared generator would give rank r other noise)."""
     if not per_sample_seeds:
         raise StudioError("distributed.strategy=samples needs per-sample seeds, so that each sample's noise does not "
                           "depend on which rank draws it: set sampling.per_sample_seeds=true (or use "
                           "distributed.strategy=dataset)")
-    if num_batches < ranks.world_size:
-        raise StudioError(f"{num_batches} sampling batch(es) for {ranks.world_size} ranks: some ranks would idle; "
-                          "lower sampling.batch_size or raise sampling.num_samples")
+
+
+def idle_ranks_warning(num_batches: int, ranks: Ranks) -> str | None:
+    """A sentence for the run's warnings when some ranks get no sampling batch (they wait for the others)."""
+    if num_batches >= ranks.world_size:
+        return None
+    idle = ranks.world_size - num_batches
+    return (f"{num_batches} sampling batch{'es' if num_batches > 1 else ''} for {ranks.world_size} ranks: {idle} "
+            f"rank{'s' if idle > 1 else ''} idle (lower sampling.batch_size to give every rank a batch)")
 
 
 def gather_batches(ranks: Ranks, items: list[Any]) -> list[Any] | None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Protocol
 
 import torch
 
@@ -95,6 +96,16 @@ class Probe:
 
     concentrated: bool  # few images to rescore, a gathered weighted sum: the integer kernel is the fast path
     first_places: int  # digits of the first pass for the whole batch
+
+
+class SharedCeiling(Protocol):
+    """The other parts of a dataset split across processes (distributed/dataset.py): `num_images` of the largest
+    part (every part cuts its queries into the same blocks), and the call: per query, the smallest of every part's
+    bound on its smallest distance [B] float64 (a collective)."""
+
+    num_images: int
+
+    def __call__(self, bound: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -281,11 +292,16 @@ class IntegerSoftmax:
         return self._levels
 
     @torch.no_grad()
-    def __call__(self, query: torch.Tensor, scale: float, first_places: int | None = None) -> SoftmaxMean:
+    def __call__(self, query: torch.Tensor, scale: float, first_places: int | None = None,
+                 shared: SharedCeiling | None = None) -> SoftmaxMean:
         """Softmax of -scale ||q_b - y_i||^2 over all images and the weighted mean, for queries [B, n] float64.
-        `first_places`: the first pass's digits when a `probe` chose them (else chosen per block)."""
-        block = max(1, WORKING_BYTES // (48 * self.num_images))
-        parts = [self._block(query[start : start + block], scale, first_places)
+        `first_places`: the first pass's digits when a `probe` chose them (else chosen per block). `shared`: the
+        store is one part of a dataset (a shard of a distributed run); each block's bounds on its smallest
+        distances are exchanged with the other parts, and images that weigh < e^-SKIP_LOGITS / N of the largest
+        weight over the whole dataset are skipped (every part calls it once per block, in the same blocks)."""
+        images = self.num_images if shared is None else shared.num_images
+        block = max(1, WORKING_BYTES // (48 * images))
+        parts = [self._block(query[start : start + block], scale, first_places, shared)
                  for start in range(0, query.shape[0], block)]
         return SoftmaxMean(*(torch.cat(values) for values in zip(*(
             (p.mean, p.top_weight, p.effective_count, p.top_index) for p in parts))))
@@ -319,10 +335,12 @@ class IntegerSoftmax:
         summed = self._summed(weights, candidates.valid, weights.sum(1))
         return Probe(int(summed.sum()) <= self._sparse_pairs() * q.shape[0], first_places)  # a gathered sum
 
-    def _block(self, q: torch.Tensor, c: float, first_places: int | None) -> SoftmaxMean:
+    def _block(self, q: torch.Tensor, c: float, first_places: int | None, shared: SharedCeiling | None
+               ) -> SoftmaxMean:
         """Scores from a first pass of FIRST_DIGITS digits; queries whose weight is spread (many images would need
         rescoring) get a refinement pass with more digits of the rest of the query; what the bound still leaves
-        uncertain is rescored exactly; then the weighted sum."""
+        uncertain is rescored exactly; then the weighted sum. With `shared`, the candidates are cut at the whole
+        dataset's bound on the smallest distance (min over the parts of min_i d_hat + E)."""
         plans = _Plans(self, q, [])
         first = first_places or self._first_places(c, plans)
         columns = max(first + 1, DIRECT_COLUMNS // q.shape[0])
@@ -334,9 +352,11 @@ class IntegerSoftmax:
             correction = self._correction(pieces) if corrected else None
             approx, error = self._approx(q, pieces, dots, correction), plans.error(places, corrected)
             del dots, correction
-            return self._softmax_mean(q, c, self._candidates(approx, error, c), None)
+            ceiling = None if shared is None else shared(approx.amin(dim=1) + error)
+            return self._softmax_mean(q, c, self._candidates(approx, error, c, ceiling), None)
         approx, error, dots = self._first_pass(q, plans, first)
-        candidates, limit = self._candidates(approx, error, c), self._refine_limit()
+        ceiling = None if shared is None else shared(approx.amin(dim=1) + error)
+        candidates, limit = self._candidates(approx, error, c, ceiling), self._refine_limit()
         take = self._rescore_counts(c, candidates, error, limit)
         rows = self._to_refine(take, limit)
         pieces = [plans.plan(first)[0].select(rows)]
@@ -351,7 +371,7 @@ class IntegerSoftmax:
             correction = self._correction(pieces) if corrected else None
             approx[rows] = self._approx(sub, pieces, dots[:, rows], correction)
             error[rows] = refined.error(places, corrected)
-            candidates = self._candidates(approx, error, c)
+            candidates = self._candidates(approx, error, c, ceiling)
             take[rows] = counts = self._rescore_counts(c, candidates.select(rows), error[rows])
             keep = torch.isin(rows, self._to_refine(torch.zeros_like(take).index_copy_(0, rows, counts), limit))
             rows, pieces = rows[keep], [piece.select(keep.nonzero()[:, 0]) for piece in pieces]
@@ -394,10 +414,16 @@ class IntegerSoftmax:
         the largest weight."""
         return (SKIP_LOGITS + math.log(self.num_images)) / c
 
-    def _candidates(self, approx: torch.Tensor, error: torch.Tensor, c: float) -> _Candidates:
+    def _candidates(self, approx: torch.Tensor, error: torch.Tensor, c: float, ceiling: torch.Tensor | None = None
+                    ) -> _Candidates:
         """The images that may weigh more than e^-SKIP_LOGITS / N of the largest weight (the others are skipped):
-        gathered into [B, K] when every query keeps at most N / COMPACT_SHARE of them, else all N."""
+        gathered into [B, K] when every query keeps at most N / COMPACT_SHARE of them, else all N. `ceiling` [B]:
+        a bound on the smallest distance over the whole dataset (this store one part of it): images with
+        d_hat - E above it by the skip width are skipped too, except this part's nearest (so that its state, which
+        the merge scales down, is never empty)."""
         threshold = approx.amin(dim=1) + (2 * error + self._skip_width(c))
+        if ceiling is not None:
+            threshold = torch.minimum(threshold, ceiling + error + self._skip_width(c)).maximum(approx.amin(dim=1))
         kept = approx <= threshold[:, None]
         most = int(kept.sum(1).max())
         if most * COMPACT_SHARE > self.num_images:

@@ -79,7 +79,7 @@ class WindowSpec:
 class UniqueWindows:
     """The distinct windows of a shared dictionary and how often each occurs (N (H - k + 1)^2 MNIST windows of
     size 3 hold about 27% distinct ones: the background repeats). A window that occurs m times enters the softmax
-    once with logit + log m: the same weights, sums and 1 / sum w^2 as the full dictionary."""
+    once, weighing m times as much: the same weights, sums and 1 / sum w^2 as the full dictionary."""
 
     windows: torch.Tensor  # [U, D] model space, float32
     counts: torch.Tensor  # [U] float64 multiplicities
@@ -280,14 +280,13 @@ def unshifted(bounds: tuple[float, float], entries: int) -> bool:
     return lowest >= -125.0 and 2 * max(highest, 0.0) + math.log2(max(entries, 1)) <= 126.0
 
 
-def needs_floor(spread: float, repeats: float = 1.0) -> bool:
-    """Whether base-2 logits that lie at most `spread` below their row's maximum (plus log2 of the largest
-    multiplicity of a deduplicated window, `repeats`, and 1 for the float32 rounding of the logits) can reach
-    the subnormal range of float32 weights (2^-126), which the weight floor keeps exp2 out of. If not, the clamp
-    (a pass over every logit) is skipped and weights below the floor stay exact instead of being raised to it;
-    their squares may then be subnormal, which costs nothing measurable on the AMD EPYC of the benchmarks (a
-    norm over a block of them 2x slower at worst, against a pass saved)."""
-    return spread + math.log2(repeats) + 1.0 > -math.log2(torch.finfo(torch.float32).tiny)
+def needs_floor(spread: float) -> bool:
+    """Whether base-2 logits that lie at most `spread` below their row's maximum (plus 1 for the float32 rounding
+    of the logits) can reach the subnormal range of float32 weights (2^-126), which the weight floor keeps exp2
+    out of. If not, the clamp (a pass over every logit) is skipped and weights below the floor stay exact instead
+    of being raised to it; their squares may then be subnormal, which costs nothing measurable on the AMD EPYC of
+    the benchmarks (a norm over a block of them 2x slower at worst, against a pass saved)."""
+    return spread + 1.0 > -math.log2(torch.finfo(torch.float32).tiny)
 
 
 def choose_dtype(queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int,
@@ -308,12 +307,14 @@ class BlockSoftmax(StreamingSoftmax):
     def __init__(self) -> None:
         super().__init__(track_concentration=True)
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor, inverse_counts: torch.Tensor | None = None,
+    def add(self, logits: torch.Tensor, values: torch.Tensor, roots: torch.Tensor | None = None,
             floor: bool = True, shift: bool = True) -> None:
-        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones; `inverse_counts` [M]:
-        1 / m for windows that stand for m copies (their logits include + log m), so that squares count every
-        copy; `floor`: clamp the weights at 2^weight_floor (False when no logit can lie that far below its
-        row's maximum, `needs_floor`: the clamp would change nothing); `shift`: False when the logits can be
+        """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones, or, for windows that stand
+        for m copies, the values times m and the last row m, with `roots` [M] = m^1/2 so that the squares count
+        every copy. (The copies enter as factors, not as + log m in the logits: a logit then does not depend on
+        how many copies a part of the dataset holds, so the parts of a distributed run round as the whole does.)
+        `floor`: clamp the weights at 2^weight_floor (False when no logit can lie that far below its row's
+        maximum, `needs_floor`: the clamp would change nothing); `shift`: False when the logits can be
         exponentiated as they are (`unshifted`; then for every block of the stream)."""
         new_max = None
         if shift:
@@ -325,10 +326,10 @@ class BlockSoftmax(StreamingSoftmax):
         weights = logits.exp2_()
         # one group (G = 1): a GEMM against the transposed values is ~3x faster on CPUs than bmm's skinny output
         sums = F.linear(weights[0], values[0])[None] if weights.shape[0] == 1 else torch.bmm(weights, values.mT)
-        if inverse_counts is None:  # sum w^2 in one pass (a norm, squared)
+        if roots is None:  # sum w^2 in one pass (a norm, squared)
             squares = torch.linalg.vector_norm(weights, dim=-1).square_()
-        else:  # sum w^2 / m: the weights are squared in place (no longer needed), then one product with 1 / m
-            squares = torch.matmul(weights.square_(), inverse_counts)
+        else:  # sum w^2 m: the weights are squared in place (no longer needed), then one product with m
+            squares = torch.matmul(weights.square_(), roots.square())
         self._merge(new_max, sums, squares)
 
     def _merge(self, new_max: torch.Tensor | None, sums: torch.Tensor, squares: torch.Tensor) -> None:
@@ -593,24 +594,29 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
                    bias_scale: float, dtype: torch.dtype, screen_queries: torch.Tensor | None = None,
                    margin: float | None = None, scratch: Scratch | None = None, spread: float = math.inf,
                    shift: bool = True) -> None:
-    """One shared group against its distinct windows, `rows` windows per chunk: logits + log m, squares / m
-    (screened in float32 and rescored in float64 when `screen_queries` are given). `scratch` holds the logits
-    of a block; `spread`: `logit_spread` in base 2, for `needs_floor`; `shift`: see `BlockSoftmax.add`."""
-    floor = needs_floor(spread, unique.counts.max().item())
+    """One shared group against its distinct windows, `rows` windows per chunk, each weighing m times (its
+    copies): a factor m of the values and the normaliser, or, screened in float32 and rescored in float64 when
+    `screen_queries` are given, logits + log m and squares / m. `scratch` holds the logits of a block; `spread`:
+    `logit_spread` in base 2, for `needs_floor`; `shift`: see `BlockSoftmax.add`."""
+    floor = needs_floor(spread)
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
-        counts = unique.counts[start : start + rows]
-        bias = phi.square().sum(1) * bias_scale - counts.log2().to(dtype)  # [M]
-        vals = torch.cat([unique.values[start : start + rows].to(dtype).T, phi.new_ones(1, phi.shape[0])])[None]
-        inverse_counts = counts.reciprocal().to(dtype)
-        phi_t = torch.cat([phi.T, bias[None]])[None]  # [1, D + 1, M]: the bias below the windows
-        screen = phi_t.float() if screen_queries is not None else None
-        for b, state in enumerate(states):
-            if screen is not None:
+        counts = unique.counts[start : start + rows].to(dtype)
+        values = unique.values[start : start + rows].to(dtype).T
+        bias = phi.square().sum(1) * bias_scale  # [M]
+        if screen_queries is not None:  # the screen must see the copies: + log m in the logits
+            phi_t = torch.cat([phi.T, (bias - counts.log2())[None]])[None]  # [1, D + 1, M]: the bias below
+            vals = torch.cat([values, phi.new_ones(1, phi.shape[0])])[None]
+            screen = phi_t.float()
+            for b, state in enumerate(states):
                 state.softmax.add_screened(_product(screen_queries[b], screen), margin, queries[b], phi_t, vals,
-                                           inverse_counts)
-            else:
-                state.softmax.add(_product(queries[b], phi_t, scratch), vals, inverse_counts, floor, shift)
+                                           counts.reciprocal())
+        else:  # the copies as factors of the values (BlockSoftmax.add)
+            phi_t = torch.cat([phi.T, bias[None]])[None]
+            vals = torch.cat([values * counts, counts[None]])[None]
+            roots = counts.sqrt()
+            for b, state in enumerate(states):
+                state.softmax.add(_product(queries[b], phi_t, scratch), vals, roots, floor, shift)
 
 
 def _inside_positions(sample_shape, window: WindowSpec, device) -> torch.Tensor | None:

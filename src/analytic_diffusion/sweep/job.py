@@ -5,6 +5,12 @@ path of `ads generate`. A cell that completed with the same resolved config (its
 incomplete one, or one whose config changed, is removed and run again (`force=True` reruns every cell). A cell
 that fails is recorded with its error and the sweep goes on; Ctrl-C stops after writing the summary of what
 finished, and the finished cells stay usable.
+
+Under torchrun (docs/distributed.md) every rank walks the cells in the same order and runs each one distributed
+(`generate.generate_on` in one process group); rank 0 alone writes the sweep folder, the cells' run directories and
+the summary. A cell that fails where the ranks can agree on it (distributed/agreement.py) is recorded as in one
+process; any other failure stops every rank with one line, after rank 0 has written the summary (that cell
+failed, the rest not run).
 """
 
 from __future__ import annotations
@@ -18,14 +24,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .. import distributed
 from .. import generate as generate_job
 from ..config import to_yaml
 from ..data.store import StoreRequest, load_or_build_store
-from ..errors import StudioError
+from ..devices import resolve_device
+from ..distributed import Ranks
+from ..distributed.agreement import Agreement, AgreedFailure
+from ..distributed.group import collective
+from ..errors import StudioError, one_line
 from ..fileio import atomic_write_text, make_directory
 from ..runs import INCOMPLETE
 from .figures import save_agreement, save_comparison
@@ -62,12 +74,6 @@ def _read_metrics(cell: Cell) -> dict:
     return json.loads((cell.run_dir / "metrics.json").read_text())
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    message = text[0] if text else ""
-    return message if isinstance(exc, StudioError) else f"{type(exc).__name__}: {message}".rstrip(": ")
-
-
 def _run_cell(cell: Cell) -> CellOutcome:
     """Run one cell into a fresh folder; a failure is returned, not raised (KeyboardInterrupt is raised)."""
     if cell.run_dir.exists():
@@ -75,9 +81,35 @@ def _run_cell(cell: Cell) -> CellOutcome:
     try:
         result = generate_job.generate(cell.config)
     except Exception as exc:  # any failure of this cell's method or data: recorded, and the sweep goes on
-        log.error("cell %s failed: %s", cell.name, _one_line(exc))
-        return CellOutcome(cell, "failed", error=_one_line(exc))
+        log.error("cell %s failed: %s", cell.name, one_line(exc))
+        return CellOutcome(cell, "failed", error=one_line(exc))
     return CellOutcome(cell, "ran", result.metrics)
+
+
+def _run_cell_on(cell: Cell, ranks: Ranks) -> CellOutcome:
+    """Run one cell on every rank of the sweep's process group; a failure the ranks agree on is returned (rank 0's
+    outcome holds the metrics; the others' none), any other is raised."""
+    if ranks.is_writer and cell.run_dir.exists():
+        shutil.rmtree(cell.run_dir)
+    device = resolve_device(distributed.device_name(cell.config.experiment.device))
+    agreement = Agreement(ranks, f"cell {cell.name}", cell.config.distributed.timeout_seconds)
+    try:
+        with agreement.phase():  # the end of the cell: rank 0 has written its run directory
+            result = generate_job.generate_on(cell.config, device, ranks, agreement)
+    except AgreedFailure as exc:
+        if ranks.is_writer:
+            log.error("cell %s failed: %s", cell.name, exc)
+        return CellOutcome(cell, "failed", error=str(exc))
+    return CellOutcome(cell, "ran", result.metrics if result is not None else None)
+
+
+def _check_distributed(plan: SweepPlan) -> tuple[str, float]:
+    """The one distributed.strategy and timeout of every cell (one process group serves them all)."""
+    settings = {(c.config.distributed.strategy, c.config.distributed.timeout_seconds) for c in plan.cells}
+    if len(settings) > 1:
+        raise StudioError("every cell of a sweep under torchrun needs the same distributed.strategy and "
+                          "distributed.timeout_seconds; set them as overrides for every cell, not in the grid")
+    return settings.pop()
 
 
 def _prepare_stores(cells: list[Cell]) -> None:
@@ -125,32 +157,74 @@ def _spec_yaml(plan: SweepPlan) -> str:
                               "grid": spec.grid, "overrides": spec.overrides})
 
 
-def run_sweep(plan: SweepPlan, force: bool = False) -> SweepResult:
+def run_sweep(plan: SweepPlan, force: bool = False) -> SweepResult | None:
     """Run the plan's cells in order (one outer progress bar over cells, above each run's own bar) and write
-    sweep.yaml, summary.csv, summary.md and the figures into the sweep folder."""
+    sweep.yaml, summary.csv, summary.md and the figures into the sweep folder.
+
+    Under torchrun every rank runs this; rank 0 writes everything and returns the result, the others None. Every
+    cell is checked for the distributed run (generate.check_distributed_run) before anything is written."""
+    if not distributed.launched():
+        return _run_cells(plan, force, None)
+    strategy, timeout_seconds = _check_distributed(plan)
+    device = resolve_device(distributed.device_name(plan.cells[0].config.experiment.device))
+    ranks = distributed.start(strategy, timeout_seconds, device)
+    with distributed.failures_published(ranks):
+        for cell in plan.cells:
+            generate_job.check_distributed_run(cell.config, ranks)
+        result = _run_cells(plan, force, ranks)
+        distributed.finish(ranks)
+    return result
+
+
+def _states(plan: SweepPlan, force: bool, ranks: Ranks | None) -> dict[str, str]:
+    """Each cell's state (cell_state) as rank 0 sees it, on every rank (rank 0 may already be rewriting cells
+    when a slower rank would look)."""
+    states = [{cell.name: "absent" if force else cell_state(cell) for cell in plan.cells}
+              if ranks is None or ranks.is_writer else None]
+    if ranks is not None:
+        collective(dist.broadcast_object_list, states, src=0)
+    return states[0]
+
+
+def _run_cells(plan: SweepPlan, force: bool, ranks: Ranks | None) -> SweepResult | None:
+    """run_sweep's walk over the cells, in one process (ranks None) or on every rank of the sweep's group."""
     started = time.perf_counter()
-    states = {cell.name: "absent" if force else cell_state(cell) for cell in plan.cells}
-    _prepare_stores([c for c in plan.cells if states[c.name] != "complete"])  # a bad dataset fails before any write
-    make_directory(plan.folder, "paths.runs")
-    atomic_write_text(plan.folder / "sweep.yaml", _spec_yaml(plan))
+    writer = ranks is None or ranks.is_writer
+    if not writer:
+        log.setLevel(logging.WARNING)  # rank 0 reports; the others only warn
+    states = _states(plan, force, ranks)
+    if writer:
+        _prepare_stores([c for c in plan.cells if states[c.name] != "complete"])  # a bad dataset fails before any write
+        make_directory(plan.folder, "paths.runs")
+        atomic_write_text(plan.folder / "sweep.yaml", _spec_yaml(plan))
     outcomes: list[CellOutcome] = []
     with logging_redirect_tqdm(), tqdm(total=len(plan.cells), desc=f"sweep {plan.spec.name}", unit="cell",
-                                       position=0) as bar:
+                                       position=0, disable=not writer) as bar:
         try:
             for cell in plan.cells:
                 bar.set_postfix_str(cell.name)
                 if states[cell.name] == "complete":
-                    outcomes.append(CellOutcome(cell, "reused", _read_metrics(cell)))
+                    outcomes.append(CellOutcome(cell, "reused", _read_metrics(cell) if writer else None))
                 else:
                     if states[cell.name] in ("changed", "incomplete"):
                         log.info("cell %s is %s: running it again", cell.name, states[cell.name])
-                    outcomes.append(_run_cell(cell))
+                    outcomes.append(_run_cell(cell) if ranks is None else _run_cell_on(cell, ranks))
                 bar.update(1)
         except KeyboardInterrupt:
             rest = plan.cells[len(outcomes):]
             outcomes += [CellOutcome(c, "interrupted" if i == 0 else "not run") for i, c in enumerate(rest)]
-            _write_outputs(plan, outcomes)
+            if writer:
+                _write_outputs(plan, outcomes)
             raise
+        except Exception as exc:  # under torchrun: a failure the ranks could not agree on stops the sweep
+            rest = plan.cells[len(outcomes):]
+            outcomes += [CellOutcome(c, "failed", error=one_line(exc)) if i == 0 else CellOutcome(c, "not run")
+                         for i, c in enumerate(rest)]
+            if writer:
+                _write_outputs(plan, outcomes)
+            raise
+    if not writer:
+        return None
     files = _write_outputs(plan, outcomes)
     return SweepResult(plan, outcomes, time.perf_counter() - started, files)
 

@@ -2,7 +2,8 @@
 
 Columns: method, dataset, the grid values, status, seconds_per_step, fit_seconds, memorized_fraction and d1_median
 (from `metrics["memorization"]`), with a backbone the final r2, pearson_r and mse along the two models' own
-trajectories (from `metrics["baseline"]["final"]`), the cell's folder and its error. A value the run did not
+trajectories (from `metrics["baseline"]["final"]`), the cell's folder (only where it exists: a cell that failed
+before its run directory was made, e.g. on a dataset check, has none) and its error. A value the run did not
 report is left empty in summary.csv and written n/a in summary.md.
 """
 
@@ -50,7 +51,7 @@ def row(outcome: CellOutcome, plan: SweepPlan) -> dict[str, Any]:
     if plan.baseline:
         final = (metrics.get("baseline") or {}).get("final") or {}
         values.update({column: final.get(key) for column, key in AGREEMENT.items()})
-    values.update(run=cell.name, error=outcome.error)
+    values.update(run=cell.name if cell.run_dir.is_dir() else None, error=outcome.error)
     return values
 
 
@@ -71,6 +72,6 @@ def write_summary(plan: SweepPlan, outcomes: list[CellOutcome]) -> None:
     atomic_write_text(plan.folder / "summary.csv", buffer.getvalue())
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in rows:
-        cells = [_number(r[k]) if k not in ("error", "run") else str(r[k]) for k in names]
+        cells = [str(r[k]) if k == "error" else _number(r[k]) for k in names]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     atomic_write_text(plan.folder / "summary.md", "\n".join(lines) + "\n")
