@@ -23,6 +23,7 @@ from ..search.patch_softmax import (
     MIN_DEDUP_POSITIONS,
     PatchGroup,
     PatchSoftmaxResult,
+    Scratch,
     WindowSpec,
     patch_softmax,
     unique_windows,
@@ -149,6 +150,7 @@ class LocalPatchDenoiser(Denoiser):
         self.images = store.images.to(self.device)
         self.timestep_sizes: dict[int, int] | None = calibration.sizes if calibration is not None else None
         self._plans: dict[int, Plan] = {}
+        self.scratch = Scratch(self.device)  # the kernel's temporaries, reused from step to step
         return self
 
     @classmethod
@@ -209,7 +211,7 @@ class LocalPatchDenoiser(Denoiser):
                       for g in groups]
         return patch_softmax(queries, self.store, self.images, plan.window, groups, level.signal_scale,
                              self.params.temperature, level.noise_variance, self.params.chunk_size, track_top, x_t,
-                             self.merge)
+                             self.merge, self.scratch)
 
     def cached_plan(self, size: int) -> Plan:
         """The plan at this size, its shared dictionaries deduplicated (once per size; kept for later calls)."""

@@ -39,10 +39,12 @@ MAX_DISTINCT_FRACTION = 0.9  # ... and when at most this fraction of the first c
 MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
 BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
 MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (fewer make the products inefficient)
-LOGIT_BLOCK = 1 << 18  # logits of one (sample, group, chunk) block: small enough to stay in cache (L2/L3),
-# large enough that per-call overheads stay small (docs/local-patch.md)
+LOGIT_BLOCK = 1 << 19  # logits of one (sample, group, chunk) block: small enough to stay in cache (L3),
+# large enough that per-call overheads stay small (2^19 is 8-15% faster than 2^18 at k = 3-7 with the few passes
+# left per block; docs/local-patch.md)
 WIDE_WINDOWS = 100  # windows of at least this many values (k >= 11 in grey) get blocks WIDE_FACTOR times larger:
-WIDE_FACTOR = 4  # the product then dominates, and it runs 15-20% faster with more rows than the cache-sized block
+WIDE_FACTOR = 2  # the product then dominates, and it runs 15-20% faster with more rows than the cache-sized block
+WIDE_MIN_ROWS = 256  # ... and at least this many query rows
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
 WEIGHT_FLOOR = logit_floor(torch.float32)  # -43.7: float32 weights are floored at e^this
 MAX_LOGIT_SCALE = 1e30  # c at ab_t = 1 (no noise): the nearest-window limit, kept finite
@@ -52,8 +54,9 @@ LOG2E = 1.0 / math.log(2.0)  # the streams work in base 2 (c log2 e folded into 
 
 def block_shape(depth: int) -> tuple[int, int]:
     """(logits of one block, least query rows of a block) for windows of `depth` values."""
-    factor = WIDE_FACTOR if depth >= WIDE_WINDOWS else 1
-    return LOGIT_BLOCK * factor, MIN_BLOCK_ROWS * factor
+    if depth >= WIDE_WINDOWS:
+        return LOGIT_BLOCK * WIDE_FACTOR, WIDE_MIN_ROWS
+    return LOGIT_BLOCK, MIN_BLOCK_ROWS
 
 
 def weight_floor(dtype: torch.dtype) -> float:
@@ -211,34 +214,88 @@ def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dty
 
 
 def aligned_chunk_images(sample_shape, window: WindowSpec, dtype: torch.dtype, locations: int) -> int:
-    """(image, sample) pairs per chunk of the aligned path within BUDGET_BYTES: per pair the product image, its
-    padded channel sum and window sums, and the logits, weights and [values | w | w^2] of `locations` queries."""
+    """(image, sample) pairs per chunk of the aligned path within BUDGET_BYTES: per pair a padded image for each
+    of the three buffers of the window sums and `locations` queries' terms [values | w | w^2] with their first
+    halving, all counted in the logits' dtype (at float64 steps two smaller blocks measured faster than one)."""
     channels, height, width = sample_shape
     padded = (height + 2 * window.padding) * (width + 2 * window.padding)
-    per_pair = 2 * channels * height * width + 4 * padded + (channels + 4) * locations
+    per_pair = 3 * channels * padded + 2 * padded + (channels + 4) * locations
     return max(1, BUDGET_BYTES // ((torch.finfo(dtype).bits // 8) * per_pair))
 
 
-def float32_logit_error(
-    queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int
-) -> float:
+def query_norms(queries: torch.Tensor) -> torch.Tensor:
+    """|q| of every query window [B, D, L] -> [B, L], in float64 (float32 on MPS, which has no float64)."""
+    dtype = torch.float32 if queries.device.type == "mps" else torch.float64
+    return queries.to(dtype).square().sum(1).sqrt()  # (linalg.vector_norm over dim 1 is 10x slower on CPUs)
+
+
+def float32_logit_error(queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int,
+                        norms: torch.Tensor | None = None) -> float:
     """c (2 s |q| |phi| + s^2 |phi|^2) u32 for the largest query and window (|phi| <= sqrt(D): model space is
-    within [-1, 1]): a bound on the rounding error of a float32 logit."""
+    within [-1, 1]): a bound on the rounding error of a float32 logit. `norms`: `query_norms(queries)`, when
+    already computed."""
     depth = channels * window.size[0] * window.size[1]
-    q_norm = queries.double().square().sum(1).max().sqrt().item() if queries.numel() else 0.0
+    norms = query_norms(queries) if norms is None else norms
+    q_norm = norms.max().item() if norms.numel() else 0.0
     phi_norm = math.sqrt(depth)
     magnitude = 2 * signal_scale * q_norm * phi_norm + signal_scale**2 * phi_norm**2
     return scale * torch.finfo(torch.float32).eps * magnitude
 
 
-def choose_dtype(
-    queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int
-) -> torch.dtype:
+def logit_spread(norms: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int) -> float:
+    """An upper bound on how far below its row's largest logit any logit can lie, for queries of norms `norms`
+    (`query_norms`) and any dictionary of model-space windows (|phi| <= R = sqrt(D)): for two windows,
+    l_i - l_j = c (|q - s phi_j|^2 - |q - s phi_i|^2) >= -c (|q| + s R)^2, and also = c (2 s q.(phi_i - phi_j) -
+    s^2 (|phi_i|^2 - |phi_j|^2)) >= -c (4 s |q| R + s^2 R^2); the smaller of the two per query, then the largest
+    over the queries."""
+    if not norms.numel():
+        return 0.0
+    reach = signal_scale * math.sqrt(channels * window.size[0] * window.size[1])  # s R
+    spread = torch.minimum((norms + reach).square(), 4 * reach * norms + reach**2)
+    return scale * spread.max().item()
+
+
+def logit_bounds(norms: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec,
+                 channels: int) -> tuple[float, float]:
+    """(lowest, highest) bounds on c (2 s q.phi - s^2 |phi|^2) (the logit of `patch_softmax`, before any shift
+    and without the + log m of repeated windows) over queries of norms `norms` and any model-space window
+    (|phi| <= R = sqrt(D)): at least -c (2 s |q| R + s^2 R^2), at most the top of the parabola in |phi|,
+    c |q|^2 when |q| <= s R, else c (2 s |q| R - s^2 R^2)."""
+    if not norms.numel():
+        return 0.0, 0.0
+    reach = signal_scale * math.sqrt(channels * window.size[0] * window.size[1])  # s R
+    lowest = -(2 * reach * norms + reach**2).max().item()
+    highest = torch.where(norms <= reach, norms.square(), 2 * reach * norms - reach**2).max().item()
+    return scale * lowest, scale * highest
+
+
+def unshifted(bounds: tuple[float, float], entries: int) -> bool:
+    """Whether base-2 logits within `bounds` (`logit_bounds`; + log2 m for a window standing for m copies) can
+    be exponentiated as they are, with no shift by a running maximum: every weight 2^logit a normal float32
+    (logit >= -125) and the sums over at most `entries` windows finite (the squares sum_j m_j 2^(2 logit_j) at
+    most entries 2^(2 highest) < 2^126; the weighted values are at most the normaliser). Then each block needs
+    no maximum, no shift, no floor and no rescaling of the running sums; the weights are the same numbers
+    (2^(l - M) 2^M) with one rounding fewer."""
+    lowest, highest = bounds
+    return lowest >= -125.0 and 2 * max(highest, 0.0) + math.log2(max(entries, 1)) <= 126.0
+
+
+def needs_floor(spread: float) -> bool:
+    """Whether base-2 logits that lie at most `spread` below their row's maximum (plus 1 for the float32 rounding
+    of the logits) can reach the subnormal range of float32 weights (2^-126), which the weight floor keeps exp2
+    out of. If not, the clamp (a pass over every logit) is skipped and weights below the floor stay exact instead
+    of being raised to it; their squares may then be subnormal, which costs nothing measurable on the AMD EPYC of
+    the benchmarks (a norm over a block of them 2x slower at worst, against a pass saved)."""
+    return spread + 1.0 > -math.log2(torch.finfo(torch.float32).tiny)
+
+
+def choose_dtype(queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int,
+                 norms: torch.Tensor | None = None) -> torch.dtype:
     """float32 when `float32_logit_error` < FLOAT32_LOGIT_NOISE, else float64; float32 on MPS, which has no
     float64."""
     if queries.device.type == "mps":
         return torch.float32
-    error = float32_logit_error(queries, signal_scale, scale, window, channels)
+    error = float32_logit_error(queries, signal_scale, scale, window, channels, norms)
     return torch.float32 if error < FLOAT32_LOGIT_NOISE else torch.float64
 
 
@@ -250,23 +307,41 @@ class BlockSoftmax(StreamingSoftmax):
     def __init__(self) -> None:
         super().__init__(track_concentration=True)
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor, roots: torch.Tensor | None = None) -> None:
+    def add(self, logits: torch.Tensor, values: torch.Tensor, roots: torch.Tensor | None = None,
+            floor: bool = True, shift: bool = True) -> None:
         """logits [G, R, M] (overwritten); values [G, V + 1, M], the last row all ones, or, for windows that stand
         for m copies, the values times m and the last row m, with `roots` [M] = m^1/2 so that the squares count
         every copy. (The copies enter as factors, not as + log m in the logits: a logit then does not depend on
-        how many copies a part of the dataset holds, so the parts of a distributed run round as the whole does.)"""
-        chunk_max = logits.amax(-1)
-        new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
-        weights = logits.sub_(new_max[..., None]).clamp_(min=weight_floor(logits.dtype)).exp2_()
+        how many copies a part of the dataset holds, so the parts of a distributed run round as the whole does.)
+        `floor`: clamp the weights at 2^weight_floor (False when no logit can lie that far below its row's
+        maximum, `needs_floor`: the clamp would change nothing); `shift`: False when the logits can be
+        exponentiated as they are (`unshifted`; then for every block of the stream)."""
+        new_max = None
+        if shift:
+            chunk_max = logits.amax(-1)
+            new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
+            logits.sub_(new_max[..., None])
+            if floor:
+                logits.clamp_(min=weight_floor(logits.dtype))
+        weights = logits.exp2_()
         # one group (G = 1): a GEMM against the transposed values is ~3x faster on CPUs than bmm's skinny output
         sums = F.linear(weights[0], values[0])[None] if weights.shape[0] == 1 else torch.bmm(weights, values.mT)
-        # sum w^2 in one pass (a norm, squared)
-        squares = torch.linalg.vector_norm(weights if roots is None else weights * roots, dim=-1)
-        squares = squares.square_()
+        if roots is None:  # sum w^2 in one pass (a norm, squared)
+            squares = torch.linalg.vector_norm(weights, dim=-1).square_()
+        else:  # sum w^2 m: the weights are squared in place (no longer needed), then one product with m
+            squares = torch.matmul(weights.square_(), roots.square())
         self._merge(new_max, sums, squares)
 
-    def _merge(self, new_max: torch.Tensor, sums: torch.Tensor, squares: torch.Tensor) -> None:
-        """Fold a block's [weighted sums | normaliser] and squares, taken against `new_max`, into the state."""
+    def _merge(self, new_max: torch.Tensor | None, sums: torch.Tensor, squares: torch.Tensor) -> None:
+        """Fold a block's [weighted sums | normaliser] and squares, taken against `new_max` (None: against 0,
+        unshifted logits), into the state."""
+        if new_max is None and self.max is not None:  # unshifted: every block against 0, plain sums
+            self.numerator = self.numerator + sums[..., :-1]
+            self.total = self.total + sums[..., -1]
+            self.squares = self.squares + squares
+            return
+        if new_max is None:
+            new_max = squares.new_zeros(squares.shape)
         if self.max is None:
             self.numerator, self.total, self.squares = sums[..., :-1], sums[..., -1], squares
         else:
@@ -330,6 +405,7 @@ def patch_softmax(
     track_top: bool = False,
     x_t: torch.Tensor | None = None,
     merge: Any = None,
+    scratch: Scratch | None = None,
 ) -> PatchSoftmaxResult:
     """Softmax-weighted values of the training windows for every query window, streamed over the store.
 
@@ -344,6 +420,8 @@ def patch_softmax(
     object with `state(result) -> result`, which turns this part's result with its softmax state (max, total,
     squares) into the whole dataset's (means, effective counts, state, best windows as global image indices), and
     `sum(folded) -> folded`, which sums the parts' folds; window values are folded with the merged state.
+    `scratch`: buffers for the temporaries, kept by the caller from one call to the next (a step's fresh
+    megabytes otherwise cost page faults every step); None: fresh ones.
     """
     batch, depth, num_locations = queries.shape
     channels = store.sample_shape[0]
@@ -354,19 +432,30 @@ def patch_softmax(
     if window.value != "centre" and matched:
         raise ValueError("window values are only computed for aligned groups")
     scale = logit_scale(noise_variance, temperature)
-    dtype = choose_dtype(queries, signal_scale, scale, window, channels)
+    norms = query_norms(queries)
+    dtype = choose_dtype(queries, signal_scale, scale, window, channels, norms)
     # at float64 steps the matched groups are screened with float32 logits and only the entries near each row's
     # maximum recomputed in float64 (not when the best window is tracked: it needs every logit exactly)
     margin = None
     if dtype == torch.float64 and not track_top and matched:
-        margin = -WEIGHT_FLOOR + 4 * float32_logit_error(queries, signal_scale, scale, window, channels)
+        margin = -WEIGHT_FLOOR + 4 * float32_logit_error(queries, signal_scale, scale, window, channels, norms)
         margin *= LOG2E
+    spread = LOG2E * logit_spread(norms, signal_scale, scale, window, channels)  # in base 2
+    bounds = tuple(LOG2E * bound for bound in logit_bounds(norms, signal_scale, scale, window, channels))
+    _, height, width = store.sample_shape
+    grid = (height + 2 * window.padding - window.size[0] + 1) * (width + 2 * window.padding - window.size[1] + 1)
+    # logits exponentiated as they are (no maximum, shift or rescaling) where their range allows; the best
+    # window and the merge of a distributed run need each row's true maximum
+    shift = track_top or merge is not None or not unshifted(bounds, store.num_images * grid)
+    scratch = scratch or Scratch(queries.device)
     scale *= LOG2E  # base-2 logits from here on
     out = _Output(batch, num_locations, channels, dtype, queries.device, track_top, window.value == "centre", merge)
     if aligned:
-        _stream_aligned(x_t, store, images, window, aligned, signal_scale, scale, dtype, chunk_size, out)
+        _stream_aligned(x_t, store, images, window, aligned, signal_scale, scale, dtype, chunk_size, out, scratch,
+                        needs_floor(spread), shift)
     if matched:
-        _stream_matched(queries, store, images, window, matched, signal_scale, scale, dtype, chunk_size, out, margin)
+        _stream_matched(queries, store, images, window, matched, signal_scale, scale, dtype, chunk_size, out, margin,
+                        scratch, spread, shift)
     if merge is None:
         return out.result()
     if window.value == "centre":
@@ -418,7 +507,7 @@ class _Output:
 
 
 def _stream_matched(queries, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out,
-                    margin=None) -> None:
+                    margin=None, scratch: Scratch | None = None, spread: float = math.inf, shift: bool = True) -> None:
     """Groups compared with windows at other places (ELS): cross terms as one batched matrix product per
     (group, sample, chunk) against the chunk's unfolded windows, or against the distinct windows. With a
     `margin` (float64 steps), the products are float32 and the entries within it of their row's maximum are
@@ -436,6 +525,7 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
         from_images, max(1, block // chunk))
     streamed = [g for g, group in enumerate(groups) if group.unique is None]
     device = queries.device
+    floor = needs_floor(spread)
     # per group and sample, the queries pre-multiplied by 2 s c and a last entry -1 for the bias: [G, run, D + 1]
     scaled = (queries.to(dtype) * (2 * signal_scale * scale)).transpose(1, 2)  # [B, L, D]
     scaled = torch.cat([scaled, scaled.new_full((batch, scaled.shape[1], 1), -1.0)], 2)
@@ -449,7 +539,7 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
             span = groups[g].positions.shape[1]
             rows = chunk_size * span if chunk_size else max(1, block // groups[g].locations.numel())
             _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype,
-                           screen_queries and screen_queries[g], margin)
+                           screen_queries and screen_queries[g], margin, scratch, spread, shift)
     inside = _inside_positions(store.sample_shape, window, device)
     for start in range(0, store.num_images if streamed else 0, chunk):
         decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
@@ -485,10 +575,10 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
                     state.softmax.add_screened(_product(screen_queries[g][b], screen), margin, group_queries[g][b],
                                                phi, vals)
                     continue
-                logits = _product(group_queries[g][b], phi)  # [G, run, K*S]
+                logits = _product(group_queries[g][b], phi, scratch)  # [G, run, K*S]
                 if track_top:
                     _track_top(state, logits, start, span, positions)
-                state.softmax.add(logits, vals)
+                state.softmax.add(logits, vals, floor=floor, shift=shift)
     for group, group_states in zip(groups, states):
         where = group.locations.to(device)
         for b, state in enumerate(group_states):
@@ -502,10 +592,13 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
 
 def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_GroupState], rows: int,
                    bias_scale: float, dtype: torch.dtype, screen_queries: torch.Tensor | None = None,
-                   margin: float | None = None) -> None:
+                   margin: float | None = None, scratch: Scratch | None = None, spread: float = math.inf,
+                   shift: bool = True) -> None:
     """One shared group against its distinct windows, `rows` windows per chunk, each weighing m times (its
     copies): a factor m of the values and the normaliser, or, screened in float32 and rescored in float64 when
-    `screen_queries` are given, logits + log m and squares / m."""
+    `screen_queries` are given, logits + log m and squares / m. `scratch` holds the logits of a block; `spread`:
+    `logit_spread` in base 2, for `needs_floor`; `shift`: see `BlockSoftmax.add`."""
+    floor = needs_floor(spread)
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
         counts = unique.counts[start : start + rows].to(dtype)
@@ -523,7 +616,7 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
             vals = torch.cat([values * counts, counts[None]])[None]
             roots = counts.sqrt()
             for b, state in enumerate(states):
-                state.softmax.add(_product(queries[b], phi_t), vals, roots)
+                state.softmax.add(_product(queries[b], phi_t, scratch), vals, roots, floor, shift)
 
 
 def _inside_positions(sample_shape, window: WindowSpec, device) -> torch.Tensor | None:
@@ -554,10 +647,14 @@ def _gather(unfolded: torch.Tensor, bias_scale: float | None, positions: torch.T
     return out
 
 
-def _product(queries: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+def _product(queries: torch.Tensor, phi: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
     """[G, R, D + 1] @ [G, D + 1, M]: the logits, bias included (queries end in -1, phi in the bias); one GEMM
-    when G = 1."""
-    return torch.mm(queries[0], phi[0])[None] if queries.shape[0] == 1 else torch.bmm(queries, phi)
+    when G = 1; written into `scratch` when given (overwritten by the next product)."""
+    runs, rows, _ = queries.shape
+    out = None if scratch is None else scratch.take("logits", (runs, rows, phi.shape[-1]), queries.dtype)
+    if runs == 1:
+        return torch.mm(queries[0], phi[0], out=None if out is None else out[0])[None]
+    return torch.bmm(queries, phi, out=out)
 
 
 def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, positions: torch.Tensor) -> None:
@@ -577,87 +674,164 @@ def _track_top(state: _GroupState, logits: torch.Tensor, start: int, span: int, 
 # --- aligned groups: each query against the windows at its own place -----------------------------------------
 
 
-def window_sums(z: torch.Tensor, size: int, dim: int, step: int = 1) -> torch.Tensor:
-    """Sums of `size` entries `step` apart along `dim` (length n -> n - (size - 1) step), by doubling: about
-    2 log2(size) additions of shifted views, every entry summed in an order fixed by `size` alone (so the same
-    whatever the batch or chunk it is in)."""
-    length = z.shape[dim] - (size - 1) * step
-    total, offset, span, power = None, 0, 1, z
+def window_sums_(buffers: list[torch.Tensor], length: int, size: int, step: int = 1) -> int:
+    """In place: sums of `size` entries `step` apart along the last dim of buffers[0][..., :length], by doubling
+    (about 2 log2(size) additions of shifted slices, every entry summed in an order fixed by `size` alone, so the
+    same whatever the batch or chunk it is in), written into buffers[0][..., :n]; returns n = length - (size - 1)
+    step. buffers[1] and buffers[2], of buffers[0]'s shape, hold the doubled sums (no allocation)."""
+    total_length = length - (size - 1) * step
+    source, spares = buffers[0], buffers[1:]
+    power, started, offset, span = source, False, 0, 1
     while True:
         if size & span:
-            piece = power.narrow(dim, offset * step, length)
-            total = piece if total is None else total + piece
+            piece = power[..., offset * step : offset * step + total_length]
+            total = source[..., :total_length]
+            if started:
+                total += piece
+            elif power is not source:  # the first piece is a doubled sum (even sizes): source is free by now
+                total.copy_(piece)
+            started = True
             offset += span
         if 2 * span > size:
-            return total
-        n = power.shape[dim] - span * step
-        power = power.narrow(dim, 0, n) + power.narrow(dim, span * step, n)
-        span *= 2
+            return total_length
+        n = length - span * step
+        target = spares[0] if power is not spares[0] else spares[1]
+        torch.add(power[..., :n], power[..., span * step : span * step + n], out=target[..., :n])
+        power, length, span = target, n, 2 * span
 
 
-def box_sums(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[..., H, W] -> the sum of every size[0] x size[1] window, [..., H - kh + 1, W - kw + 1] (a strided view).
-    Both passes run on the flattened rows (shifts of 1 and of W: long contiguous loops instead of rows of W);
-    the sums that wrap around a row end are never looked at."""
-    (kh, kw), width = size, z.shape[-1]
-    flat = window_sums(window_sums(z.flatten(-2), kh, -1, width), kw, -1)  # [..., (H - kh) W + W - kw + 1]
-    rows, cols = z.shape[-2] - kh + 1, width - kw + 1
+def window_sums(z: torch.Tensor, size: int, dim: int, step: int = 1) -> torch.Tensor:
+    """Sums of `size` entries `step` apart along `dim` (length n -> n - (size - 1) step): `window_sums_` on a
+    copy."""
+    last = z.movedim(dim, -1)
+    buffers = [last.contiguous().clone(), torch.empty_like(last), torch.empty_like(last)]
+    n = window_sums_(buffers, last.shape[-1], size, step)
+    return buffers[0][..., :n].movedim(-1, dim)
+
+
+def box_sums_(buffers: list[torch.Tensor], shape: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """In place: buffers[0] [..., H * W] (flattened rows of `shape`) -> the sum of every size[0] x size[1]
+    window, a strided view [..., H - kh + 1, W - kw + 1] of buffers[0]. Both passes run on the flattened rows
+    (shifts of W and of 1: long contiguous loops instead of rows of W); the sums that wrap around a row end are
+    never looked at. buffers[1:]: scratch of the same shape (`window_sums_`)."""
+    (height, width), (kh, kw) = shape, size
+    length = window_sums_(buffers, height * width, kh, width)
+    window_sums_(buffers, length, kw, 1)
+    flat = buffers[0]
+    rows, cols = height - kh + 1, width - kw + 1
     return flat.as_strided((*flat.shape[:-1], rows, cols), (*flat.stride()[:-1], width, 1))
 
 
+def box_sums(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[..., H, W] -> the sum of every size[0] x size[1] window, [..., H - kh + 1, W - kw + 1]: `box_sums_` on
+    a copy."""
+    flat = z.flatten(-2)
+    buffers = [flat.clone(memory_format=torch.contiguous_format), torch.empty_like(flat), torch.empty_like(flat)]
+    return box_sums_(buffers, z.shape[-2:], size)
+
+
 def _channel_sum(z: torch.Tensor) -> torch.Tensor:
-    """[..., C, H, W] -> [..., H, W] by adding channel slices (elementwise: the same in any batch)."""
-    total = z[..., 0, :, :]
-    for c in range(1, z.shape[-3]):
-        total = total + z[..., c, :, :]
+    """[..., C, P] -> [..., P] by adding channel slices (elementwise: the same in any batch)."""
+    total = z[..., 0, :]
+    for c in range(1, z.shape[-2]):
+        total = total + z[..., c, :]
     return total
 
 
-def halving_sum(z: torch.Tensor) -> torch.Tensor:
+def halving_sum_(z: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
     """The sum over dim 0 by pairwise halving (z[:h] + z[h:2h], the odd last slice added to the first): about
     log2(K) elementwise additions, each entry summed in an order fixed by K alone, so the same whatever the other
-    dimensions hold (a reduction kernel may split or vectorise differently as they grow)."""
+    dimensions hold (a reduction kernel may split or vectorise differently as they grow). In place in z, or with
+    `first` (at least K // 2 slices of z's shape) the first halving goes there and z is left as it was. Returns a
+    view."""
     while z.shape[0] > 1:
         half = z.shape[0] // 2
-        head = z[:half] + z[half : 2 * half]
+        if first is None:
+            head = z[:half]
+            head += z[half : 2 * half]
+        else:
+            head = torch.add(z[:half], z[half : 2 * half], out=first[:half])
+            first = None
         if z.shape[0] % 2:
             head[0] += z[2 * half]
         z = head
     return z[0]
 
 
+def halving_sum(z: torch.Tensor) -> torch.Tensor:
+    """`halving_sum_` leaving z as it was."""
+    return halving_sum_(z, z.new_empty(max(1, z.shape[0] // 2), *z.shape[1:]))
+
+
+class Scratch:
+    """Buffers reused by the blocks of one call: `take(name, shape, dtype)` is a contiguous view of the first
+    prod(shape) values of buffer `name`, grown when too small (every fresh allocation of megabytes costs page
+    faults)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[Any, torch.Tensor] = {}
+
+    def take(self, name: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        size = math.prod(shape)
+        buffer = self.buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[(name, dtype)] = torch.empty(size, dtype=dtype, device=self.device)
+        return buffer[:size].view(shape)
+
+
 class ColumnSoftmax(StreamingSoftmax):
     """`StreamingSoftmax` over the images (dim 0) of [K, B, L] logits, one softmax per (sample, location); every
-    step elementwise or a `halving_sum`, so each (sample, location) gets the same bits whatever else is batched."""
+    step elementwise or a `halving_sum_`, so each (sample, location) gets the same bits whatever else is batched."""
 
     def __init__(self) -> None:
         super().__init__(track_concentration=True)
         self.top_image: torch.Tensor | None = None
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor | None, start: int, track_top: bool) -> torch.Tensor:
-        """logits [K, B, L]; values [K, L, V] (float32) or None (normaliser, maximum and squares only);
-        `start`: the index of the chunk's first image, for the best window (the first of equal maxima). Returns
-        the chunk's weights 2^(logit - the new maximum) [K, B, L] in float32: at float64 steps only the logits and
-        their maximum need float64 (their rounding error is what grows with c); the differences to the maximum that
+    def add(self, logits: torch.Tensor, values: torch.Tensor | None, start: int, track_top: bool,
+            scratch: Scratch | None = None, floor: bool = True, shift: bool = True) -> torch.Tensor:
+        """logits [K, B, L] (any strides); values [K, L, V] (float32) or None (normaliser, maximum and squares
+        only); `start`: the index of the chunk's first image, for the best window (the first of equal maxima);
+        the terms and their sums go to `scratch` when given (the weights returned are then overwritten by the next
+        call), else to fresh tensors; `floor`: clamp the weights at 2^weight_floor (False when no logit can lie
+        that far below its row's maximum, `needs_floor`: the clamp would change nothing); `shift`: False when
+        the logits can be exponentiated as they are (`unshifted`; then for every chunk, and not with
+        `track_top`), the maximum then being 0 for the whole stream. Returns the chunk's weights
+        2^(logit - the new maximum) [K, B, L] in float32: at float64 steps only the logits and their
+        maximum need float64 (their rounding error is what grows with c); the differences to the maximum that
         matter (down to the floor, -63) are rounded to float32 within 63 u32 < 4e-6, and the weights and their sums
         are float32 as at float32 steps."""
-        chunk_max, best = logits.max(0) if track_top else (logits.amax(0), None)
-        if track_top:
-            better = best + start if self.max is None else torch.where(chunk_max > self.max, best + start,
-                                                                        self.top_image)
-            self.top_image = better
-        new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
         width = 0 if values is None else values.shape[-1]
+        count, batch, locations = logits.shape
+        take = scratch.take if scratch is not None else lambda _, shape, dtype: logits.new_empty(shape, dtype=dtype)
         # [weighted values | weight | weight^2] per image, each a contiguous [K, B, L] slice, summed at once
-        terms = logits.new_empty(width + 2, *logits.shape, dtype=torch.float32)
-        weights = torch.sub(logits, new_max, out=terms[width]).clamp_(min=weight_floor(torch.float32)).exp2_()
+        terms = take("terms", (width + 2, count, batch, locations), torch.float32)
+        if shift:
+            chunk_max, best = logits.max(0) if track_top else (logits.amax(0), None)
+            if track_top:
+                better = best + start if self.max is None else torch.where(chunk_max > self.max, best + start,
+                                                                            self.top_image)
+                self.top_image = better
+            new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
+            weights = torch.sub(logits, new_max, out=terms[width])
+            if floor:
+                weights.clamp_(min=weight_floor(torch.float32))
+            weights.exp2_()
+        else:
+            new_max = logits.new_zeros(batch, locations)
+            weights = torch.exp2(logits, out=terms[width])
         torch.square(weights, out=terms[width + 1])
         if values is not None:
             torch.mul(weights[None], values.permute(2, 0, 1)[:, :, None], out=terms[:width])
-        sums = halving_sum(terms.movedim(0, 1))  # [V + 2, B, L]
+        halves = take("halves", (count // 2, width + 2, batch, locations), torch.float32)
+        sums = halving_sum_(terms.movedim(0, 1), halves)  # [V + 2, B, L]: the terms are left as they were
         numerator, total, squares = sums[:width].permute(1, 2, 0), sums[width], sums[width + 1]
-        if self.max is None:
-            self.total, self.squares, self.numerator = total, squares, numerator
+        if self.max is None:  # copies: the sums may be in the scratch
+            self.total, self.squares, self.numerator = total.clone(), squares.clone(), numerator.clone()
+        elif not shift:
+            self.total = self.total + total
+            self.squares = self.squares + squares
+            self.numerator = self.numerator + numerator
         else:
             rescale = torch.exp2(self.max - new_max).float()
             self.total = self.total * rescale + total
@@ -667,27 +841,34 @@ class ColumnSoftmax(StreamingSoftmax):
         return weights
 
 
-def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out) -> None:
-    """Aligned groups: per chunk, the cross terms of every query with every image at its own place are window
-    sums of x_t * y_i, and the norms window sums of y_i^2 (no unfold: about 2 log2 k additions per logit instead
-    of a C k^2-long dot product). Samples are batched (as many as BUDGET_BYTES allows against the chunk, a split
-    fixed for the whole call): every operation is elementwise or a `halving_sum`, so a sample's bits do not depend
-    on its batch. Window values (PSPC) are folded with the final maximum and normaliser: each pixel gets
-    sum_i y_i(p) * (the sum of w_i over the windows covering p), from the first pass's weights when the store is
-    one chunk that fits the budget, else from a second pass."""
+def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out,
+                    scratch: Scratch, floor: bool = True, shift: bool = True) -> None:
+    """Aligned groups: per chunk, the logits of every query against every image at its own place are window
+    sums of y_i (2 s c x_t) - s^2 c y_i^2 (summed over the channels): no unfold, about 1 + 2 log2 k passes per
+    logit instead of a C k^2-long dot product. The sums run along the flattened rows of the padded images; with
+    every window a location (LS, PSPC) the logits stay in that layout, a row of the padded width per grid row
+    (the k - 1 sums per row that wrap around are computed and dropped at the end: contiguous passes instead of
+    strided ones), else the locations' sums are gathered. Samples are batched (as many as BUDGET_BYTES allows
+    against the chunk, a split fixed for the whole call): every operation is elementwise or a `halving_sum_`,
+    so a sample's bits do not depend on its batch. Temporaries go to `scratch`. Window values (PSPC) are folded
+    with the final maximum and normaliser: each pixel gets sum_i y_i(p) * (the sum of w_i over the windows
+    covering p), from the first pass's weights when the store is one chunk that fits the budget, else from a
+    second pass."""
     batch = x_t.shape[0]
     channels, height, width = store.sample_shape
     kh, kw = window.size
     pad = window.padding
     device = x_t.device
-    grid_width = width + 2 * pad - kw + 1
+    padded_shape = (height + 2 * pad, width + 2 * pad)
+    grid_shape = (padded_shape[0] - kh + 1, padded_shape[1] - kw + 1)
+    grid = grid_shape[0] * grid_shape[1]
     index = torch.cat([group.positions[:, 0] for group in groups]).to(device)  # window positions [La]
     where = torch.cat([group.locations for group in groups]).to(device)  # output columns [La]
-    grid = grid_width * (height + 2 * pad - kh + 1)
     whole = index.numel() == grid and bool((index == torch.arange(grid, device=device)).all())
-    pixels = (index // grid_width + kh // 2 - pad) * width + index % grid_width + kw // 2 - pad  # centres
-    identity = pixels.numel() == height * width and bool((pixels == torch.arange(height * width, device=device)).all())
-    scaled = F.pad(x_t.to(dtype) * (2 * signal_scale * scale), (pad,) * 4)  # [B, C, H + 2 pad, W + 2 pad]
+    flat = (index // grid_shape[1]) * padded_shape[1] + index % grid_shape[1]  # in the flattened padded rows
+    span = (grid_shape[0] - 1) * padded_shape[1] + grid_shape[1]  # the sums kept in that layout (whole)
+    pixels = (index // grid_shape[1] + kh // 2 - pad) * width + index % grid_shape[1] + kw // 2 - pad  # centres
+    scaled = F.pad(x_t.to(dtype) * (2 * signal_scale * scale), (pad,) * 4).flatten(-2)  # [B, C, Pp]
     bias_scale = scale * signal_scale**2
     pairs = aligned_chunk_images(store.sample_shape, window, dtype, index.numel())
     chunk = min(chunk_size or pairs, store.num_images)  # never dependent on the batch
@@ -698,40 +879,64 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     def chunks():
         for start in range(0, store.num_images, chunk):
             decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
-            padded = F.pad(decoded, (pad,) * 4)
-            norms = box_sums(_channel_sum(padded * padded), window.size).reshape(padded.shape[0], -1)  # [K, P]
-            yield start, decoded, padded, (norms if whole else norms[:, index]) * bias_scale
+            padded = F.pad(decoded, (pad,) * 4).flatten(-2)  # [K, C, Pp]
+            # per pixel, -s^2 c sum_c y^2: its window sums are the biases -s^2 c ||phi||^2
+            yield start, decoded, padded, _channel_sum(padded * padded).mul_(-bias_scale)
 
-    def logits(part, padded, bias):
-        cross = box_sums(_channel_sum(padded[:, None] * scaled[None, part]), window.size)  # [K, b, H', W']
-        if whole:  # one pass reads the strided sums and writes the logits
-            return torch.sub(cross, bias.view(bias.shape[0], 1, *cross.shape[-2:])).flatten(-2)
-        return cross.reshape(*cross.shape[:2], -1)[..., index].sub_(bias[:, None])
+    def logits(part, padded, neg_bias):
+        """[K, b, span] (every window, in the flattened padded rows) or [K, b, La] (the locations')."""
+        buffers = [scratch.take(i, (padded.shape[0], part.stop - part.start, padded.shape[-1]), dtype)
+                   for i in range(3)]
+        torch.addcmul(neg_bias[:, None], padded[:, None, 0], scaled[None, part, 0], out=buffers[0])
+        for c in range(1, channels):
+            buffers[0].addcmul_(padded[:, None, c], scaled[None, part, c])
+        box_sums_(buffers, padded_shape, window.size)
+        return buffers[0][..., :span] if whole else buffers[0][..., flat]
+
+    def on_grid(z):  # [K, b, span] or [K, b, La] -> [K, b, *grid_shape] (zeros at the locations not in `index`)
+        if whole:
+            return z.as_strided((*z.shape[:2], *grid_shape), (*z.stride()[:2], padded_shape[1], 1))
+        return z.new_zeros(*z.shape[:2], grid).index_copy_(2, index, z).unflatten(2, grid_shape)
 
     centre = window.value == "centre"
     # window values with a single chunk whose weights fit the budget: keep them for the fold (no second pass)
     keep = not centre and out.merge is None and chunk >= store.num_images and (
         chunk * batch * index.numel() * (torch.finfo(dtype).bits // 8) <= BUDGET_BYTES)
     kept = []
-    for start, decoded, padded, bias in chunks():
+    for start, decoded, padded, neg_bias in chunks():
         values = None
-        if centre:  # [K, La, C]
+        if centre:  # [K, span or La, C]: a window's centre pixel (whole: a slice of the padded rows)
             values = decoded.float().flatten(2)
-            values = values if identity else values[:, :, pixels]
+            if whole:
+                values = padded.float()[..., (kh // 2) * padded_shape[1] + kw // 2 :][..., :span]
+            elif pixels.numel() != height * width or not bool((pixels == torch.arange(pixels.numel(), device=device)).all()):
+                values = values[:, :, pixels]
             values = values.transpose(1, 2)
         for part, state in zip(batches, states):
-            weights = state.add(logits(part, padded, bias), values, start, out.track_top)
+            weights = state.add(logits(part, padded, neg_bias), values, start, out.track_top,
+                                None if keep else scratch, floor, shift)
             if keep:
                 kept.append(weights)
+
+    def located(z):  # [b, span or La, ...] -> [b, La, ...]
+        if not whole:
+            return z
+        rows = z.as_strided((z.shape[0], *grid_shape, *z.shape[2:]),
+                            (z.stride(0), padded_shape[1] * z.stride(1), *z.stride()[1:]))
+        return rows.reshape(z.shape[0], grid, *z.shape[2:])
+
     if bool((where == torch.arange(where.numel(), device=device)).all()):
         where = slice(0, where.numel())  # every location in order (LS, PSPC): no scatter
     for part, state in zip(batches, states):
         if centre:
-            out.mean[part, where] = state.mean().to(dtype)
-        out.effective[part, where] = state.effective_count().to(dtype)
+            out.mean[part, where] = located(state.mean()).to(dtype)
+        out.effective[part, where] = located(state.effective_count()).to(dtype)
+        if out.merge is not None:
+            for name in ("max", "total", "squares"):
+                setattr(state, name, located(getattr(state, name)))
         out.keep(part, where, state)
         if out.track_top:
-            out.top_image[part, where] = state.top_image
+            out.top_image[part, where] = located(state.top_image)
             out.top_position[part, where] = index
     if centre:
         return
@@ -739,24 +944,32 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
         out.merge_parts()
         for part, state in zip(batches, states):
             state.max, state.total = out.max[part, where], out.total[part, where]
-    floor = weight_floor(torch.float32)
-    grid_shape = (height + 2 * pad - kh + 1, grid_width)
+            if whole:  # back to the layout of the logits (the wrapped sums get weight 0: any value will do)
+                for name in ("max", "total"):
+                    full = getattr(state, name).new_ones(state.max.shape[0], span)
+                    setattr(state, name, full.index_copy_(1, flat, getattr(state, name)))
+    lowest = weight_floor(torch.float32)
     out.folded = torch.zeros(batch, channels, height, width, dtype=dtype, device=device)
 
-    def fold(part, decoded, weights):  # weights [K, b, La] normalised: out.folded[part] += their fold
-        if not whole:  # [K, b, La] -> [K, b, grid]
-            weights = weights.new_zeros(*weights.shape[:2], grid).index_copy_(2, index, weights)
-        # the weight of image i at every window covering pixel p, summed: a full-size window sum
-        spread = box_sums(F.pad(weights.unflatten(2, grid_shape), (kw - 1, kw - 1, kh - 1, kh - 1)), (kh, kw))
-        spread = spread[..., pad : pad + height, pad : pad + width]  # [K, b, H, W]
-        out.folded[part] += halving_sum(decoded[:, None] * spread[:, :, None])
+    full = (grid_shape[0] + 2 * (kh - 1), grid_shape[1] + 2 * (kw - 1))
+
+    def fold(part, decoded, weights):  # weights [K, b, span or La] normalised: out.folded[part] += their fold
+        # the weight of image i at every window covering pixel p, summed: a full-size window sum of the weights
+        # zero-padded by the window size
+        count, size = weights.shape[:2]
+        buffers = [scratch.take(("fold", i), (count, size, full[0] * full[1]), torch.float32) for i in range(3)]
+        buffers[0].zero_().view(count, size, *full)[..., kh - 1 : kh - 1 + grid_shape[0],
+                                                     kw - 1 : kw - 1 + grid_shape[1]] = on_grid(weights)
+        spread = box_sums_(buffers, full, (kh, kw))[..., pad : pad + height, pad : pad + width]  # [K, b, H, W]
+        terms = scratch.take("fold terms", (count, size, channels, height, width), torch.float32)
+        out.folded[part] += halving_sum_(torch.mul(decoded[:, None], spread[:, :, None], out=terms))
 
     if keep:  # one chunk: its weights were taken against the final maximum already
         decoded = store.decode(images, torch.float32)
         for part, state, weights in zip(batches, states, kept):
-            fold(part, decoded, weights / state.total)
+            fold(part, decoded, weights.div_(state.total))
         return
-    for start, decoded, padded, bias in chunks():
+    for start, decoded, padded, neg_bias in chunks():
         for part, state in zip(batches, states):
-            shifted = (logits(part, padded, bias) - state.max).float()
-            fold(part, decoded.float(), shifted.clamp_(min=floor).exp2_().div_(state.total))
+            shifted = (logits(part, padded, neg_bias) - state.max).float()
+            fold(part, decoded.float(), shifted.clamp_(min=lowest).exp2_().div_(state.total))
