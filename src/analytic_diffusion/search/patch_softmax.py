@@ -492,7 +492,8 @@ class _Output:
         if self.merge is not None:
             for name in ("max", "total", "squares"):
                 target = getattr(self, name)
-                target[rows, where] = getattr(softmax, name).reshape(target[rows, where].shape)
+                # the aligned path keeps its sums in float32 at float64 steps (only its logits and max are float64)
+                target[rows, where] = getattr(softmax, name).reshape(target[rows, where].shape).to(target.dtype)
 
     def merge_parts(self) -> None:
         """Replace this part's state, effective counts and best windows by the whole dataset's."""
