@@ -270,23 +270,23 @@ def logit_bounds(norms: torch.Tensor, signal_scale: float, scale: float, window:
 
 
 def unshifted(bounds: tuple[float, float], entries: int) -> bool:
-    """Whether base-2 logits within `bounds` (`logit_bounds`; + log2 m for a window standing for m copies) can
-    be exponentiated as they are, with no shift by a running maximum: every weight 2^logit a normal float32
-    (logit >= -125) and the sums over at most `entries` windows finite (the squares sum_j m_j 2^(2 logit_j) at
-    most entries 2^(2 highest) < 2^126; the weighted values are at most the normaliser). Then each block needs
-    no maximum, no shift, no floor and no rescaling of the running sums; the weights are the same numbers
-    (2^(l - M) 2^M) with one rounding fewer."""
+    """Whether base-2 logits within `bounds` (`logit_bounds`) can be exponentiated as they are, with no shift by a
+    running maximum: every weight 2^logit and its square normal float32 numbers (logit >= -62: no subnormal, which
+    costs many CPUs a microcode assist per operation, and no square, normaliser squared or effective count that
+    underflows) and the sums over at most `entries` copies finite (the squares at most entries 2^(2 highest) <
+    2^126; the weighted values are at most the normaliser). Then each block needs no maximum, no shift, no floor
+    and no rescaling of the running sums; the weights are the same numbers (2^(l - M) 2^M) with one rounding
+    fewer."""
     lowest, highest = bounds
-    return lowest >= -125.0 and 2 * max(highest, 0.0) + math.log2(max(entries, 1)) <= 126.0
+    return lowest >= -62.0 and 2 * max(highest, 0.0) + math.log2(max(entries, 1)) <= 126.0
 
 
 def needs_floor(spread: float) -> bool:
     """Whether base-2 logits that lie at most `spread` below their row's maximum (plus 1 for the float32 rounding
-    of the logits) can reach the subnormal range of float32 weights (2^-126), which the weight floor keeps exp2
-    out of. If not, the clamp (a pass over every logit) is skipped and weights below the floor stay exact instead
-    of being raised to it; their squares may then be subnormal, which costs nothing measurable on the AMD EPYC of
-    the benchmarks (a norm over a block of them 2x slower at worst, against a pass saved)."""
-    return spread + 1.0 > -math.log2(torch.finfo(torch.float32).tiny)
+    of the logits) can fall below the weight floor (`weight_floor`: 2^-63 in float32, where the squares of the
+    weights would turn subnormal; many CPUs take a microcode assist per subnormal operation). If not, the clamp
+    (a pass over every logit) would change nothing and is skipped."""
+    return spread + 1.0 > -weight_floor(torch.float32)
 
 
 def choose_dtype(queries: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec, channels: int,
