@@ -86,8 +86,9 @@ def _note_local_copy(used: Path) -> None:
     local = Path.cwd() / "configs" / name
     if local.is_file() and local.resolve() != used.resolve() and local.read_bytes() != used.read_bytes():
         log.warning("warning: config %s is %s (names are looked up in %s), not ./configs/%s; pass -c ./configs/%s "
-                    "for the local file, or set ADS_CONFIGS=%s for the whole local folder", name.with_suffix(""),
-                    used, root, name, name, Path.cwd() / "configs")
+                    "for the local file (or ADS_CONFIGS=<folder> for a complete configs folder of your own: it "
+                    "replaces %s, defaults.yaml and datasets/ included)", name.with_suffix(""), used, root, name, name,
+                    root)
 
 
 def _default_entry_path(entry: str, including: Path) -> Path:
