@@ -232,6 +232,9 @@ def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, l
     runs = [(name, f"{config}/mnist5k", [*common, *_overrides(stores, name, store, extra), *figure.get(name, [])])
             for name, config, store, extra in METHODS]
     runs.append(("optimal_baseline", "optimal/mnist5k", [*common, *stores["grey"], *stores["baseline"]]))
+    # 34 perturbed queries per batch: above the integer kernel's 32, the shards agree on the probe's path
+    runs.append(("scfdm_probe", "scfdm/mnist5k", [*common, *stores["grey"], "model.params.num_noise=17",
+                                                 "sampling.timestep_spacing=leading"]))
     # one step at t = 0, a float64 step (the aligned path of broken ELS's edges keeps float32 sums there)
     runs.append(("els_broken_t0", "els/mnist5k", [*common, *stores["sparse"], "model.params.patch_size=3",
                                                   "model.params.boundary=broken", "sampling.num_inference_steps=1",

@@ -384,3 +384,30 @@ def test_shards_cut_at_the_whole_datasets_nearest_merge_to_the_float64_formula(t
         assert kept[0][0] == alone
     else:  # at least its nearest per query
         assert 3 <= kept[0][0] < alone, (kept[0], alone)
+
+
+@pytest.mark.parametrize("agreed", [True, False])
+def test_a_shard_takes_the_path_the_shards_agree_on_for_large_batches(agreed):
+    """Above INTEGER_MAX_QUERIES the probe picks the path, but a shard of a distributed run takes the one every
+    shard agrees on (the integer kernel's exchange is a collective): told to, the concentrated batch at t = 100
+    takes the float path; either way the result is the float64 formula's."""
+    store = DatasetStore.from_tensor(mnist_digits()[:400])
+    level = noise_level(SCHEDULE, 100)
+    x_t = forward_noised(torch.cat([held_out_digits(20), store.model_space(0, 20)]), level, seed=100)
+
+    class OnePart:  # the whole dataset in one part: the smallest distance is this part's own
+        num_images, asked, exchanged = 400, [], 0
+
+        def __call__(self, bound):
+            self.exchanged += 1
+            return bound
+
+        def agree(self, flag):
+            self.asked.append(flag)
+            return flag and agreed
+
+    shared = OnePart()
+    out = OptimalDenoiser().fit(store).posterior_mean(x_t, level, shared)
+    assert_matches_reference(out, x_t, store, level)
+    assert shared.asked == [True]  # the probe's own choice at t = 100: concentrated
+    assert (shared.exchanged > 0) == agreed  # the integer kernel (and its exchange) only where agreed

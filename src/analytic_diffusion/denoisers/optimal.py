@@ -99,8 +99,8 @@ class OptimalDenoiser(Denoiser):
     def posterior_mean(self, x_t: torch.Tensor, level: NoiseLevel, shared: SharedCeiling | None = None) -> Denoised:
         """x0_hat = sum_i w_i y_i for a batch x_t [B, C, H, W], and per-sample diagnostics of the weights w.
         `shared`: the store is one shard of a distributed run; the integer kernel skips the images that weigh
-        nothing next to the whole dataset's nearest (IntegerSoftmax). Used only where every shard takes the same
-        path (the integer kernel without a probe: a batch of at most INTEGER_MAX_QUERIES), since it is a collective."""
+        nothing next to the whole dataset's nearest (IntegerSoftmax). Its calls are collectives, so for larger
+        batches the shards agree on the probe's choice of path first."""
         if not hasattr(self, "store"):
             raise RuntimeError("call fit(store) before denoising")
         query = x_t.reshape(x_t.shape[0], -1).to(accurate_dtype(x_t.device)) / level.signal_scale
@@ -110,9 +110,10 @@ class OptimalDenoiser(Denoiser):
         probe = None
         if self.integer is not None and query.shape[0] > INTEGER_MAX_QUERIES:
             probe = self.integer.probe(query, scale)
+            if shared is not None:  # the kernel's exchange is a collective: every shard takes the same path
+                probe.concentrated = shared.agree(probe.concentrated)
         if self.integer is not None and (probe is None or probe.concentrated):
-            result = (self.integer(query, scale, shared=shared) if probe is None
-                      else self.integer(query, scale, probe.first_places))
+            result = self.integer(query, scale, None if probe is None else probe.first_places, shared)
             diagnostics = {
                 "effective_count": result.effective_count.to(torch.float32),
                 "top_weight": result.top_weight.to(torch.float32),

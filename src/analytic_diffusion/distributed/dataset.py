@@ -174,7 +174,8 @@ class ShardedNearest(Denoiser):
 class SmallestDistance:
     """The integer kernel's `shared` (search/integer_softmax.py SharedCeiling): every shard's bound on each query's
     smallest distance, the smallest taken (one all_reduce), so that a shard skips the images that weigh nothing next
-    to an image of another shard; shards cut their queries as the largest shard does."""
+    to an image of another shard; shards cut their queries as the largest shard does, and agree on the kernel's
+    path for large batches (`agree`, one all_reduce)."""
 
     def __init__(self, ranks: Ranks, num_images: int):
         self.num_images = -(-num_images // ranks.world_size)  # the largest shard's
@@ -183,6 +184,11 @@ class SmallestDistance:
         smallest = bound.clone()
         collective(dist.all_reduce, smallest, op=dist.ReduceOp.MIN)
         return smallest
+
+    def agree(self, flag: bool) -> bool:
+        every = torch.tensor([int(flag)])
+        collective(dist.all_reduce, every, op=dist.ReduceOp.MIN)
+        return bool(every.item())
 
 
 class ShardedOptimal(Denoiser):

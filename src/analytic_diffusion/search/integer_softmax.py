@@ -101,11 +101,14 @@ class Probe:
 class SharedCeiling(Protocol):
     """The other parts of a dataset split across processes (distributed/dataset.py): `num_images` of the largest
     part (every part cuts its queries into the same blocks), and the call: per query, the smallest of every part's
-    bound on its smallest distance [B] float64 (a collective)."""
+    bound on its smallest distance [B] float64 (a collective). `agree(flag)`: True where every part's flag is
+    (a collective), for decisions every part must take alike."""
 
     num_images: int
 
     def __call__(self, bound: torch.Tensor) -> torch.Tensor: ...
+
+    def agree(self, flag: bool) -> bool: ...
 
 
 @dataclass
