@@ -235,6 +235,10 @@ def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, l
     # 34 perturbed queries per batch: above the integer kernel's 32, the shards agree on the probe's path
     runs.append(("scfdm_probe", "scfdm/mnist5k", [*common, *stores["grey"], "model.params.num_noise=17",
                                                  "sampling.timestep_spacing=leading"]))
+    # 34 queries on 600 digits: at t = 0 every shard's probe finds the weight concentrated, they agree, and the
+    # integer kernel runs with the smallest-distance exchange (at t = 500 they agree on the float path)
+    runs.append(("optimal_probe", "optimal/mnist5k", [*common, "dataset.subset_size=600", "sampling.num_samples=34",
+                                                     "sampling.batch_size=34", "sampling.timestep_spacing=leading"]))
     # one step at t = 0, a float64 step (the aligned path of broken ELS's edges keeps float32 sums there)
     runs.append(("els_broken_t0", "els/mnist5k", [*common, *stores["sparse"], "model.params.patch_size=3",
                                                   "model.params.boundary=broken", "sampling.num_inference_steps=1",
