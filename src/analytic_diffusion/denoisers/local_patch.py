@@ -243,7 +243,7 @@ class LocalPatchDenoiser(Denoiser):
         unfolded = torch.nn.functional.unfold(picked, (kh, kw), padding=plan.window.padding)  # [B*L, D, P]
         index = position.reshape(-1, 1, 1).expand(-1, unfolded.shape[1], 1)
         windows = unfolded.gather(2, index).reshape(*image.shape, self.store.sample_shape[0], kh, kw)
-        grid_width = self.store.sample_shape[2] + 2 * plan.window.padding - kw + 1
+        grid_width = plan.window.grid_shape(self.store.sample_shape)[1]
         top_left = torch.stack([position // grid_width, position % grid_width], -1)
         return {"image": image, "position": position, "window": windows, "size": size,
                 "top_left": top_left - plan.window.padding}

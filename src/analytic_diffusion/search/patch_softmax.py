@@ -74,6 +74,12 @@ class WindowSpec:
     padding: int = 0  # zero padding of the training images (model space 0: contributes nothing in either)
     value: str = "centre"  # centre | window
 
+    def grid_shape(self, sample_shape: tuple[int, int, int]) -> tuple[int, int]:
+        """(rows, columns) of the windows the unfold cuts from one [C, H, W] image (a window's position is
+        row * columns + column)."""
+        _, height, width = sample_shape
+        return height + 2 * self.padding - self.size[0] + 1, width + 2 * self.padding - self.size[1] + 1
+
 
 @dataclass
 class UniqueWindows:
@@ -199,10 +205,10 @@ def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dty
     """Images per chunk (never dependent on the batch): large enough that the smallest group's block of logits
     fills a block (`block_shape`), small enough that the chunk's windows stay within BUDGET_BYTES and that the
     widest group still gets blocks of its least rows (groups are then split to fit the block)."""
-    channels, height, width = sample_shape
+    channels = sample_shape[0]
     kh, kw = window.size
     depth = channels * kh * kw
-    grid = (height + 2 * window.padding - kh + 1) * (width + 2 * window.padding - kw + 1)
+    grid = math.prod(window.grid_shape(sample_shape))
     unfolded = depth * grid + grid  # one image's windows and their norms
     gathered = max(g.positions.numel() for g in groups) * (depth + channels + 2)  # a group's windows, biases, values
     size = torch.finfo(dtype).bits // 8
@@ -257,8 +263,8 @@ def logit_spread(norms: torch.Tensor, signal_scale: float, scale: float, window:
 
 def logit_bounds(norms: torch.Tensor, signal_scale: float, scale: float, window: WindowSpec,
                  channels: int) -> tuple[float, float]:
-    """(lowest, highest) bounds on c (2 s q.phi - s^2 |phi|^2) (the logit of `patch_softmax`, before any shift
-    and without the + log m of repeated windows) over queries of norms `norms` and any model-space window
+    """(lowest, highest) bounds on c (2 s q.phi - s^2 |phi|^2) (the logit of `patch_softmax`, before any shift;
+    repeated windows enter as factors, not in the logit) over queries of norms `norms` and any model-space window
     (|phi| <= R = sqrt(D)): at least -c (2 s |q| R + s^2 R^2), at most the top of the parabola in |phi|,
     c |q|^2 when |q| <= s R, else c (2 s |q| R - s^2 R^2)."""
     if not norms.numel():
@@ -442,8 +448,7 @@ def patch_softmax(
         margin *= LOG2E
     spread = LOG2E * logit_spread(norms, signal_scale, scale, window, channels)  # in base 2
     bounds = tuple(LOG2E * bound for bound in logit_bounds(norms, signal_scale, scale, window, channels))
-    _, height, width = store.sample_shape
-    grid = (height + 2 * window.padding - window.size[0] + 1) * (width + 2 * window.padding - window.size[1] + 1)
+    grid = math.prod(window.grid_shape(store.sample_shape))
     # logits exponentiated as they are (no maximum, shift or rescaling) where their range allows; the best
     # window and the merge of a distributed run need each row's true maximum
     shift = track_top or merge is not None or not unshifted(bounds, store.num_images * grid)
@@ -627,10 +632,9 @@ def _inside_positions(sample_shape, window: WindowSpec, device) -> torch.Tensor 
     (kh, kw), pad = window.size, window.padding
     if not pad or kh > height or kw > width:
         return None
-    grid_width = width + 2 * pad - kw + 1
     rows = torch.arange(pad, pad + height - kh + 1, device=device)
     cols = torch.arange(pad, pad + width - kw + 1, device=device)
-    return (rows[:, None] * grid_width + cols).reshape(1, -1)
+    return (rows[:, None] * window.grid_shape(sample_shape)[1] + cols).reshape(1, -1)
 
 
 def _gather(unfolded: torch.Tensor, bias_scale: float | None, positions: torch.Tensor | None) -> torch.Tensor:
@@ -861,7 +865,7 @@ def _stream_aligned(x_t, store, images, window, groups, signal_scale, scale, dty
     pad = window.padding
     device = x_t.device
     padded_shape = (height + 2 * pad, width + 2 * pad)
-    grid_shape = (padded_shape[0] - kh + 1, padded_shape[1] - kw + 1)
+    grid_shape = window.grid_shape(store.sample_shape)
     grid = grid_shape[0] * grid_shape[1]
     index = torch.cat([group.positions[:, 0] for group in groups]).to(device)  # window positions [La]
     where = torch.cat([group.locations for group in groups]).to(device)  # output columns [La]
