@@ -265,3 +265,21 @@ def test_a_path_in_the_grid_names_cells_and_labels_by_its_last_two_parts(tmp_pat
     assert [c.label for c in cells] == ["els  patch_size=calibrate_a/calibration.json",
                                         "els  patch_size=calibrate_b/calibration.json"]
     assert [c.config.model.params.patch_size for c in cells] == [str(f) for f in files]  # the run uses the full path
+
+
+def test_sweep_yaml_lists_each_override_once_and_reads_back_as_the_same_sweep(tmp_path):
+    """A command-line override of a key the sweep file sets replaces it (sweep.yaml listed both), and sweep.yaml
+    read back as a sweep file gives the same cells."""
+    from analytic_diffusion.config import to_yaml
+    from analytic_diffusion.sweep.job import _spec_yaml
+    from analytic_diffusion.sweep.spec import load_spec, plan_sweep
+
+    spec = load_spec(methods="nearest_dataset", overrides=["sampling.num_samples=2", "dataset.subset_size=60",
+                                                           "sampling.num_samples=3"])
+    assert spec.overrides == ["sampling.batch_size=8", "sampling.num_inference_steps=10", "dataset.subset_size=60",
+                              "sampling.num_samples=3"]
+    plan = plan_sweep(spec)
+    (tmp_path / "sweep.yaml").write_text(_spec_yaml(plan))
+    again = plan_sweep(load_spec(str(tmp_path / "sweep.yaml")))
+    assert again.spec == spec
+    assert [to_yaml(c.config) for c in again.cells] == [to_yaml(c.config) for c in plan.cells]

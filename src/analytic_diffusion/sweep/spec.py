@@ -194,8 +194,19 @@ def load_spec(config: str | None = None, methods: str | None = None, datasets: s
         methods=_names(methods if methods is not None else data.get("methods", list(DEFAULT_METHODS)), "methods"),
         datasets=_names(datasets if datasets is not None else data.get("datasets", list(DEFAULT_DATASETS)), "datasets"),
         grid=values,
-        overrides=[*file_overrides, *overrides],
+        overrides=_last_of_each_key([*file_overrides, *overrides]),
     )
+
+
+def _last_of_each_key(overrides: list[str]) -> list[str]:
+    """The overrides with each key once, its last value (the one a dot-list applies), in the order they came: the
+    command line's after the file's. sweep.yaml then lists every key once."""
+    kept: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        kept.pop(key, None)
+        kept[key] = item
+    return list(kept.values())
 
 
 def _override_keys(overrides: list[str]) -> dict[str, str]:
