@@ -42,7 +42,7 @@ from ..fileio import atomic_write_text, make_directory
 from ..runs import INCOMPLETE
 from .figures import save_agreement, save_comparison
 from .report import CellOutcome, write_summary
-from .spec import Cell, SweepPlan
+from .spec import Cell, SweepPlan, check_sources
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -171,6 +171,7 @@ def run_sweep(plan: SweepPlan, force: bool = False) -> SweepResult | None:
     with distributed.failures_published(ranks):
         for cell in plan.cells:
             generate_job.check_distributed_run(cell.config, ranks)
+        distributed.writer_first(ranks, "sources", lambda: check_sources(plan.cells))  # a download: rank 0 alone
         result = _run_cells(plan, force, ranks)
         distributed.finish(ranks)
     return result
@@ -190,8 +191,7 @@ def _run_cells(plan: SweepPlan, force: bool, ranks: Ranks | None) -> SweepResult
     """run_sweep's walk over the cells, in one process (ranks None) or on every rank of the sweep's group."""
     started = time.perf_counter()
     writer = ranks is None or ranks.is_writer
-    if not writer:
-        log.setLevel(logging.WARNING)  # rank 0 reports; the others only warn
+    distributed.quiet_unless_speaking(log)  # rank 0 reports for every rank
     states = _states(plan, force, ranks)
     if writer:
         _prepare_stores([c for c in plan.cells if states[c.name] != "complete"])  # a bad dataset fails before any write

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
+from .. import distributed
 from ..config import StudioConfig, load_config
 from ..config.loader import SWEEPS, configs_dir, read_mapping, resolve_config_path
 from ..data.sources import DATASETS, SourceRequest, dataset_source
@@ -295,7 +296,7 @@ def _combinations(grid: dict[str, list[str]], method: str | None) -> list[dict[s
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _check_sources(cells: list[Cell]) -> None:
+def check_sources(cells: list[Cell]) -> None:
     """Every dataset can be opened (downloaded, folder present) and every checkpoint exists, before any run."""
     seen = set()
     for cell in cells:
@@ -317,6 +318,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
 
     Order: per dataset, the backbone cells (when baseline.checkpoint is set) and then each method's cells.
     A model.params grid key that a method does not have is skipped for that method (said once per key).
+    Under torchrun the sources (datasets, checkpoints) are checked by run_sweep instead, rank 0 first: a dataset
+    downloaded by every rank at once would race into the same files.
     """
     _check_spec(spec)
     cells: list[Cell] = []
@@ -326,7 +329,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         backbone = [_load_cell(spec, None, dataset, g, first) for g in _combinations(spec.grid, None)] \
             if first.baseline.checkpoint else []
         cells += backbone + method_cells
-    _check_sources(cells)
+    if not distributed.launched():
+        check_sources(cells)
     names = [c.name for c in cells]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
