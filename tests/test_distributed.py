@@ -440,16 +440,20 @@ def test_sweep_under_both_strategies_equals_one_process(tmp_path: Path) -> None:
     metrics.json says how it ran. A sweep that cannot run on two ranks stops with one line before any folder."""
     sweeps = Path(os.environ["ADS_ROOT"]) / "runs" / "sweeps"
     _one_process_main(["sweep", *SWEEP, "--name", "one"])
+    expected = _sweep_rows("one")
     ranks = _launch(tmp_path, [(None, ["sweep", *SWEEP, "--name", strategy, f"distributed.strategy={strategy}"])
                                for strategy in ("samples", "dataset")]
-                    + [(None, ["sweep", *SWEEP, "sampling.per_sample_seeds=false", "--name", "seeds"])])
-    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0, 2]] * 2, ranks
+                    + [(None, ["sweep", *SWEEP, "sampling.per_sample_seeds=false", "--name", "seeds"]),
+                       (None, ["sweep", *SWEEP, "--name", "one"])])  # the one-process cells: the same configs
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0, 2, 0]] * 2, ranks
+    for method in ("optimal", "wiener"):  # reused (samples: bit for bit), and rank 0 says how they were computed
+        assert f"cell {method}_mnist5k reused (the same config), computed in one process" in ranks[0][3]["stderr"]
+    assert [run["stderr"] for run in ranks[1]] == ["", "", "", ""]
     assert ranks[0][2]["stderr"].strip().splitlines()[-1] == (
         "error: a sweep always uses per-sample seeds (every cell of a dataset from the same x_T); remove "
         "sampling.per_sample_seeds")
     assert ranks[1][2]["stderr"] == ""
     assert not (sweeps / "seeds").exists()
-    expected = _sweep_rows("one")
     for strategy in ("samples", "dataset"):
         rows = _sweep_rows(strategy)
         assert [{k: v for k, v in row.items() if k not in ("seconds_per_step", "fit_seconds")} for row in rows] == [

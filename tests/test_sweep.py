@@ -222,10 +222,12 @@ def test_a_sweep_file_with_an_unknown_key_is_one_line(tmp_path, fresh_root, caps
     assert not (fresh_root / "runs").exists()
 
 
-def test_force_reruns_complete_cells(tmp_path, monkeypatch):
+def test_force_reruns_complete_cells(tmp_path, monkeypatch, caplog):
     _sweep(tmp_path, "nearest_dataset")
     counter = CountingGenerate(monkeypatch)
+    caplog.set_level("INFO", "analytic_diffusion")
     assert [o.status for o in _sweep(tmp_path, "nearest_dataset").outcomes] == ["reused"] and not counter.calls
+    assert "cell nearest_dataset_mnist5k reused (the same config), computed in one process" in caplog.messages
     assert [o.status for o in _sweep(tmp_path, "nearest_dataset", force=True).outcomes] == ["ran"]
     assert counter.calls == ["nearest_dataset_mnist5k"]
 

@@ -74,6 +74,15 @@ def _read_metrics(cell: Cell) -> dict:
     return json.loads((cell.run_dir / "metrics.json").read_text())
 
 
+def _computed(metrics: dict) -> str:
+    """How a finished cell was computed, from its metrics.json: in one process, or on K ranks with a strategy (a
+    cell is reused across modes when its config is the same: `samples` equals one process bit for bit)."""
+    if "distributed" not in metrics:
+        return "by a version that did not record how"
+    how = metrics["distributed"]
+    return "in one process" if how is None else f"on {how['world_size']} ranks, distributed.strategy={how['strategy']}"
+
+
 def _run_cell(cell: Cell) -> CellOutcome:
     """Run one cell into a fresh folder; a failure is returned, not raised (KeyboardInterrupt is raised)."""
     if cell.run_dir.exists():
@@ -204,7 +213,10 @@ def _run_cells(plan: SweepPlan, force: bool, ranks: Ranks | None) -> SweepResult
             for cell in plan.cells:
                 bar.set_postfix_str(cell.name)
                 if states[cell.name] == "complete":
-                    outcomes.append(CellOutcome(cell, "reused", _read_metrics(cell) if writer else None))
+                    metrics = _read_metrics(cell) if writer else None
+                    if metrics is not None:
+                        log.info("cell %s reused (the same config), computed %s", cell.name, _computed(metrics))
+                    outcomes.append(CellOutcome(cell, "reused", metrics))
                 else:
                     if states[cell.name] in ("changed", "incomplete"):
                         log.info("cell %s is %s: running it again", cell.name, states[cell.name])
