@@ -140,6 +140,17 @@ def _fail_on_rank_one(fault: str) -> None:
     OptimalDenoiser.denoise = denoise
 
 
+def _bug_on_every_rank() -> None:
+    """optimal's first denoising step raises a plain RuntimeError on every rank (after the ranks' last wait for
+    each other: under `samples` each rank fits and samples alone)."""
+    from analytic_diffusion.denoisers.optimal import OptimalDenoiser
+
+    def denoise(self, *args, **kwargs):
+        raise RuntimeError("posterior exploded")
+
+    OptimalDenoiser.denoise = denoise
+
+
 def _time_sources(rank: int, out: str) -> None:
     """Each rank writes when its sweep's source check (where a dataset is downloaded) began and ended; rank 0's
     takes 1 s, as a download would."""
@@ -169,6 +180,8 @@ def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: s
         _fail_in_sweeps(rank, kill=fault == "sweeps_kill")
     elif fault == "sources":
         _time_sources(rank, out)
+    elif fault == "bug":
+        _bug_on_every_rank()
     elif fault and rank == 1:
         _fail_on_rank_one(fault)
     results = []
@@ -181,6 +194,8 @@ def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: s
             except Exception as exc:  # main re-raises no error under torchrun: a failure of the test itself
                 code = f"{type(exc).__name__}: {exc}"
         results.append({"code": code, "stderr": stderr.getvalue(), "seconds": time.monotonic() - started})
+        if fault == "bug" and rank == 0:  # rank 0 holds the group's store here (torchrun's agent does): keep it
+            time.sleep(2.0)  # up while rank 1 reaches its own failure instead of finding the store gone
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
 
 
@@ -519,21 +534,21 @@ def test_a_rank_that_dies_in_a_sweep_stops_the_other_within_the_timeout(tmp_path
     assert (Path(os.environ["ADS_ROOT"]) / "runs" / "sweeps" / "died" / "optimal_mnist5k" / INCOMPLETE).exists()
 
 
-def test_a_bug_on_every_rank_is_one_line_and_each_traceback_goes_to_torchruns_report(tmp_path: Path,
-                                                                                    stores: dict[str, list[str]]) -> None:
-    """An error that is not a StudioError (here wiener's fit raising on both ranks): rank 0 prints one `error:` line
-    and no traceback, rank 1 nothing, both exit 1, and each rank's traceback is in its torchrun error file (torchrun
-    prints it under that rank in its failure report)."""
+def test_a_bug_on_every_rank_is_one_line_and_tracebacks_go_to_torchruns_report(
+        tmp_path: Path, stores: dict[str, list[str]]) -> None:
+    """An error that is not a StudioError (here optimal's first step raising on both ranks): rank 0 prints one
+    `error:` line and no traceback, rank 1 nothing, both exit 1, and each rank's traceback is in its torchrun error
+    file (torchrun prints it under that rank in its failure report)."""
     overrides = [*SMALL, *stores["grey"], "experiment.run_name=bug"]
-    rank0, rank1 = _launch(tmp_path, [("wiener/mnist5k", overrides)], fault="sweeps")
+    rank0, rank1 = _launch(tmp_path, [("optimal/mnist5k", overrides)], fault="bug")
     assert (rank0[0]["code"], rank1[0]["code"]) == (1, 1), (rank0, rank1)
-    assert rank0[0]["stderr"].splitlines()[-1] == "error: RuntimeError: eigendecomposition exploded"
+    assert rank0[0]["stderr"].splitlines()[-1] == "error: RuntimeError: posterior exploded"
     assert "Traceback" not in rank0[0]["stderr"] and rank0[0]["stderr"].count("error") == 1, rank0[0]["stderr"]
     assert rank1[0]["stderr"] == ""
     for rank in range(2):
         recorded = json.loads((tmp_path / f"error{rank}.json").read_text())["message"]
-        assert recorded["message"] == "RuntimeError: eigendecomposition exploded"
-        assert "in broken" in recorded["extraInfo"]["py_callstack"]
+        assert recorded["message"] == "RuntimeError: posterior exploded"
+        assert "in denoise" in recorded["extraInfo"]["py_callstack"]
 
 
 def test_rank_0_checks_a_sweeps_sources_before_the_others(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 Every StudioError becomes one line on stderr and exit status 2. Any other error is a bug: in one process Python
 prints its traceback (exit status 1); under torchrun rank 0 prints its one `error:` line (exit status 1) and each
-failed rank's traceback goes into torchrun's failure report (docs/distributed.md, "Failures"). No run directory is created before the config,
-the dataset and any checkpoint path have been checked; a failure after that leaves the run marked INCOMPLETE.
+failed rank's traceback goes into torchrun's failure report (docs/distributed.md, "Failures"). No run directory is
+created before the config, the dataset and any checkpoint path have been checked; a failure after that leaves the
+run marked INCOMPLETE.
 """
 
 from __future__ import annotations
@@ -213,14 +214,6 @@ def _warn_if_ignored(overrides: list[str]) -> None:
         logging.getLogger("analytic_diffusion").warning("warning: %s", warning)
 
 
-def _reports_errors() -> bool:
-    """Under torchrun only rank 0 prints an error line: its own error, or the line of the rank that failed first
-    (every rank refusing the same bad input would print it K times)."""
-    from .distributed import speaks
-
-    return speaks()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `ads` and `python -m analytic_diffusion`; returns the exit status."""
     parser = _parser()
@@ -229,15 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # Under torchrun only rank 0 prints an error line (speaks): its own error, or the line of the rank that failed
+    # first (every rank refusing the same bad input would print it K times).
+    from .distributed import launched, speaks
+
     try:
         status = _run(args)
     except StudioError as exc:
-        if _reports_errors():
+        if speaks():
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from .distributed import launched
-
         memory = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"  # torch's (CUDA, MPS)
         if not memory and not launched():
             raise  # one process: Python prints the traceback, exit status 1
@@ -245,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             from .distributed.group import record_for_launcher
 
             record_for_launcher(exc)
-        if _reports_errors():
+        if speaks():
             first = (str(exc).strip().splitlines() or ["no details"])[0]
             print(f"error: out of memory ({first}); lower sampling.batch_size or model.params.chunk_size, use a "
                   "dataset.subset_size or a smaller dataset.resolution, or another experiment.device" if memory

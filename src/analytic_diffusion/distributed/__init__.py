@@ -4,4 +4,5 @@ from .group import (PeerFailure, Ranks, announce, check_peers, device_name, fail
                     ignored_options_warning, launched, quiet_unless_speaking, speaks, start, wait_for, writer_first)
 
 __all__ = ["PeerFailure", "Ranks", "announce", "check_peers", "device_name", "failures_published", "finish",
-           "ignored_options_warning", "launched", "quiet_unless_speaking", "speaks", "start", "wait_for", "writer_first"]
+           "ignored_options_warning", "launched", "quiet_unless_speaking", "speaks", "start", "wait_for",
+           "writer_first"]
