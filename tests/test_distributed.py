@@ -17,10 +17,12 @@ import torch
 import torch.multiprocessing as mp
 
 from analytic_diffusion.cli import main
+from analytic_diffusion.config import load_config
 from analytic_diffusion.distributed.group import Ranks
 from analytic_diffusion.distributed.samples import check_samples_strategy, idle_ranks_warning
 from analytic_diffusion.errors import StudioError
 from analytic_diffusion.runs import INCOMPLETE
+from analytic_diffusion.sampling import make_scheduler
 
 SMALL = ["sampling.num_samples=2", "sampling.batch_size=1", "sampling.num_inference_steps=2",
          "sampling.per_sample_seeds=true", "output.images=false", "output.grid=false", "output.masks=false",
@@ -138,13 +140,48 @@ def _fail_on_rank_one(fault: str) -> None:
     OptimalDenoiser.denoise = denoise
 
 
+def _bug_on_every_rank() -> None:
+    """optimal's first denoising step raises a plain RuntimeError on every rank (after the ranks' last wait for
+    each other: under `samples` each rank fits and samples alone)."""
+    from analytic_diffusion.denoisers.optimal import OptimalDenoiser
+
+    def denoise(self, *args, **kwargs):
+        raise RuntimeError("posterior exploded")
+
+    OptimalDenoiser.denoise = denoise
+
+
+def _time_sources(rank: int, out: str) -> None:
+    """Each rank writes when its sweep's source check (where a dataset is downloaded) began and ended; rank 0's
+    takes 1 s, as a download would."""
+    from analytic_diffusion.sweep import spec
+
+    original = spec.dataset_source
+
+    def dataset_source(request):
+        began = time.time()
+        if rank == 0:
+            time.sleep(1.0)
+        source = original(request)
+        with open(Path(out, f"sources{rank}.txt"), "a") as f:
+            f.write(f"{began} {time.time()}\n")
+        return source
+
+    spec.dataset_source = dataset_source
+
+
 def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: str, fault: str | None) -> None:
-    """One rank: the torchrun environment, then `ads generate` for each (config, overrides) (or the command line
-    itself where the config is None); results as JSON."""
+    """One rank: the torchrun environment (with torchrun's error file of the rank), then `ads generate` for each
+    (config, overrides) (or the command line itself where the config is None); results as JSON."""
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      TORCHELASTIC_ERROR_FILE=str(Path(out, f"error{rank}.json")))
     if fault in ("sweeps", "sweeps_kill"):
         _fail_in_sweeps(rank, kill=fault == "sweeps_kill")
+    elif fault == "sources":
+        _time_sources(rank, out)
+    elif fault == "bug":
+        _bug_on_every_rank()
     elif fault and rank == 1:
         _fail_on_rank_one(fault)
     results = []
@@ -154,9 +191,11 @@ def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: s
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             try:
                 code = main(["generate", "-c", config, *overrides] if config else overrides)
-            except Exception as exc:  # the injected failure: main re-raises what is not a StudioError
+            except Exception as exc:  # main re-raises no error under torchrun: a failure of the test itself
                 code = f"{type(exc).__name__}: {exc}"
         results.append({"code": code, "stderr": stderr.getvalue(), "seconds": time.monotonic() - started})
+        if fault == "bug" and rank == 0:  # rank 0 holds the group's store here (torchrun's agent does): keep it
+            time.sleep(2.0)  # up while rank 1 reaches its own failure instead of finding the store gone
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
 
 
@@ -208,6 +247,7 @@ def test_samples_strategy_equals_one_process_bit_for_bit(tmp_path: Path, stores:
     ranks = _launch(tmp_path, [(config, [*overrides, f"experiment.run_name={name}_s2"])
                                for name, config, overrides in runs])
     assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(runs)] * 2, ranks
+    assert [run["stderr"] for run in ranks[1]] == [""] * len(runs)  # rank 0 says each line once (e.g. warnings)
     for name, config, _ in runs:
         method = config.split("/")[0]
         one, two = _run_dir(f"{name}_s1", method), _run_dir(f"{name}_s2", method)
@@ -243,12 +283,21 @@ def test_dataset_strategy_equals_one_process(tmp_path: Path, stores: dict[str, l
     runs.append(("els_broken_t0", "els/mnist5k", [*common, *stores["sparse"], "model.params.patch_size=3",
                                                   "model.params.boundary=broken", "sampling.num_inference_steps=1",
                                                   "sampling.timestep_spacing=leading"]))
+    # a calibration fitted for another method and dataset: its warning once, from rank 0
+    timesteps = make_scheduler(load_config("els/mnist5k", common).sampling).timesteps.tolist()
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"timesteps": timesteps, "patch_size": [3] * len(timesteps),
+                                       "method": "local_score", "dataset": "cifar10"}))
+    runs.append(("els_calibrated", "els/mnist5k", [*common, *stores["colour"],
+                                                   f"model.params.patch_size={calibration}"]))
     for name, config, overrides in runs:  # the one-process runs, with a cache of their own (statistics computed apart)
         _one_process(config, [*overrides, f"experiment.run_name={name}_one"])
     ranks = _launch(tmp_path, [(config, [*overrides, f"experiment.run_name={name}_dataset",
                                          "distributed.strategy=dataset", f"paths.cache={tmp_path / 'sharded_cache'}"])
                                for name, config, overrides in runs])
     assert [[run["code"] for run in rank] for rank in ranks] == [[0] * len(runs)] * 2, ranks
+    assert [run["stderr"] for run in ranks[1]] == [""] * len(runs)  # rank 0 says each line once
+    assert ranks[0][-1]["stderr"].count("was calibrated for local_score on cifar10") == 1, ranks[0][-1]["stderr"]
     for name, config, _ in runs:
         method = config.split("/")[0]
         one, two = _run_dir(f"{name}_one", method), _run_dir(f"{name}_dataset", method)
@@ -302,9 +351,12 @@ def test_a_failed_rank_stops_the_other_with_one_line(tmp_path: Path, fault: str,
     assert result["code"] == 2
     lines = [line for line in result["stderr"].splitlines() if "error" in line.lower()]  # log lines aside
     assert len(lines) == 1 and lines[0].startswith("error: "), result["stderr"]
-    if fault == "raise":
+    if fault == "raise":  # rank 1's own error is a bug's: status 1, its traceback in torchrun's error file
         assert "rank 1 of 2 failed: ValueError: injected failure; rank 0 stopped" in lines[0]
-        assert rank1[0]["code"] == "ValueError: injected failure"
+        assert rank1[0]["code"] == 1 and rank1[0]["stderr"] == ""
+        recorded = json.loads((tmp_path / "error1.json").read_text())["message"]
+        assert recorded["message"] == "ValueError: injected failure"
+        assert "Traceback" in recorded["extraInfo"]["py_callstack"]
     else:
         assert "stopped without a message" in lines[0] and rank1 is None
     assert result["seconds"] < 30
@@ -313,8 +365,11 @@ def test_a_failed_rank_stops_the_other_with_one_line(tmp_path: Path, fault: str,
 
 
 def test_samples_strategy_requires_per_sample_seeds_and_warns_of_idle_ranks() -> None:
-    with pytest.raises(StudioError, match="set sampling.per_sample_seeds=true"):
+    with pytest.raises(StudioError) as refused:  # the default strategy: both ways out, as overrides
         check_samples_strategy(False)
+    assert "distributed.strategy=samples (the default)" in str(refused.value)
+    assert "add sampling.per_sample_seeds=true" in str(refused.value)
+    assert "or distributed.strategy=dataset (the samples of this command in one process" in str(refused.value)
     check_samples_strategy(True)
     assert idle_ranks_warning(2, Ranks(0, 2, 0, "samples", "gloo")) is None
     assert idle_ranks_warning(1, Ranks(0, 3, 0, "samples", "gloo")) == (
@@ -400,16 +455,20 @@ def test_sweep_under_both_strategies_equals_one_process(tmp_path: Path) -> None:
     metrics.json says how it ran. A sweep that cannot run on two ranks stops with one line before any folder."""
     sweeps = Path(os.environ["ADS_ROOT"]) / "runs" / "sweeps"
     _one_process_main(["sweep", *SWEEP, "--name", "one"])
+    expected = _sweep_rows("one")
     ranks = _launch(tmp_path, [(None, ["sweep", *SWEEP, "--name", strategy, f"distributed.strategy={strategy}"])
                                for strategy in ("samples", "dataset")]
-                    + [(None, ["sweep", *SWEEP, "sampling.per_sample_seeds=false", "--name", "seeds"])])
-    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0, 2]] * 2, ranks
+                    + [(None, ["sweep", *SWEEP, "sampling.per_sample_seeds=false", "--name", "seeds"]),
+                       (None, ["sweep", *SWEEP, "--name", "one"])])  # the one-process cells: the same configs
+    assert [[run["code"] for run in rank] for rank in ranks] == [[0, 0, 2, 0]] * 2, ranks
+    for method in ("optimal", "wiener"):  # reused (samples: bit for bit), and rank 0 says how they were computed
+        assert f"cell {method}_mnist5k reused (the same config), computed in one process" in ranks[0][3]["stderr"]
+    assert [run["stderr"] for run in ranks[1]] == ["", "", "", ""]
     assert ranks[0][2]["stderr"].strip().splitlines()[-1] == (
         "error: a sweep always uses per-sample seeds (every cell of a dataset from the same x_T); remove "
         "sampling.per_sample_seeds")
     assert ranks[1][2]["stderr"] == ""
     assert not (sweeps / "seeds").exists()
-    expected = _sweep_rows("one")
     for strategy in ("samples", "dataset"):
         rows = _sweep_rows(strategy)
         assert [{k: v for k, v in row.items() if k not in ("seconds_per_step", "fit_seconds")} for row in rows] == [
@@ -447,7 +506,7 @@ def test_a_failing_cell_of_a_sweep_on_two_ranks(tmp_path: Path) -> None:
         ("nearest_dataset", "ran", "")]
     assert (sweeps / "agreed" / "optimal_mnist5k" / INCOMPLETE).exists()
     assert not (sweeps / "agreed" / "wiener_mnist5k").exists()  # its checks failed: nothing written
-    assert stopped0["code"] == 2 and stopped1["code"] == "ValueError: injected failure"
+    assert stopped0["code"] == 2 and stopped1["code"] == 1 and stopped1["stderr"] == ""
     lines = [line for line in stopped0["stderr"].splitlines() if "error" in line.lower()]
     assert lines == ["error: rank 1 of 2 failed: ValueError: injected failure; rank 0 stopped"], stopped0["stderr"]
     assert stopped0["seconds"] < 30
@@ -473,3 +532,48 @@ def test_a_rank_that_dies_in_a_sweep_stops_the_other_within_the_timeout(tmp_path
     assert [(r["method"], r["status"]) for r in _sweep_rows("died")] == [("optimal", "failed"),
                                                                         ("nearest_dataset", "not run")]
     assert (Path(os.environ["ADS_ROOT"]) / "runs" / "sweeps" / "died" / "optimal_mnist5k" / INCOMPLETE).exists()
+
+
+def test_a_bug_on_every_rank_is_one_line_and_tracebacks_go_to_torchruns_report(
+        tmp_path: Path, stores: dict[str, list[str]]) -> None:
+    """An error that is not a StudioError (here optimal's first step raising on both ranks): rank 0 prints one
+    `error:` line and no traceback, rank 1 nothing, both exit 1, and each rank's traceback is in its torchrun error
+    file (torchrun prints it under that rank in its failure report)."""
+    overrides = [*SMALL, *stores["grey"], "experiment.run_name=bug"]
+    rank0, rank1 = _launch(tmp_path, [("optimal/mnist5k", overrides)], fault="bug")
+    assert (rank0[0]["code"], rank1[0]["code"]) == (1, 1), (rank0, rank1)
+    assert rank0[0]["stderr"].splitlines()[-1] == "error: RuntimeError: posterior exploded"
+    assert "Traceback" not in rank0[0]["stderr"] and rank0[0]["stderr"].count("error") == 1, rank0[0]["stderr"]
+    assert rank1[0]["stderr"] == ""
+    for rank in range(2):
+        recorded = json.loads((tmp_path / f"error{rank}.json").read_text())["message"]
+        assert recorded["message"] == "RuntimeError: posterior exploded"
+        assert "in denoise" in recorded["extraInfo"]["py_callstack"]
+
+
+def test_rank_0_checks_a_sweeps_sources_before_the_others(tmp_path: Path) -> None:
+    """The sweep's source check (which downloads a missing dataset) runs on rank 0 first and on the other rank only
+    after it, so that two ranks never download into the same files; rank 1 says nothing."""
+    run = ["sweep", "--methods", "nearest_dataset", "--name", "sources", "dataset.subset_size=60",
+           "sampling.num_samples=2", "sampling.batch_size=1", "sampling.num_inference_steps=2", "output.images=false",
+           "output.grid=false"]
+    (rank0,), (rank1,) = _launch(tmp_path, [(None, run)], fault="sources")
+    assert (rank0["code"], rank1["code"]) == (0, 0), (rank0, rank1)
+    assert rank1["stderr"] == ""
+    (began0, ended0), (began1, ended1) = ([float(v) for v in (tmp_path / f"sources{r}.txt").read_text().split()]
+                                          for r in range(2))
+    assert began1 >= ended0, (began0, ended0, began1)
+
+
+def test_distributed_keys_in_one_process_warn_once(capsys: pytest.CaptureFixture, stores: dict[str, list[str]]) -> None:
+    """distributed.* set in one process does nothing: one warning line says so (generate and sweep alike)."""
+    warning = ("warning: distributed.strategy only matters under torchrun (docs/distributed.md); this run is one "
+               "process, which ignores it")
+    assert main(["generate", "-c", "nearest_dataset/mnist5k", *SMALL, *stores["grey"], "experiment.run_name=alone",
+                 "distributed.strategy=dataset"]) == 0
+    assert capsys.readouterr().err.splitlines().count(warning) == 1
+    assert main(["sweep", "--methods", "nearest_dataset", "--name", "alone", "dataset.subset_size=60",
+                 "sampling.num_samples=2", "sampling.num_inference_steps=2", "output.images=false",
+                 "distributed.strategy=samples"]) == 0
+    err = capsys.readouterr().err
+    assert warning in err and err.count("only matters under torchrun") == 1, err

@@ -222,10 +222,12 @@ def test_a_sweep_file_with_an_unknown_key_is_one_line(tmp_path, fresh_root, caps
     assert not (fresh_root / "runs").exists()
 
 
-def test_force_reruns_complete_cells(tmp_path, monkeypatch):
+def test_force_reruns_complete_cells(tmp_path, monkeypatch, caplog):
     _sweep(tmp_path, "nearest_dataset")
     counter = CountingGenerate(monkeypatch)
+    caplog.set_level("INFO", "analytic_diffusion")
     assert [o.status for o in _sweep(tmp_path, "nearest_dataset").outcomes] == ["reused"] and not counter.calls
+    assert "cell nearest_dataset_mnist5k reused (the same config), computed in one process" in caplog.messages
     assert [o.status for o in _sweep(tmp_path, "nearest_dataset", force=True).outcomes] == ["ran"]
     assert counter.calls == ["nearest_dataset_mnist5k"]
 
@@ -265,3 +267,21 @@ def test_a_path_in_the_grid_names_cells_and_labels_by_its_last_two_parts(tmp_pat
     assert [c.label for c in cells] == ["els  patch_size=calibrate_a/calibration.json",
                                         "els  patch_size=calibrate_b/calibration.json"]
     assert [c.config.model.params.patch_size for c in cells] == [str(f) for f in files]  # the run uses the full path
+
+
+def test_sweep_yaml_lists_each_override_once_and_reads_back_as_the_same_sweep(tmp_path):
+    """A command-line override of a key the sweep file sets replaces it (sweep.yaml listed both), and sweep.yaml
+    read back as a sweep file gives the same cells."""
+    from analytic_diffusion.config import to_yaml
+    from analytic_diffusion.sweep.job import _spec_yaml
+    from analytic_diffusion.sweep.spec import load_spec, plan_sweep
+
+    spec = load_spec(methods="nearest_dataset", overrides=["sampling.num_samples=2", "dataset.subset_size=60",
+                                                           "sampling.num_samples=3"])
+    assert spec.overrides == ["sampling.batch_size=8", "sampling.num_inference_steps=10", "dataset.subset_size=60",
+                              "sampling.num_samples=3"]
+    plan = plan_sweep(spec)
+    (tmp_path / "sweep.yaml").write_text(_spec_yaml(plan))
+    again = plan_sweep(load_spec(str(tmp_path / "sweep.yaml")))
+    assert again.spec == spec
+    assert [to_yaml(c.config) for c in again.cells] == [to_yaml(c.config) for c in plan.cells]

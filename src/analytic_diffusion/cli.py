@@ -1,18 +1,20 @@
 """The `ads` command line: a thin layer over config loading and the jobs.
 
-Every StudioError becomes one line on stderr and exit status 2. No run directory is created before the config,
-the dataset and any checkpoint path have been checked; a failure after that leaves the run marked INCOMPLETE.
+Every StudioError becomes one line on stderr and exit status 2. Any other error is a bug: in one process Python
+prints its traceback (exit status 1); under torchrun rank 0 prints its one `error:` line (exit status 1) and each
+failed rank's traceback goes into torchrun's failure report (docs/distributed.md, "Failures"). No run directory is
+created before the config, the dataset and any checkpoint path have been checked; a failure after that leaves the
+run marked INCOMPLETE.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import NoReturn
 
-from .errors import StudioError
+from .errors import StudioError, one_line
 
 DEFAULT_CONFIG = "nearest_dataset/mnist5k"
 DEFAULT_TRAINING_CONFIG = "unet_train/mnist5k_small"
@@ -97,16 +99,20 @@ def _setup_logging(level: str) -> None:
     root.addHandler(console)
     root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.getLogger("analytic_diffusion").setLevel(level.upper())
+    from .distributed import quiet_unless_speaking
+
+    quiet_unless_speaking(logging.getLogger("analytic_diffusion"))  # under torchrun rank 0 speaks for all
 
 
 def _run(args: argparse.Namespace) -> int | None:
     """Run the command; a status other than None is the exit status (a sweep with failed cells: 1)."""
     from .config import available_configs, load_config, to_yaml
-    from .distributed import launched
+    from .distributed import launched, quiet_unless_speaking
 
     if launched() and args.command not in ("generate", "memorization", "sweep"):
         raise StudioError(f"ads {args.command} does not run under torchrun; only ads generate, ads sweep and ads "
                           "memorization do (docs/distributed.md): launch it as one process")
+    quiet_unless_speaking(logging.getLogger("analytic_diffusion"))  # also the warnings of loading a config
 
     if args.command == "list":
         from .data import DATASETS
@@ -127,6 +133,7 @@ def _run(args: argparse.Namespace) -> int | None:
         from .memorization import memorization, summary
 
         _setup_logging("info")
+        _warn_if_ignored(args.overrides)
         result = memorization(args.images, args.config, args.overrides, fallback_config=DEFAULT_CONFIG)
         if result is not None:  # under torchrun, rank 0 reports
             print(summary(result))
@@ -136,6 +143,8 @@ def _run(args: argparse.Namespace) -> int | None:
         print(to_yaml(cfg), end="")
         return
     _setup_logging(cfg.logging.level)
+    if args.command == "generate":
+        _warn_if_ignored(args.overrides)
     if args.command == "train-unet":
         from .train_unet import summary, train_unet
 
@@ -159,7 +168,8 @@ def _sweep(args: argparse.Namespace) -> int:
     _setup_logging("info")
     spec = load_spec(args.config, args.methods, args.datasets, args.grid, args.overrides, args.name)
     plan = plan_sweep(spec)  # every cell's config checked before anything is written
-    logging.getLogger("analytic_diffusion").setLevel(plan.cells[0].config.logging.level.upper())
+    _setup_logging(plan.cells[0].config.logging.level)
+    _warn_if_ignored(spec.overrides)
     result = run_sweep(plan, force=args.force)
     if result is None:  # under torchrun, rank 0 reports
         return 0
@@ -195,12 +205,13 @@ def _cache(args: argparse.Namespace) -> None:
     print(f"removed {len(chosen)} entries, {human_bytes(remove_entries(chosen))} freed")
 
 
-def _reports_errors() -> bool:
-    """Under torchrun only rank 0 prints an error line: its own error, or the line of the rank that failed first
-    (every rank refusing the same bad input would print it K times)."""
-    from .distributed import launched
+def _warn_if_ignored(overrides: list[str]) -> None:
+    """One warning line for distributed.* overrides in one process (they only matter under torchrun)."""
+    from .distributed import ignored_options_warning
 
-    return not launched() or os.environ.get("RANK", "0") == "0"
+    warning = ignored_options_warning(overrides)
+    if warning:
+        logging.getLogger("analytic_diffusion").warning("warning: %s", warning)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,19 +222,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # Under torchrun only rank 0 prints an error line (speaks): its own error, or the line of the rank that failed
+    # first (every rank refusing the same bad input would print it K times).
+    from .distributed import launched, speaks
+
     try:
         status = _run(args)
     except StudioError as exc:
-        if _reports_errors():
+        if speaks():
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):  # torch's (CUDA, MPS)
-            raise
-        first = (str(exc).strip().splitlines() or ["no details"])[0]
-        print(f"error: out of memory ({first}); lower sampling.batch_size or model.params.chunk_size, use a "
-              "dataset.subset_size or a smaller dataset.resolution, or another experiment.device", file=sys.stderr)
-        return 2
+        memory = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"  # torch's (CUDA, MPS)
+        if not memory and not launched():
+            raise  # one process: Python prints the traceback, exit status 1
+        if not memory:  # under torchrun: each failed rank's traceback in torchrun's report, one line from rank 0
+            from .distributed.group import record_for_launcher
+
+            record_for_launcher(exc)
+        if speaks():
+            first = (str(exc).strip().splitlines() or ["no details"])[0]
+            print(f"error: out of memory ({first}); lower sampling.batch_size or model.params.chunk_size, use a "
+                  "dataset.subset_size or a smaller dataset.resolution, or another experiment.device" if memory
+                  else f"error: {one_line(exc)}", file=sys.stderr)
+        return 2 if memory else 1
     except KeyboardInterrupt:
         advice = {
             "train-unet": "rerun the same command to resume from the last checkpoint",

@@ -19,7 +19,7 @@ from .config import StudioConfig, to_yaml
 from .data.store import DatasetStore, StoreRequest, files_sentence, load_or_build_store
 from .denoisers import Denoised, Denoiser, NoiseLevel, denoiser_class
 from .denoisers.unet import UNetDenoiser, UNetParams
-from .errors import StudioError, one_line
+from .errors import StudioError
 from .devices import resolve_device, synchronize
 from . import distributed
 from .distributed import Ranks
@@ -224,8 +224,7 @@ def generate_on(cfg: StudioConfig, device: torch.device, ranks: Ranks | None,
     the end of the checks, of the run directory's creation and (samples strategy) of sampling, so that a failure
     there fails the run on every rank alike and the process group stays usable (distributed/agreement.py)."""
     writer = ranks is None or ranks.is_writer
-    if not writer:
-        log.setLevel(logging.WARNING)  # rank 0 reports; the others only warn
+    distributed.quiet_unless_speaking(log)  # rank 0 reports for every rank
     with records_before_run(log) as early, _phase(agreement):  # the records go to run.log once it exists
         wandb = wandb_module(cfg)  # checked on every rank alike; rank 0 logs the run
         if ranks is not None:
@@ -276,17 +275,8 @@ def generate_on(cfg: StudioConfig, device: torch.device, ranks: Ranks | None,
 def _open_store(request: StoreRequest, cfg: StudioConfig, ranks: Ranks | None) -> tuple[DatasetStore, dict]:
     """The dataset store; under torchrun rank 0 builds it (when not cached) before the others open it, and if it
     cannot, the others stop with rank 0's line."""
-    if ranks is not None and not ranks.is_writer:
-        distributed.wait_for("store")
-    try:
-        opened = load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache))
-    except Exception as exc:
-        if ranks is not None and ranks.is_writer:
-            distributed.announce("store", one_line(exc))
-        raise
-    if ranks is not None and ranks.is_writer:
-        distributed.announce("store")
-    return opened
+    return distributed.writer_first(
+        ranks, "store", lambda: load_or_build_store(request, Path(cfg.paths.datasets), Path(cfg.paths.cache)))
 
 
 def _peers_checked(recorder: TrajectoryRecorder) -> Callable[[Step], None]:

@@ -264,11 +264,8 @@ def memorization(images: str | Path, config: str | None = None, overrides: list[
 def _memorization(path: Path, inputs: list[SampleInput], config: str | None, overrides: list[str],
                   fallback_config: str, device: torch.device, ranks: Ranks | None) -> MemorizationResult | None:
     writer = ranks is None or ranks.is_writer
-    if not writer:
-        distributed.wait_for("stores")  # rank 0 builds the stores that are not cached yet
-    prepared = [_prepare(found, config, fallback_config, overrides) for found in inputs]
-    if ranks is not None and writer:
-        distributed.announce("stores")
+    prepared = distributed.writer_first(  # rank 0 builds the stores that are not cached yet
+        ranks, "stores", lambda: [_prepare(found, config, fallback_config, overrides) for found in inputs])
     first = prepared[0].cfg
     runs = Path(first.paths.runs)
     if runs.name == SWEEPS_FOLDER:  # a sweep cell's config: its runs folder is <paths.runs>/sweeps

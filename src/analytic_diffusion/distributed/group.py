@@ -18,10 +18,12 @@ announcement, and `agreement.Agreement` can tell whether every rank has run the 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from collections import Counter
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import StudioError, unknown_name
+from ..errors import StudioError, one_line, unknown_name
 
 STRATEGIES = ("samples", "dataset")
 KEYS = f"ads/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted launch does not see old keys
@@ -74,6 +76,30 @@ class Ranks:
 def launched() -> bool:
     """True in a process started by torchrun (or srun, mpirun with the same variables) with more than one rank."""
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def speaks() -> bool:
+    """Whether this process reports (its info lines, warnings and error line): one process, or rank 0 of a launch.
+    Read from the environment, so it holds before the process group exists (a sweep's plan, the config)."""
+    return not launched() or os.environ.get("RANK", "0") == "0"
+
+
+def quiet_unless_speaking(logger: logging.Logger) -> None:
+    """Under torchrun, the other ranks log errors only: every rank runs the same code, and rank 0 says each info
+    line and warning once for all of them."""
+    if not speaks():
+        logger.setLevel(logging.ERROR)
+
+
+def ignored_options_warning(overrides: Iterable[str]) -> str | None:
+    """In one process, the distributed.* keys among `overrides` (key=value) do nothing: a sentence saying so, else
+    None (also under torchrun, where they apply)."""
+    keys = sorted({o.partition("=")[0].strip() for o in overrides if o.strip().startswith("distributed.")})
+    if launched() or not keys:
+        return None
+    one = len(keys) == 1
+    return (f"{', '.join(keys)} only matter{'s' if one else ''} under torchrun (docs/distributed.md); this run is "
+            f"one process, which ignores {'it' if one else 'them'}")
 
 
 def device_name(requested: str) -> str:
@@ -137,6 +163,19 @@ def report_failure(ranks: Ranks, exc: BaseException) -> None:
         pass
 
 
+def record_for_launcher(exc: BaseException) -> None:
+    """Keep the traceback of an error that is not a StudioError (a bug, not the user's input) where the launcher
+    shows it, once per failed rank: torchrun's error file (TORCHELASTIC_ERROR_FILE, which torchrun sets per worker
+    and prints under that rank in its failure report); without one (another launcher), this rank's stderr. Call it
+    while handling `exc`."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
+    else:
+        traceback.print_exception(exc)
+
+
 def peer_failure(wait: float = 0.0) -> str | None:
     """The line of a rank that failed, if one was published (looking for up to `wait` seconds)."""
     if not dist.is_initialized():
@@ -186,6 +225,24 @@ def wait_for(name: str) -> None:
             raise PeerFailure(f"rank 0 went away while rank {dist.get_rank()} waited for it ({name}): {exc}") from exc
         check_peers()
         time.sleep(POLL_SECONDS)
+
+
+def writer_first(ranks: Ranks | None, name: str, work: Callable[[], T]) -> T:
+    """`work()` on rank 0, then on the other ranks once rank 0 has announced `name` done: rank 0 alone builds the
+    dataset store or downloads the dataset, the others then find it written and read it (no two ranks write the
+    same files); if rank 0's work fails, the others stop with its line. In one process (ranks None): work()."""
+    if ranks is None:
+        return work()
+    if not ranks.is_writer:
+        wait_for(name)
+        return work()
+    try:
+        result = work()
+    except Exception as exc:
+        announce(name, one_line(exc))
+        raise
+    announce(name)
+    return result
 
 
 def collectives_run() -> int:

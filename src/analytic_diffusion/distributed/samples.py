@@ -21,9 +21,11 @@ from .group import Ranks, collective
 def check_samples_strategy(per_sample_seeds: bool) -> None:
     """The samples strategy needs per-sample seeds (a shared generator would give rank r other noise)."""
     if not per_sample_seeds:
-        raise StudioError("distributed.strategy=samples needs per-sample seeds, so that each sample's noise does not "
-                          "depend on which rank draws it: set sampling.per_sample_seeds=true (or use "
-                          "distributed.strategy=dataset)")
+        raise StudioError("distributed.strategy=samples (the default) needs per-sample seeds, so that each sample's "
+                          "noise does not depend on which rank draws it: add sampling.per_sample_seeds=true (each "
+                          "rank samples its share; the samples of a one-process run with that override) or "
+                          "distributed.strategy=dataset (the samples of this command in one process; the store "
+                          "split across the ranks, merged every step)")
 
 
 def idle_ranks_warning(num_batches: int, ranks: Ranks) -> str | None:

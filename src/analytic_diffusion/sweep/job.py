@@ -42,7 +42,7 @@ from ..fileio import atomic_write_text, make_directory
 from ..runs import INCOMPLETE
 from .figures import save_agreement, save_comparison
 from .report import CellOutcome, write_summary
-from .spec import Cell, SweepPlan
+from .spec import Cell, SweepPlan, check_sources
 
 log = logging.getLogger("analytic_diffusion")
 
@@ -72,6 +72,15 @@ def cell_state(cell: Cell) -> str:
 
 def _read_metrics(cell: Cell) -> dict:
     return json.loads((cell.run_dir / "metrics.json").read_text())
+
+
+def _computed(metrics: dict) -> str:
+    """How a finished cell was computed, from its metrics.json: in one process, or on K ranks with a strategy (a
+    cell is reused across modes when its config is the same: `samples` equals one process bit for bit)."""
+    if "distributed" not in metrics:
+        return "by a version that did not record how"
+    how = metrics["distributed"]
+    return "in one process" if how is None else f"on {how['world_size']} ranks, distributed.strategy={how['strategy']}"
 
 
 def _run_cell(cell: Cell) -> CellOutcome:
@@ -171,6 +180,7 @@ def run_sweep(plan: SweepPlan, force: bool = False) -> SweepResult | None:
     with distributed.failures_published(ranks):
         for cell in plan.cells:
             generate_job.check_distributed_run(cell.config, ranks)
+        distributed.writer_first(ranks, "sources", lambda: check_sources(plan.cells))  # a download: rank 0 alone
         result = _run_cells(plan, force, ranks)
         distributed.finish(ranks)
     return result
@@ -190,8 +200,7 @@ def _run_cells(plan: SweepPlan, force: bool, ranks: Ranks | None) -> SweepResult
     """run_sweep's walk over the cells, in one process (ranks None) or on every rank of the sweep's group."""
     started = time.perf_counter()
     writer = ranks is None or ranks.is_writer
-    if not writer:
-        log.setLevel(logging.WARNING)  # rank 0 reports; the others only warn
+    distributed.quiet_unless_speaking(log)  # rank 0 reports for every rank
     states = _states(plan, force, ranks)
     if writer:
         _prepare_stores([c for c in plan.cells if states[c.name] != "complete"])  # a bad dataset fails before any write
@@ -204,7 +213,10 @@ def _run_cells(plan: SweepPlan, force: bool, ranks: Ranks | None) -> SweepResult
             for cell in plan.cells:
                 bar.set_postfix_str(cell.name)
                 if states[cell.name] == "complete":
-                    outcomes.append(CellOutcome(cell, "reused", _read_metrics(cell) if writer else None))
+                    metrics = _read_metrics(cell) if writer else None
+                    if metrics is not None:
+                        log.info("cell %s reused (the same config), computed %s", cell.name, _computed(metrics))
+                    outcomes.append(CellOutcome(cell, "reused", metrics))
                 else:
                     if states[cell.name] in ("changed", "incomplete"):
                         log.info("cell %s is %s: running it again", cell.name, states[cell.name])

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
+from .. import distributed
 from ..config import StudioConfig, load_config
 from ..config.loader import SWEEPS, configs_dir, read_mapping, resolve_config_path
 from ..data.sources import DATASETS, SourceRequest, dataset_source
@@ -194,8 +195,19 @@ def load_spec(config: str | None = None, methods: str | None = None, datasets: s
         methods=_names(methods if methods is not None else data.get("methods", list(DEFAULT_METHODS)), "methods"),
         datasets=_names(datasets if datasets is not None else data.get("datasets", list(DEFAULT_DATASETS)), "datasets"),
         grid=values,
-        overrides=[*file_overrides, *overrides],
+        overrides=_last_of_each_key([*file_overrides, *overrides]),
     )
+
+
+def _last_of_each_key(overrides: list[str]) -> list[str]:
+    """The overrides with each key once, its last value (the one a dot-list applies), in the order they came: the
+    command line's after the file's. sweep.yaml then lists every key once."""
+    kept: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        kept.pop(key, None)
+        kept[key] = item
+    return list(kept.values())
 
 
 def _override_keys(overrides: list[str]) -> dict[str, str]:
@@ -284,7 +296,7 @@ def _combinations(grid: dict[str, list[str]], method: str | None) -> list[dict[s
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _check_sources(cells: list[Cell]) -> None:
+def check_sources(cells: list[Cell]) -> None:
     """Every dataset can be opened (downloaded, folder present) and every checkpoint exists, before any run."""
     seen = set()
     for cell in cells:
@@ -306,6 +318,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
 
     Order: per dataset, the backbone cells (when baseline.checkpoint is set) and then each method's cells.
     A model.params grid key that a method does not have is skipped for that method (said once per key).
+    Under torchrun the sources (datasets, checkpoints) are checked by run_sweep instead, rank 0 first: a dataset
+    downloaded by every rank at once would race into the same files.
     """
     _check_spec(spec)
     cells: list[Cell] = []
@@ -315,7 +329,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         backbone = [_load_cell(spec, None, dataset, g, first) for g in _combinations(spec.grid, None)] \
             if first.baseline.checkpoint else []
         cells += backbone + method_cells
-    _check_sources(cells)
+    if not distributed.launched():
+        check_sources(cells)
     names = [c.name for c in cells]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
