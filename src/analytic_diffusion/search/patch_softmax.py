@@ -531,6 +531,7 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
         from_images, max(1, block // chunk))
     streamed = [g for g, group in enumerate(groups) if group.unique is None]
     device = queries.device
+    scratch = scratch or Scratch(device)
     floor = needs_floor(spread)
     # per group and sample, the queries pre-multiplied by 2 s c and a last entry -1 for the bias: [G, run, D + 1]
     scaled = (queries.to(dtype) * (2 * signal_scale * scale)).transpose(1, 2)  # [B, L, D]
@@ -546,34 +547,38 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
             rows = chunk_size * span if chunk_size else max(1, block // groups[g].locations.numel())
             _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype,
                            screen_queries and screen_queries[g], margin, scratch, spread, shift)
-    inside = _inside_positions(store.sample_shape, window, device)
+    channels = store.sample_shape[0]
+    (kh, kw), pad = window.size, window.padding
+    centre = (kh // 2) * (store.sample_shape[2] + 2 * pad) + kw // 2  # a window's centre pixel, from its corner
+    strips = {}  # per position list (the parts of a split shared group share theirs): strided views of a chunk
+    for g in streamed:
+        if id(groups[g].positions) not in strips:
+            strips[id(groups[g].positions)] = window_strips(groups[g].positions, window, store.sample_shape)
     for start in range(0, store.num_images if streamed else 0, chunk):
         decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
-        values = decoded.flatten(2)  # [K, C, P]: the centre pixel of window p is pixel p
-        unfolds = {}  # per padding, the chunk's windows [K, D, P] and float32 windows
-
-        def windows(padding):
-            if padding not in unfolds:
-                unfolded = F.unfold(decoded, window.size, padding=padding)
-                screen_windows = F.unfold(decoded.float(), window.size, padding=padding) if margin else None
-                unfolds[padding] = unfolded, screen_windows
-            return unfolds[padding]
-
+        padded = F.pad(decoded, (pad,) * 4)
+        screen_padded = F.pad(decoded.float(), (pad,) * 4) if margin else None
+        count = decoded.shape[0]
         gathered = {}  # the parts of a split shared group gather their windows once
         for g in streamed:
             group = groups[g]
             positions = group.positions.to(device)  # [G, S]
-            span = positions.shape[1]
-            if id(group.positions) not in gathered:
-                # the fully-inside windows (ELS interiors) come from an unpadded unfold, in order: no gather
-                whole = inside is not None and positions.shape == inside.shape and bool((positions == inside).all())
-                unfolded, screen_windows = windows(0 if whole else window.padding)
-                at = None if whole else positions
-                phi, vals = _gather(unfolded, bias_scale, at), _gather(values, None, positions)
-                screen = _gather(screen_windows, None, at) if margin else None
+            runs, span = positions.shape
+            key = id(group.positions)
+            if key not in gathered:  # windows and values straight from strided views of the padded chunk
+                slot, pieces = len(gathered), strips[key]
+                phi = gather_windows(padded, pieces, span, window.size,
+                                     scratch.take(("windows", slot), (runs, depth + 1, count * span), dtype))
+                torch.linalg.vecdot(phi[:, :depth], phi[:, :depth], dim=1, out=phi[:, depth]).mul_(bias_scale)
+                vals = scratch.take(("values", slot), (runs, channels + 1, count * span), dtype)
+                vals[:, channels] = 1.0
+                gather_windows(padded, pieces, span, (1, 1), vals, centre)
+                screen = None
                 if margin:  # the float32 screen uses the same biases
+                    screen = gather_windows(screen_padded, pieces, span, window.size, scratch.take(
+                        ("screen", slot), (runs, depth + 1, count * span), torch.float32))
                     screen[:, -1] = phi[:, -1]
-                gathered[id(group.positions)] = phi, vals, screen
+                gathered[key] = phi, vals, screen
             phi, vals, screen = gathered[id(group.positions)]
             for b in range(batch):
                 state = states[g][b]
@@ -625,30 +630,98 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
                 state.softmax.add(_product(queries[b], phi_t, scratch), vals, roots, floor, shift)
 
 
-def _inside_positions(sample_shape, window: WindowSpec, device) -> torch.Tensor | None:
-    """[1, S] the positions of the fully-inside windows in the padded unfold's grid, in order (None without
-    padding or when no window fits)."""
+@dataclass(frozen=True)
+class Strip:
+    """Windows of a position list [G, S] that form one strided view of a padded image: lines `lines` (a slice of
+    G), columns `columns` (a slice of S) laid out as `rows` x `cols` positions; in the flattened padded image the
+    top-left pixel of the window at (line g, row r, column c) is at `offset + g line_step + r row_step + c
+    col_step` (g, r, c counted from the strip's start)."""
+
+    lines: slice
+    columns: slice
+    rows: int
+    cols: int
+    offset: int
+    line_step: int
+    row_step: int
+    col_step: int
+
+
+def _run(values: list[int], start: int) -> tuple[int, int]:
+    """(length, step) of the longest arithmetic progression with a non-negative step (strides of a view) from
+    values[start]."""
+    if start + 1 >= len(values) or values[start + 1] < values[start]:
+        return 1, 0
+    step = values[start + 1] - values[start]
+    end = start + 2
+    while end < len(values) and values[end] - values[end - 1] == step:
+        end += 1
+    return end - start, step
+
+
+def _line_pieces(offsets: list[int]) -> list[tuple[int, int, int, int, int, int]]:
+    """One line's window offsets as pieces (start, rows, cols, offset, row_step, col_step): the whole line as one
+    rectangle (rows of one progression, each row's start one step further) where it is one, else its longest
+    progressions from the left."""
+    cols, col_step = _run(offsets, 0)
+    starts = offsets[::cols]
+    rows, row_step = _run(starts, 0)
+    if len(offsets) == rows * cols and all(offsets[r * cols + c] == starts[r] + c * col_step
+                                           for r in range(rows) for c in range(cols)):
+        return [(0, rows, cols, offsets[0], row_step, col_step)]
+    pieces, start = [], 0
+    while start < len(offsets):
+        cols, col_step = _run(offsets, start)
+        pieces.append((start, 1, cols, offsets[start], 0, col_step))
+        start += cols
+    return pieces
+
+
+def window_strips(positions: torch.Tensor, window: WindowSpec, sample_shape) -> list[Strip]:
+    """Cover the window positions [G, S] (flat indices into `window`'s grid) by strided views of the padded image
+    (`Strip`): each line split into rectangles of positions in arithmetic progression (one for an ELS interior or
+    an edge line), and consecutive lines with the same pieces, one step apart, merged (the edge lines of broken
+    ELS: four strips)."""
     _, height, width = sample_shape
-    (kh, kw), pad = window.size, window.padding
-    if not pad or kh > height or kw > width:
-        return None
-    rows = torch.arange(pad, pad + height - kh + 1, device=device)
-    cols = torch.arange(pad, pad + width - kw + 1, device=device)
-    return (rows[:, None] * window.grid_shape(sample_shape)[1] + cols).reshape(1, -1)
+    columns = window.grid_shape(sample_shape)[1]
+    padded_width = width + 2 * window.padding
+    flat = ((positions // columns) * padded_width + positions % columns).tolist()
+    strips: list[Strip] = []
+    last: dict[tuple, int] = {}  # piece shape -> index in strips of the strip it may extend
+    for g, offsets in enumerate(flat):
+        for start, rows, cols, offset, row_step, col_step in _line_pieces(offsets):
+            key = (start, rows, cols, row_step, col_step)
+            i = last.get(key)
+            if i is not None and strips[i].lines.stop == g:
+                strip = strips[i]
+                lines = g - strip.lines.start
+                step = offset - strip.offset if lines == 1 else strip.line_step
+                if step >= 0 and offset - strip.offset == lines * step:
+                    strips[i] = replace(strip, lines=slice(strip.lines.start, g + 1), line_step=step)
+                    continue
+            last[key] = len(strips)
+            strips.append(Strip(slice(g, g + 1), slice(start, start + rows * cols), rows, cols, offset, 0, row_step,
+                                col_step))
+    return strips
 
 
-def _gather(unfolded: torch.Tensor, bias_scale: float | None, positions: torch.Tensor | None) -> torch.Tensor:
-    """[K, D, P] per-image windows (or values) at `positions` [G, S] (None: all P, one run) as [G, D + 1, K*S],
-    with their biases `bias_scale` ||phi||^2 (or ones) in the last row; column j = image j // S, position j % S.
-    Only the windows picked are squared."""
-    picked = unfolded[:, :, None] if positions is None else unfolded[:, :, positions]  # [K, D, G, S]
-    count, depth, runs, span = picked.shape
-    out = unfolded.new_empty(runs, depth + 1, count * span)
-    out[:, :depth] = picked.permute(2, 1, 0, 3).reshape(runs, depth, count * span)
-    if bias_scale is None:
-        out[:, depth] = 1.0
-    else:
-        torch.linalg.vecdot(out[:, :depth], out[:, :depth], dim=1, out=out[:, depth]).mul_(bias_scale)
+def gather_windows(padded: torch.Tensor, strips: list[Strip], span: int, size: tuple[int, int],
+                   out: torch.Tensor, shift: int = 0) -> torch.Tensor:
+    """The windows of `size` of a padded chunk [K, C, Hp, Wp] at the positions that `strips` cover (`window_strips`
+    of positions [G, S]) written into out[:, :C kh kw] ([G, >= C kh kw, K S]; column j = image j // S, position
+    j % S), one strided copy per strip; `shift`: added to every window's offset (the centre pixel of a window
+    with size (1, 1)). Returns out."""
+    count, channels, height, width = padded.shape
+    kh, kw = size
+    depth = channels * kh * kw
+    target = out[:, :depth].unflatten(1, (channels, kh, kw)).unflatten(-1, (count, span))  # [G, C, kh, kw, K, S]
+    for strip in strips:
+        lines = strip.lines.stop - strip.lines.start
+        source = padded.as_strided(
+            (lines, channels, kh, kw, count, strip.rows, strip.cols),
+            (strip.line_step, height * width, width, 1, channels * height * width, strip.row_step, strip.col_step),
+            padded.storage_offset() + strip.offset + shift)
+        target[strip.lines, ..., strip.columns].unflatten(-1, (strip.rows, strip.cols)).copy_(source)
     return out
 
 
