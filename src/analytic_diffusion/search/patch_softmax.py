@@ -42,7 +42,7 @@ MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (f
 LOGIT_BLOCK = 1 << 19  # logits of one (sample, group, chunk) block: small enough to stay in cache (L3),
 # large enough that per-call overheads stay small (2^19 is 8-15% faster than 2^18 at k = 3-7 with the few passes
 # left per block; docs/local-patch.md)
-WIDE_WINDOWS = 100  # windows of at least this many values (k >= 11 in grey) get blocks WIDE_FACTOR times larger:
+WIDE_WINDOWS = 81  # windows of at least this many values (k >= 9 in grey) get blocks WIDE_FACTOR times larger:
 WIDE_FACTOR = 2  # the product then dominates, and it runs 15-20% faster with more rows than the cache-sized block
 WIDE_MIN_ROWS = 256  # ... and at least this many query rows
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
