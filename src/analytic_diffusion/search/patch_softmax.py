@@ -9,10 +9,11 @@ with s = sqrt(ab_t) and c = 1 / (2 (1 - ab_t) tau) (||q||^2 is the same for ever
 per query is the softmax-weighted average of a value of each window: its centre pixel (LS, ELS) or the whole
 window (PSPC).
 
-Streaming: the store stays in its compact dtype and is decoded and unfolded chunk by chunk; the cross terms q.phi
-of a chunk are one batched matrix product per group of queries; every (sample, query) row keeps its own running
-maximum, normaliser and weighted sum (`StreamingSoftmax`), so the result does not depend on the chunking and no
-maximum is shared across a batch. Samples are processed one by one against each chunk in the matrix products
+Streaming: the store stays in its compact dtype and is decoded chunk by chunk (the windows a group uses copied
+from strided views of the padded chunk, `gather_windows`); the cross terms q.phi of a chunk are one batched
+matrix product per group of queries; every (sample, query) row keeps its own running maximum, normaliser and
+weighted sum (`StreamingSoftmax`), so the result does not depend on the chunking and no maximum is shared across
+a batch. Samples are processed one by one against each chunk in the matrix products
 (aligned groups batch them through elementwise operations and halving sums only) and chunk sizes never depend on
 the batch, so a sample's result is bit-identical whatever batch it is in. Temporaries stay under
 BUDGET_BYTES (chunk windows) and LOGIT_BLOCK (logits of one block) whatever N. Logits are float32 while their
@@ -37,7 +38,7 @@ from .softmax import StreamingSoftmax, logit_floor
 DISTINCT_BYTES = 256 << 20  # a shared dictionary is deduplicated when its distinct windows fit in this
 MAX_DISTINCT_FRACTION = 0.9  # ... and when at most this fraction of the first chunk's windows are distinct
 MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
-BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
+BUDGET_BYTES = 32 << 20  # temporaries of one chunk (its windows, as `chunk_images` counts them), whatever N
 MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (fewer make the products inefficient)
 LOGIT_BLOCK = 1 << 19  # logits of one (sample, group, chunk) block: small enough to stay in cache (L3),
 # large enough that per-call overheads stay small (2^19 is 8-15% faster than 2^18 at k = 3-7 with the few passes
@@ -204,7 +205,10 @@ def split_groups(groups: list[PatchGroup], max_logits: int) -> list[PatchGroup]:
 def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dtype: torch.dtype) -> int:
     """Images per chunk (never dependent on the batch): large enough that the smallest group's block of logits
     fills a block (`block_shape`), small enough that the chunk's windows stay within BUDGET_BYTES and that the
-    widest group still gets blocks of its least rows (groups are then split to fit the block)."""
+    widest group still gets blocks of its least rows (groups are then split to fit the block). The budget counts
+    every window of the grid, as when the chunk was unfolded whole; only the windows the groups use are copied now
+    (`gather_windows`), but larger chunks measured no faster (broken ELS k = 13-25), and the chunk size sets the
+    order of the streamed sums, so it was kept."""
     channels = sample_shape[0]
     kh, kw = window.size
     depth = channels * kh * kw
@@ -515,7 +519,8 @@ class _Output:
 def _stream_matched(queries, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out,
                     margin=None, scratch: Scratch | None = None, spread: float = math.inf, shift: bool = True) -> None:
     """Groups compared with windows at other places (ELS): cross terms as one batched matrix product per
-    (group, sample, chunk) against the chunk's unfolded windows, or against the distinct windows. With a
+    (group, sample, chunk) against the chunk's windows at the group's positions (copied from strided views of the
+    padded chunk, `gather_windows`, into the scratch), or against the distinct windows. With a
     `margin` (float64 steps), the products are float32 and the entries within it of their row's maximum are
     recomputed in float64 (`BlockSoftmax.add_screened`)."""
     batch, depth, _ = queries.shape
@@ -707,10 +712,10 @@ def window_strips(positions: torch.Tensor, window: WindowSpec, sample_shape) -> 
 
 def gather_windows(padded: torch.Tensor, strips: list[Strip], span: int, size: tuple[int, int],
                    out: torch.Tensor, shift: int = 0) -> torch.Tensor:
-    """The windows of `size` of a padded chunk [K, C, Hp, Wp] at the positions that `strips` cover (`window_strips`
-    of positions [G, S]) written into out[:, :C kh kw] ([G, >= C kh kw, K S]; column j = image j // S, position
-    j % S), one strided copy per strip; `shift`: added to every window's offset (the centre pixel of a window
-    with size (1, 1)). Returns out."""
+    """The windows of `size` of a contiguous padded chunk [K, C, Hp, Wp] at the positions that `strips` cover
+    (`window_strips` of positions [G, S]) written into out[:, :C kh kw] ([G, >= C kh kw, K S]; column j = image
+    j // S, position j % S), one strided copy per strip; `shift`: added to every window's offset (the centre
+    pixel of a window with size (1, 1)). Returns out."""
     count, channels, height, width = padded.shape
     kh, kw = size
     depth = channels * kh * kw
