@@ -385,6 +385,20 @@ def test_repeated_windows_are_merged_and_change_nothing(name, monkeypatch):
     torch.testing.assert_close(a.diagnostics["effective_patches"], b.diagnostics["effective_patches"], rtol=1e-5, atol=0)
 
 
+def test_distinct_windows_operands_kept_between_steps_give_the_bits_of_fresh_ones():
+    """The float32 operands of the distinct windows are built once per patch size and their bias row rewritten at
+    every step: a step after another one (another bias scale) gives the bits a fresh denoiser gives."""
+    store = make_store(1, count=30)
+    x_t = noisy(store, MID, 2)
+    used = method("els", store, patch_size=3)
+    assert used.cached_plan(3).groups[0].unique is not None
+    used(x_t, EARLY)
+    assert used.cached_plan(3).groups[0].unique.operands  # kept from the first step
+    again, fresh = used(x_t, MID), method("els", store, patch_size=3)(x_t, MID)
+    assert torch.equal(again.x0_hat, fresh.x0_hat)
+    assert torch.equal(again.diagnostics["effective_patches"], fresh.diagnostics["effective_patches"])
+
+
 def test_window_sums_by_doubling_equal_direct_sums():
     """The aligned path's sliding sums (k = 1, powers of two, and sums of several powers such as 25 = 16 + 8 + 1)."""
     from analytic_diffusion.search.patch_softmax import window_sums

@@ -91,6 +91,23 @@ class UniqueWindows:
     windows: torch.Tensor  # [U, D] model space, float32
     counts: torch.Tensor  # [U] float64 multiplicities
     values: torch.Tensor  # [U, V] the value of each window (its centre pixel)
+    operands: dict[int, list] = field(default_factory=dict, repr=False)  # `float32_operands` by chunk, once built
+
+    def float32_operands(self, rows: int, bias_scale: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The float32 product operands of the distinct windows in chunks of `rows`, built once and kept (the same
+        numbers a construction per call gives, contiguous as it gives them): per chunk [1, D + 1, M] windows with
+        this step's biases `bias_scale` ||phi||^2 in the last row (rewritten on every call), [1, V + 1, M] values
+        times m with m in the last row, and [M] m^1/2."""
+        if rows not in self.operands:
+            parts = self.operands[rows] = []
+            for start in range(0, self.windows.shape[0], rows):
+                phi, counts = self.windows[start : start + rows], self.counts[start : start + rows].float()
+                norms = phi.square().sum(1)
+                values = torch.cat([self.values[start : start + rows].float().T * counts, counts[None]])
+                parts.append((torch.cat([phi.T, norms[None]]), norms, values, counts.sqrt()))
+        for windows, norms, _, _ in self.operands[rows]:
+            torch.mul(norms, bias_scale, out=windows[-1])
+        return [(windows[None], values[None], roots) for windows, _, values, roots in self.operands[rows]]
 
 
 def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec, position_sets: list[torch.Tensor],
@@ -615,6 +632,11 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
     `screen_queries` are given, logits + log m and squares / m. `scratch` holds the logits of a block; `spread`:
     `logit_spread` in base 2, for `needs_floor`; `shift`: see `BlockSoftmax.add`."""
     floor = needs_floor(spread)
+    if screen_queries is None and dtype == torch.float32:  # the operands of every chunk, built once
+        for phi_t, vals, roots in unique.float32_operands(rows, bias_scale):
+            for b, state in enumerate(states):
+                state.softmax.add(_product(queries[b], phi_t, scratch), vals, roots, floor, shift)
+        return
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
         counts = unique.counts[start : start + rows].to(dtype)
