@@ -385,6 +385,20 @@ def test_repeated_windows_are_merged_and_change_nothing(name, monkeypatch):
     torch.testing.assert_close(a.diagnostics["effective_patches"], b.diagnostics["effective_patches"], rtol=1e-5, atol=0)
 
 
+def test_distinct_windows_operands_kept_between_steps_give_the_bits_of_fresh_ones():
+    """The float32 operands of the distinct windows are built once per patch size and their bias row rewritten at
+    every step: a step after another one (another bias scale) gives the bits a fresh denoiser gives."""
+    store = make_store(1, count=30)
+    x_t = noisy(store, MID, 2)
+    used = method("els", store, patch_size=3)
+    assert used.cached_plan(3).groups[0].unique is not None
+    used(x_t, EARLY)
+    assert used.cached_plan(3).groups[0].unique.operands  # kept from the first step
+    again, fresh = used(x_t, MID), method("els", store, patch_size=3)(x_t, MID)
+    assert torch.equal(again.x0_hat, fresh.x0_hat)
+    assert torch.equal(again.diagnostics["effective_patches"], fresh.diagnostics["effective_patches"])
+
+
 def test_window_sums_by_doubling_equal_direct_sums():
     """The aligned path's sliding sums (k = 1, powers of two, and sums of several powers such as 25 = 16 + 8 + 1)."""
     from analytic_diffusion.search.patch_softmax import window_sums
@@ -456,3 +470,39 @@ def test_top_patch_of_broken_els_at_edges_and_corners_is_the_window_of_largest_w
             image, (a, b) = best // len(centres), centres[best % len(centres)]
             assert (top["image"][n, col].item(), top["position"][n, col].item()) == (image, a * 8 + b), (n, pixel)
             torch.testing.assert_close(top["window"][n, col].double(), window(images[image], a, b, k, False))
+
+
+@pytest.mark.parametrize("channels,size,k", [(1, 8, 3), (3, 8, 5), (1, 28, 21), (3, 8, 7), (1, 8, 1), (3, 7, 7)])
+def test_windows_from_strided_views_equal_the_unfold_at_those_positions(channels, size, k):
+    """`gather_windows` copies the windows of a padded chunk through strided views (`window_strips`): bit for bit
+    the columns of F.unfold at the positions, image-major, for the ELS interior (circular and broken), the edge
+    lines of broken ELS, irregular position lists (a random one, one in reverse order: pieces of one window), a
+    chunk that is a slice of a larger padded tensor, and the centre values (size 1 x 1, shifted)."""
+    from analytic_diffusion.denoisers.els import broken_groups
+    from analytic_diffusion.search.patch_softmax import WindowSpec, gather_windows, window_strips
+
+    r = k // 2
+    spec = WindowSpec((k, k), r)
+    images = torch.randn(9, channels, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+    grid = size * size  # odd k, padding r: one window per pixel
+    inside = torch.tensor([[i * size + j for i in range(r, size - r) for j in range(r, size - r)]])
+    position_lists = [g.positions for g in broken_groups(size, size, r) if not g.aligned] + [
+        inside, torch.randint(0, grid, (3, 5), generator=torch.Generator().manual_seed(1)),
+        torch.arange(grid).flip(0).reshape(size, size)]
+    chunk = torch.nn.functional.pad(images, (r,) * 4)[2:7]  # a chunk not at the start of its storage
+    unfolded = torch.nn.functional.unfold(images[2:7], k, padding=r)  # [K, D, P]
+    depth = channels * k * k
+    for positions in position_lists:
+        if not positions.numel():
+            continue
+        runs, span = positions.shape
+        expected = unfolded[:, :, positions].permute(2, 1, 0, 3).reshape(runs, depth, 5 * span)
+        out = torch.full((runs, depth + 1, 5 * span), math.nan, dtype=torch.float64)
+        strips = window_strips(positions, spec, images.shape[1:])
+        assert torch.equal(gather_windows(chunk, strips, span, (k, k), out)[:, :depth], expected)
+        assert out[:, depth].isnan().all()  # the bias row is left to the caller
+        centres = images[2:7].flatten(2)[:, :, positions].permute(2, 1, 0, 3).reshape(runs, channels, 5 * span)
+        values = torch.full((runs, channels, 5 * span), math.nan, dtype=torch.float64)
+        shift = r * (size + 2 * r) + r
+        assert torch.equal(gather_windows(chunk, strips, span, (1, 1), values, shift), centres)
+    assert len(window_strips(inside, spec, images.shape[1:])) == 1  # the interior: one strided copy

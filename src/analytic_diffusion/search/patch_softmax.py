@@ -9,10 +9,11 @@ with s = sqrt(ab_t) and c = 1 / (2 (1 - ab_t) tau) (||q||^2 is the same for ever
 per query is the softmax-weighted average of a value of each window: its centre pixel (LS, ELS) or the whole
 window (PSPC).
 
-Streaming: the store stays in its compact dtype and is decoded and unfolded chunk by chunk; the cross terms q.phi
-of a chunk are one batched matrix product per group of queries; every (sample, query) row keeps its own running
-maximum, normaliser and weighted sum (`StreamingSoftmax`), so the result does not depend on the chunking and no
-maximum is shared across a batch. Samples are processed one by one against each chunk in the matrix products
+Streaming: the store stays in its compact dtype and is decoded chunk by chunk (the windows a group uses copied
+from strided views of the padded chunk, `gather_windows`); the cross terms q.phi of a chunk are one batched
+matrix product per group of queries; every (sample, query) row keeps its own running maximum, normaliser and
+weighted sum (`StreamingSoftmax`), so the result does not depend on the chunking and no maximum is shared across
+a batch. Samples are processed one by one against each chunk in the matrix products
 (aligned groups batch them through elementwise operations and halving sums only) and chunk sizes never depend on
 the batch, so a sample's result is bit-identical whatever batch it is in. Temporaries stay under
 BUDGET_BYTES (chunk windows) and LOGIT_BLOCK (logits of one block) whatever N. Logits are float32 while their
@@ -37,12 +38,12 @@ from .softmax import StreamingSoftmax, logit_floor
 DISTINCT_BYTES = 256 << 20  # a shared dictionary is deduplicated when its distinct windows fit in this
 MAX_DISTINCT_FRACTION = 0.9  # ... and when at most this fraction of the first chunk's windows are distinct
 MIN_DEDUP_POSITIONS = 16  # ... and when it has at least this many positions per image (edge groups have few)
-BUDGET_BYTES = 32 << 20  # temporaries of one chunk (unfolded windows, gathered windows), whatever N
+BUDGET_BYTES = 32 << 20  # temporaries of one chunk (its windows, as `chunk_images` counts them), whatever N
 MIN_BLOCK_ROWS = 64  # query rows of a block at least, where the chunk allows (fewer make the products inefficient)
 LOGIT_BLOCK = 1 << 19  # logits of one (sample, group, chunk) block: small enough to stay in cache (L3),
 # large enough that per-call overheads stay small (2^19 is 8-15% faster than 2^18 at k = 3-7 with the few passes
 # left per block; docs/local-patch.md)
-WIDE_WINDOWS = 100  # windows of at least this many values (k >= 11 in grey) get blocks WIDE_FACTOR times larger:
+WIDE_WINDOWS = 81  # windows of at least this many values (k >= 9 in grey) get blocks WIDE_FACTOR times larger:
 WIDE_FACTOR = 2  # the product then dominates, and it runs 15-20% faster with more rows than the cache-sized block
 WIDE_MIN_ROWS = 256  # ... and at least this many query rows
 FLOAT32_LOGIT_NOISE = 1e-4  # above this bound on the float32 logit error, logits are computed in float64
@@ -90,6 +91,23 @@ class UniqueWindows:
     windows: torch.Tensor  # [U, D] model space, float32
     counts: torch.Tensor  # [U] float64 multiplicities
     values: torch.Tensor  # [U, V] the value of each window (its centre pixel)
+    operands: dict[int, list] = field(default_factory=dict, repr=False)  # `float32_operands` by chunk, once built
+
+    def float32_operands(self, rows: int, bias_scale: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The float32 product operands of the distinct windows in chunks of `rows`, built once and kept (the same
+        numbers a construction per call gives, contiguous as it gives them): per chunk [1, D + 1, M] windows with
+        this step's biases `bias_scale` ||phi||^2 in the last row (rewritten on every call), [1, V + 1, M] values
+        times m with m in the last row, and [M] m^1/2."""
+        if rows not in self.operands:
+            parts = self.operands[rows] = []
+            for start in range(0, self.windows.shape[0], rows):
+                phi, counts = self.windows[start : start + rows], self.counts[start : start + rows].float()
+                norms = phi.square().sum(1)
+                values = torch.cat([self.values[start : start + rows].float().T * counts, counts[None]])
+                parts.append((torch.cat([phi.T, norms[None]]), norms, values, counts.sqrt()))
+        for windows, norms, _, _ in self.operands[rows]:
+            torch.mul(norms, bias_scale, out=windows[-1])
+        return [(windows[None], values[None], roots) for windows, _, values, roots in self.operands[rows]]
 
 
 def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec, position_sets: list[torch.Tensor],
@@ -204,7 +222,10 @@ def split_groups(groups: list[PatchGroup], max_logits: int) -> list[PatchGroup]:
 def chunk_images(groups: list[PatchGroup], window: WindowSpec, sample_shape, dtype: torch.dtype) -> int:
     """Images per chunk (never dependent on the batch): large enough that the smallest group's block of logits
     fills a block (`block_shape`), small enough that the chunk's windows stay within BUDGET_BYTES and that the
-    widest group still gets blocks of its least rows (groups are then split to fit the block)."""
+    widest group still gets blocks of its least rows (groups are then split to fit the block). The budget counts
+    every window of the grid, as when the chunk was unfolded whole; only the windows the groups use are copied now
+    (`gather_windows`), but larger chunks measured no faster (broken ELS k = 13-25), and the chunk size sets the
+    order of the streamed sums, so it was kept."""
     channels = sample_shape[0]
     kh, kw = window.size
     depth = channels * kh * kw
@@ -515,7 +536,8 @@ class _Output:
 def _stream_matched(queries, store, images, window, groups, signal_scale, scale, dtype, chunk_size, out,
                     margin=None, scratch: Scratch | None = None, spread: float = math.inf, shift: bool = True) -> None:
     """Groups compared with windows at other places (ELS): cross terms as one batched matrix product per
-    (group, sample, chunk) against the chunk's unfolded windows, or against the distinct windows. With a
+    (group, sample, chunk) against the chunk's windows at the group's positions (copied from strided views of the
+    padded chunk, `gather_windows`, into the scratch), or against the distinct windows. With a
     `margin` (float64 steps), the products are float32 and the entries within it of their row's maximum are
     recomputed in float64 (`BlockSoftmax.add_screened`)."""
     batch, depth, _ = queries.shape
@@ -531,6 +553,7 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
         from_images, max(1, block // chunk))
     streamed = [g for g, group in enumerate(groups) if group.unique is None]
     device = queries.device
+    scratch = scratch or Scratch(device)
     floor = needs_floor(spread)
     # per group and sample, the queries pre-multiplied by 2 s c and a last entry -1 for the bias: [G, run, D + 1]
     scaled = (queries.to(dtype) * (2 * signal_scale * scale)).transpose(1, 2)  # [B, L, D]
@@ -546,34 +569,38 @@ def _stream_matched(queries, store, images, window, groups, signal_scale, scale,
             rows = chunk_size * span if chunk_size else max(1, block // groups[g].locations.numel())
             _stream_unique(groups[g].unique, group_queries[g], states[g], rows, bias_scale, dtype,
                            screen_queries and screen_queries[g], margin, scratch, spread, shift)
-    inside = _inside_positions(store.sample_shape, window, device)
+    channels = store.sample_shape[0]
+    (kh, kw), pad = window.size, window.padding
+    centre = (kh // 2) * (store.sample_shape[2] + 2 * pad) + kw // 2  # a window's centre pixel, from its corner
+    strips = {}  # per position list (the parts of a split shared group share theirs): strided views of a chunk
+    for g in streamed:
+        if id(groups[g].positions) not in strips:
+            strips[id(groups[g].positions)] = window_strips(groups[g].positions, window, store.sample_shape)
     for start in range(0, store.num_images if streamed else 0, chunk):
         decoded = store.decode(images[start : start + chunk], dtype)  # [K, C, H, W]
-        values = decoded.flatten(2)  # [K, C, P]: the centre pixel of window p is pixel p
-        unfolds = {}  # per padding, the chunk's windows [K, D, P] and float32 windows
-
-        def windows(padding):
-            if padding not in unfolds:
-                unfolded = F.unfold(decoded, window.size, padding=padding)
-                screen_windows = F.unfold(decoded.float(), window.size, padding=padding) if margin else None
-                unfolds[padding] = unfolded, screen_windows
-            return unfolds[padding]
-
+        padded = F.pad(decoded, (pad,) * 4)
+        screen_padded = F.pad(decoded.float(), (pad,) * 4) if margin else None
+        count = decoded.shape[0]
         gathered = {}  # the parts of a split shared group gather their windows once
         for g in streamed:
             group = groups[g]
             positions = group.positions.to(device)  # [G, S]
-            span = positions.shape[1]
-            if id(group.positions) not in gathered:
-                # the fully-inside windows (ELS interiors) come from an unpadded unfold, in order: no gather
-                whole = inside is not None and positions.shape == inside.shape and bool((positions == inside).all())
-                unfolded, screen_windows = windows(0 if whole else window.padding)
-                at = None if whole else positions
-                phi, vals = _gather(unfolded, bias_scale, at), _gather(values, None, positions)
-                screen = _gather(screen_windows, None, at) if margin else None
+            runs, span = positions.shape
+            key = id(group.positions)
+            if key not in gathered:  # windows and values straight from strided views of the padded chunk
+                slot, pieces = len(gathered), strips[key]
+                phi = gather_windows(padded, pieces, span, window.size,
+                                     scratch.take(("windows", slot), (runs, depth + 1, count * span), dtype))
+                torch.linalg.vecdot(phi[:, :depth], phi[:, :depth], dim=1, out=phi[:, depth]).mul_(bias_scale)
+                vals = scratch.take(("values", slot), (runs, channels + 1, count * span), dtype)
+                vals[:, channels] = 1.0
+                gather_windows(padded, pieces, span, (1, 1), vals, centre)
+                screen = None
                 if margin:  # the float32 screen uses the same biases
+                    screen = gather_windows(screen_padded, pieces, span, window.size, scratch.take(
+                        ("screen", slot), (runs, depth + 1, count * span), torch.float32))
                     screen[:, -1] = phi[:, -1]
-                gathered[id(group.positions)] = phi, vals, screen
+                gathered[key] = phi, vals, screen
             phi, vals, screen = gathered[id(group.positions)]
             for b in range(batch):
                 state = states[g][b]
@@ -605,6 +632,11 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
     `screen_queries` are given, logits + log m and squares / m. `scratch` holds the logits of a block; `spread`:
     `logit_spread` in base 2, for `needs_floor`; `shift`: see `BlockSoftmax.add`."""
     floor = needs_floor(spread)
+    if screen_queries is None and dtype == torch.float32:  # the operands of every chunk, built once
+        for phi_t, vals, roots in unique.float32_operands(rows, bias_scale):
+            for b, state in enumerate(states):
+                state.softmax.add(_product(queries[b], phi_t, scratch), vals, roots, floor, shift)
+        return
     for start in range(0, unique.windows.shape[0], rows):
         phi = unique.windows[start : start + rows].to(dtype)  # [M, D]
         counts = unique.counts[start : start + rows].to(dtype)
@@ -625,30 +657,98 @@ def _stream_unique(unique: UniqueWindows, queries: torch.Tensor, states: list[_G
                 state.softmax.add(_product(queries[b], phi_t, scratch), vals, roots, floor, shift)
 
 
-def _inside_positions(sample_shape, window: WindowSpec, device) -> torch.Tensor | None:
-    """[1, S] the positions of the fully-inside windows in the padded unfold's grid, in order (None without
-    padding or when no window fits)."""
+@dataclass(frozen=True)
+class Strip:
+    """Windows of a position list [G, S] that form one strided view of a padded image: lines `lines` (a slice of
+    G), columns `columns` (a slice of S) laid out as `rows` x `cols` positions; in the flattened padded image the
+    top-left pixel of the window at (line g, row r, column c) is at `offset + g line_step + r row_step + c
+    col_step` (g, r, c counted from the strip's start)."""
+
+    lines: slice
+    columns: slice
+    rows: int
+    cols: int
+    offset: int
+    line_step: int
+    row_step: int
+    col_step: int
+
+
+def _run(values: list[int], start: int) -> tuple[int, int]:
+    """(length, step) of the longest arithmetic progression with a non-negative step (strides of a view) from
+    values[start]."""
+    if start + 1 >= len(values) or values[start + 1] < values[start]:
+        return 1, 0
+    step = values[start + 1] - values[start]
+    end = start + 2
+    while end < len(values) and values[end] - values[end - 1] == step:
+        end += 1
+    return end - start, step
+
+
+def _line_pieces(offsets: list[int]) -> list[tuple[int, int, int, int, int, int]]:
+    """One line's window offsets as pieces (start, rows, cols, offset, row_step, col_step): the whole line as one
+    rectangle (rows of one progression, each row's start one step further) where it is one, else its longest
+    progressions from the left."""
+    cols, col_step = _run(offsets, 0)
+    starts = offsets[::cols]
+    rows, row_step = _run(starts, 0)
+    if len(offsets) == rows * cols and all(offsets[r * cols + c] == starts[r] + c * col_step
+                                           for r in range(rows) for c in range(cols)):
+        return [(0, rows, cols, offsets[0], row_step, col_step)]
+    pieces, start = [], 0
+    while start < len(offsets):
+        cols, col_step = _run(offsets, start)
+        pieces.append((start, 1, cols, offsets[start], 0, col_step))
+        start += cols
+    return pieces
+
+
+def window_strips(positions: torch.Tensor, window: WindowSpec, sample_shape) -> list[Strip]:
+    """Cover the window positions [G, S] (flat indices into `window`'s grid) by strided views of the padded image
+    (`Strip`): each line split into rectangles of positions in arithmetic progression (one for an ELS interior or
+    an edge line), and consecutive lines with the same pieces, one step apart, merged (the edge lines of broken
+    ELS: four strips)."""
     _, height, width = sample_shape
-    (kh, kw), pad = window.size, window.padding
-    if not pad or kh > height or kw > width:
-        return None
-    rows = torch.arange(pad, pad + height - kh + 1, device=device)
-    cols = torch.arange(pad, pad + width - kw + 1, device=device)
-    return (rows[:, None] * window.grid_shape(sample_shape)[1] + cols).reshape(1, -1)
+    columns = window.grid_shape(sample_shape)[1]
+    padded_width = width + 2 * window.padding
+    flat = ((positions // columns) * padded_width + positions % columns).tolist()
+    strips: list[Strip] = []
+    last: dict[tuple, int] = {}  # piece shape -> index in strips of the strip it may extend
+    for g, offsets in enumerate(flat):
+        for start, rows, cols, offset, row_step, col_step in _line_pieces(offsets):
+            key = (start, rows, cols, row_step, col_step)
+            i = last.get(key)
+            if i is not None and strips[i].lines.stop == g:
+                strip = strips[i]
+                lines = g - strip.lines.start
+                step = offset - strip.offset if lines == 1 else strip.line_step
+                if step >= 0 and offset - strip.offset == lines * step:
+                    strips[i] = replace(strip, lines=slice(strip.lines.start, g + 1), line_step=step)
+                    continue
+            last[key] = len(strips)
+            strips.append(Strip(slice(g, g + 1), slice(start, start + rows * cols), rows, cols, offset, 0, row_step,
+                                col_step))
+    return strips
 
 
-def _gather(unfolded: torch.Tensor, bias_scale: float | None, positions: torch.Tensor | None) -> torch.Tensor:
-    """[K, D, P] per-image windows (or values) at `positions` [G, S] (None: all P, one run) as [G, D + 1, K*S],
-    with their biases `bias_scale` ||phi||^2 (or ones) in the last row; column j = image j // S, position j % S.
-    Only the windows picked are squared."""
-    picked = unfolded[:, :, None] if positions is None else unfolded[:, :, positions]  # [K, D, G, S]
-    count, depth, runs, span = picked.shape
-    out = unfolded.new_empty(runs, depth + 1, count * span)
-    out[:, :depth] = picked.permute(2, 1, 0, 3).reshape(runs, depth, count * span)
-    if bias_scale is None:
-        out[:, depth] = 1.0
-    else:
-        torch.linalg.vecdot(out[:, :depth], out[:, :depth], dim=1, out=out[:, depth]).mul_(bias_scale)
+def gather_windows(padded: torch.Tensor, strips: list[Strip], span: int, size: tuple[int, int],
+                   out: torch.Tensor, shift: int = 0) -> torch.Tensor:
+    """The windows of `size` of a contiguous padded chunk [K, C, Hp, Wp] at the positions that `strips` cover
+    (`window_strips` of positions [G, S]) written into out[:, :C kh kw] ([G, >= C kh kw, K S]; column j = image
+    j // S, position j % S), one strided copy per strip; `shift`: added to every window's offset (the centre
+    pixel of a window with size (1, 1)). Returns out."""
+    count, channels, height, width = padded.shape
+    kh, kw = size
+    depth = channels * kh * kw
+    target = out[:, :depth].unflatten(1, (channels, kh, kw)).unflatten(-1, (count, span))  # [G, C, kh, kw, K, S]
+    for strip in strips:
+        lines = strip.lines.stop - strip.lines.start
+        source = padded.as_strided(
+            (lines, channels, kh, kw, count, strip.rows, strip.cols),
+            (strip.line_step, height * width, width, 1, channels * height * width, strip.row_step, strip.col_step),
+            padded.storage_offset() + strip.offset + shift)
+        target[strip.lines, ..., strip.columns].unflatten(-1, (strip.rows, strip.cols)).copy_(source)
     return out
 
 
