@@ -385,6 +385,29 @@ def test_repeated_windows_are_merged_and_change_nothing(name, monkeypatch):
     torch.testing.assert_close(a.diagnostics["effective_patches"], b.diagnostics["effective_patches"], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("k", [1, 3, 5, 7, 9])
+def test_distinct_window_keys_count_the_distinct_windows(channels, k):
+    """The integer keys of the quick pre-check count exactly the distinct windows of the unfold (equal windows,
+    padding included, share a key; different ones here never collide), on images with many repeated windows
+    (two grey levels) and on noise (every window distinct), at the interior's and at every position."""
+    from analytic_diffusion.search.patch_softmax import WindowSpec, distinct_window_keys
+
+    generator = torch.Generator().manual_seed(k)
+    flat = torch.randint(0, 2, (12, channels, 8, 8), generator=generator).to(torch.uint8) * 255
+    noise = torch.randint(0, 256, (12, channels, 8, 8), generator=generator).to(torch.uint8)
+    window = WindowSpec((k, k), k // 2, "centre")
+    grid = torch.arange(64)
+    inside = torch.tensor([i * 8 + j for i in range(k // 2, 8 - k // 2) for j in range(k // 2, 8 - k // 2)],
+                          dtype=torch.long)
+    for images in (flat, noise):
+        unfolded = torch.nn.functional.unfold(images.double() + 1, k, padding=k // 2)  # padding 0: no pixel + 1
+        for positions in (inside, grid) if inside.numel() else (grid,):
+            rows = unfolded[:, :, positions].transpose(1, 2).reshape(-1, channels * k * k)
+            keys, total = distinct_window_keys(images, window, positions[None], (channels, 8, 8))
+            assert (keys, total) == (torch.unique(rows, dim=0).shape[0], rows.shape[0])
+
+
 def test_distinct_windows_operands_kept_between_steps_give_the_bits_of_fresh_ones():
     """The float32 operands of the distinct windows are built once per patch size and their bias row rewritten at
     every step: a step after another one (another bias scale) gives the bits a fresh denoiser gives."""

@@ -116,7 +116,10 @@ def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec
     are not worth it (more than MAX_DISTINCT_FRACTION distinct in the first chunk) or exceed `max_bytes`.
     One unfold of each chunk of images serves every set."""
     indices = [positions[0].to(images.device) for positions in position_sets]
-    parts: list[list | None] = [[] for _ in position_sets]
+    parts: list[list | None] = [[] if _may_repeat(store, images[:chunk], window, positions) else None
+                                for positions in position_sets]
+    if all(part is None for part in parts):
+        return [None] * len(position_sets)
     sizes = [0] * len(position_sets)
     for start in range(0, store.num_images, chunk):
         decoded = store.decode(images[start : start + chunk], torch.float32)
@@ -146,6 +149,35 @@ def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec
         counts.index_add_(0, inverse, torch.cat([c for _, c in part]))
         out.append(UniqueWindows(kept, counts, kept[:, centre]))
     return out
+
+
+def distinct_window_keys(images: torch.Tensor, window: WindowSpec, positions: torch.Tensor, sample_shape
+                         ) -> tuple[int, int]:
+    """(distinct keys, windows) of the windows of the uint8 `images` [K, C, H, W] at `positions` [1, S]: each
+    window keyed by an exact integer (its raw values, padding marked -1, against integer weights below 2^20, summed
+    in float64: integers below 2^53 whatever the order of the sum), so equal windows have equal keys and the keys
+    are at most as many as the distinct windows (as many, unless two windows collide). One strided copy and one
+    product instead of an unfold of every position and a sort of the windows."""
+    padded = F.pad(images.to(torch.float64), (window.padding,) * 4, value=-1.0)
+    span = positions.shape[1]
+    kh, kw = window.size
+    depth = sample_shape[0] * kh * kw
+    windows = gather_windows(padded, window_strips(positions, window, sample_shape), span, window.size,
+                             padded.new_empty(1, depth, images.shape[0] * span))[0]
+    weights = torch.randint(1 << 20, (depth,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    keys = weights.to(windows.device) @ windows
+    return torch.unique(keys).numel(), keys.numel()
+
+
+def _may_repeat(store: DatasetStore, images: torch.Tensor, window: WindowSpec, positions: torch.Tensor) -> bool:
+    """False where the first chunk's windows at `positions` are certainly more than MAX_DISTINCT_FRACTION distinct
+    (their distinct keys are: `distinct_window_keys`), so that `unique_windows` skips the set without unfolding
+    and sorting it (broken ELS at k >= 9, where 98% of the windows are distinct: most of a patch size's plan);
+    True otherwise (the exact count then decides)."""
+    if not store.is_uint8:
+        return True
+    distinct, total = distinct_window_keys(images, window, positions, store.sample_shape)
+    return distinct <= MAX_DISTINCT_FRACTION * total
 
 
 @dataclass(frozen=True)
