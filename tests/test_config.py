@@ -106,8 +106,14 @@ def test_defaults_that_are_not_a_list_are_a_one_line_error(tmp_path: Path, defau
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("model.params.temperature=0", "temperature must be > 0"),
-        ("model.params.temperature=-1", "temperature must be > 0"),
+        ("model.params.temperature=0", "temperature must be a finite number > 0"),
+        ("model.params.temperature=-1", "temperature must be a finite number > 0"),
+        ("model.params.temperature=inf", "temperature must be a finite number > 0"),
+        ("sampling.eta=nan", "sampling.eta must be a finite number >= 0"),
+        ("sampling.eta=inf", "sampling.eta must be a finite number >= 0"),
+        ("sampling.beta_start=nan", "0 < beta_start <= beta_end < 1"),
+        ("sampling.beta_end=2", "0 < beta_start <= beta_end < 1"),
+        ("sampling.beta_start=0.05", "0 < beta_start <= beta_end < 1"),
         ("model.params.mask_threshold=-0.5", "mask_threshold must be in [0, 1]"),
         ("model.params.mask_threshold=2", "mask_threshold must be in [0, 1]"),
         ("model.params.flat_fraction=-1", "flat_fraction must be in [0, 1]"),

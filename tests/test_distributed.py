@@ -151,6 +151,20 @@ def _bug_on_every_rank() -> None:
     OptimalDenoiser.denoise = denoise
 
 
+def _slow_rank_zero(seconds: float) -> None:
+    """Each of rank 0's optimal steps takes `seconds` longer (at scale: one more sampling batch than its peer, or
+    a rank that hangs)."""
+    from analytic_diffusion.denoisers.optimal import OptimalDenoiser
+
+    original = OptimalDenoiser.denoise
+
+    def denoise(self, *args, **kwargs):
+        time.sleep(seconds)
+        return original(self, *args, **kwargs)
+
+    OptimalDenoiser.denoise = denoise
+
+
 def _time_sources(rank: int, out: str) -> None:
     """Each rank writes when its sweep's source check (where a dataset is downloaded) began and ended; rank 0's
     takes 1 s, as a download would."""
@@ -182,6 +196,9 @@ def _rank(rank: int, runs: list[tuple[str, list[str]]], ports: list[int], out: s
         _time_sources(rank, out)
     elif fault == "bug":
         _bug_on_every_rank()
+    elif fault in ("slow", "hung"):
+        if rank == 0:
+            _slow_rank_zero(0.8 if fault == "slow" else 6.0)
     elif fault and rank == 1:
         _fail_on_rank_one(fault)
     results = []
@@ -364,6 +381,27 @@ def test_a_failed_rank_stops_the_other_with_one_line(tmp_path: Path, fault: str,
     assert not (_run_dir(name, "optimal") / "samples.pt").exists()
 
 
+def test_a_rank_waits_for_a_slower_one_while_it_progresses_and_stops_when_it_hangs(
+        tmp_path: Path, stores: dict[str, list[str]]) -> None:
+    """Under `samples` with a 2 s timeout, rank 0's steps take 0.8 s longer: rank 1 finishes its share about 3 s
+    first (as with one batch fewer) and waits at the gather while rank 0 makes progress; the run completes with
+    the one-process samples. When one step of rank 0 takes 6 s (it hangs), rank 1 stops after the timeout without
+    waiting for it, and rank 0 (which speaks) says why in one line when it wakes."""
+    overrides = [*SMALL, *stores["grey"], "sampling.num_inference_steps=4", "distributed.timeout_seconds=2"]
+    _one_process("optimal/mnist5k", [*overrides, "experiment.run_name=slow_s1"])
+    rank0, rank1 = _launch(tmp_path, [("optimal/mnist5k", [*overrides, "experiment.run_name=slow_s2"])], "slow")
+    assert rank0[0]["code"] == 0 and rank1[0]["code"] == 0, (rank0, rank1)
+    one, two = _run_dir("slow_s1", "optimal"), _run_dir("slow_s2", "optimal")
+    assert torch.equal(torch.load(one / "samples.pt"), torch.load(two / "samples.pt"))
+    hung = tmp_path / "hung"
+    hung.mkdir()
+    rank0, rank1 = _launch(hung, [("optimal/mnist5k", [*overrides, "experiment.run_name=hung_s2"])], "hung")
+    assert rank1[0]["code"] == 2 and rank1[0]["seconds"] < 6, rank1
+    lines = [line for line in rank0[0]["stderr"].splitlines() if line.startswith("error: ")]
+    assert lines == ["error: rank 0 of 2 made no progress within distributed.timeout_seconds=2 while rank 1 waited "
+                     "for it (gather_batches); rank 0 stopped"], rank0
+
+
 def test_samples_strategy_requires_per_sample_seeds_and_warns_of_idle_ranks() -> None:
     with pytest.raises(StudioError) as refused:  # the default strategy: both ways out, as overrides
         check_samples_strategy(False)
@@ -379,8 +417,9 @@ def test_samples_strategy_requires_per_sample_seeds_and_warns_of_idle_ranks() ->
 def test_bad_distributed_options_are_one_line_errors_even_in_one_process(capsys: pytest.CaptureFixture) -> None:
     assert main(["generate", "-c", "optimal/mnist5k", "distributed.strategy=sample"]) == 2
     assert "unknown distributed.strategy 'sample' (did you mean 'samples'?)" in capsys.readouterr().err
-    assert main(["generate", "-c", "optimal/mnist5k", "distributed.timeout_seconds=0"]) == 2
-    assert "distributed.timeout_seconds must be > 0" in capsys.readouterr().err
+    for bad in ("0", "inf", "nan"):
+        assert main(["generate", "-c", "optimal/mnist5k", f"distributed.timeout_seconds={bad}"]) == 2
+        assert "distributed.timeout_seconds must be a finite number of seconds > 0" in capsys.readouterr().err
 
 
 def test_share_splits_contiguously() -> None:

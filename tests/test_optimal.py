@@ -294,7 +294,7 @@ def test_the_output_is_on_the_input_device_and_dtype_with_per_sample_diagnostics
     "params, message",
     [
         ({"mode": "exakt"}, "did you mean 'exact'"),
-        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
         ({"num_neighbors": 0}, "num_neighbors must be at least 1"),
         ({"chunk_size": 0}, "chunk_size must be at least 1"),
     ],

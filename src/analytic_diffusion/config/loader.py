@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -226,10 +227,17 @@ def _validate(cfg: StudioConfig) -> None:
             raise StudioError(f"{key} names one folder under paths.runs: no '/', '\\', '.' or '..'; got '{name}'")
     if not 0 <= cfg.experiment.seed < 2**64:  # what torch.Generator.manual_seed and the per-sample seeds accept
         raise StudioError(f"experiment.seed must be in [0, 2**64), got {cfg.experiment.seed}")
-    if cfg.sampling.eta < 0:
-        raise StudioError(f"sampling.eta must be >= 0, got {cfg.sampling.eta}")
-    if cfg.baseline.eta is not None and not cfg.baseline.eta >= 0:
-        raise StudioError(f"baseline.eta must be >= 0 or null (the run's sampling.eta), got {cfg.baseline.eta}")
+    if not 0 <= cfg.sampling.eta < math.inf:  # NaN and inf included
+        raise StudioError(f"sampling.eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like), got "
+                          f"{cfg.sampling.eta}")
+    if cfg.baseline.eta is not None and not 0 <= cfg.baseline.eta < math.inf:
+        raise StudioError(f"baseline.eta must be a finite number >= 0 or null (the run's sampling.eta), got "
+                          f"{cfg.baseline.eta}")
+    start, end = cfg.sampling.beta_start, cfg.sampling.beta_end
+    if not 0 < start <= end < 1:  # the linear beta schedule: each beta_t is a noise variance in (0, 1)
+        raise StudioError(f"sampling.beta_start and sampling.beta_end must satisfy 0 < beta_start <= beta_end < 1 "
+                          f"(the linear schedule's first and last noise variances; default 1e-4 and 0.02), got "
+                          f"{start} and {end}")
     if cfg.output.grid_columns is not None and cfg.output.grid_columns < 1:
         raise StudioError(f"output.grid_columns must be a positive number of columns or null (about square), "
                           f"got {cfg.output.grid_columns}")

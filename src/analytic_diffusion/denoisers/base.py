@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 
 
 def check_temperature(temperature: float) -> None:
-    """model.params.temperature divides the logits: it must be positive (NaN included in the refusal)."""
-    if not temperature > 0:
-        raise StudioError(f"model.params.temperature must be > 0, got {temperature}")
+    """model.params.temperature divides the logits: it must be positive and finite (NaN and inf refused)."""
+    if not 0 < temperature < math.inf:
+        raise StudioError(f"model.params.temperature must be a finite number > 0, got {temperature}")
 
 
 def check_chunk_size(chunk_size: int | None) -> None:

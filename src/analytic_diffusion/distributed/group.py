@@ -19,6 +19,7 @@ announcement, and `agreement.Agreement` can tell whether every rank has run the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -44,6 +45,7 @@ DONE = "ok"  # the value of an announcement that went well; any other value is r
 
 _announcements: Counter[str] = Counter()  # per name: how many times this process announced or waited for it
 _collectives = 0  # collectives this process ran through `collective` in the current process group
+_timeout_seconds = 300.0  # distributed.timeout_seconds of the current process group (set by `start`)
 
 T = TypeVar("T")
 
@@ -113,8 +115,8 @@ def check_options(strategy: str, timeout_seconds: float) -> None:
     """The distributed section's values, checked in every run (one process too: a typo is never ignored)."""
     if strategy not in STRATEGIES:
         raise unknown_name("distributed.strategy", strategy, STRATEGIES)
-    if not timeout_seconds > 0:
-        raise StudioError(f"distributed.timeout_seconds must be > 0, got {timeout_seconds}")
+    if not 0 < timeout_seconds < math.inf:
+        raise StudioError(f"distributed.timeout_seconds must be a finite number of seconds > 0, got {timeout_seconds}")
 
 
 def start(strategy: str, timeout_seconds: float, device: torch.device) -> Ranks | None:
@@ -128,7 +130,8 @@ def start(strategy: str, timeout_seconds: float, device: torch.device) -> Ranks 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
-        global _collectives
+        global _collectives, _timeout_seconds
+        _timeout_seconds = timeout_seconds
         _announcements.clear()  # a new group: its store holds none of an earlier group's keys
         _collectives = 0
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), strategy,
@@ -227,6 +230,39 @@ def wait_for(name: str) -> None:
         time.sleep(POLL_SECONDS)
 
 
+def all_arrived(name: str) -> None:
+    """Wait until every rank has reached `name`, before a collective that follows work of unequal length (under
+    `samples` a rank with one more sampling batch than another may take longer than distributed.timeout_seconds,
+    the collectives' limit, to reach the gather), for as long as the ranks still on their way make progress (each
+    sampling step counts, `check_peers`): one that makes none within distributed.timeout_seconds (it hangs) stops
+    this rank with one line, as a rank that fails or rank 0's store going away does."""
+    store, key, me = _store(), _announcement_key(name), dist.get_rank()
+    store.set(f"{key}/{me}", DONE)
+    seen: dict[int, tuple[int, float]] = {}  # rank -> (its progress count, when this rank saw it change)
+    while True:
+        try:
+            waiting = [rank for rank in range(dist.get_world_size()) if not store.check([f"{key}/{rank}"])]
+            counts = {rank: store.add(_progress_key(rank), 0) for rank in waiting}
+        except Exception as exc:  # the store's host is gone
+            raise PeerFailure(f"rank 0 went away while rank {me} waited for the others ({name}): {exc}") from exc
+        if not waiting:
+            return
+        now = time.monotonic()
+        for rank, count in counts.items():
+            if rank not in seen or seen[rank][0] != count:
+                seen[rank] = (count, now)
+            elif now - seen[rank][1] > _timeout_seconds:
+                line = (f"rank {rank} of {dist.get_world_size()} made no progress within distributed.timeout_seconds="
+                        f"{_timeout_seconds:g} while rank {me} waited for it ({name})")
+                try:  # published, so that the rank that speaks says it (the one that hangs, when it wakes)
+                    store.set(f"{FAILURE_KEY}{me}", line)
+                except Exception:
+                    pass
+                raise PeerFailure(f"{line}; rank {me} stopped")
+        check_peers()
+        time.sleep(POLL_SECONDS)
+
+
 def writer_first(ranks: Ranks | None, name: str, work: Callable[[], T]) -> T:
     """`work()` on rank 0, then on the other ranks once rank 0 has announced `name` done: rank 0 alone builds the
     dataset store or downloads the dataset, the others then find it written and read it (no two ranks write the
@@ -251,10 +287,16 @@ def collectives_run() -> int:
 
 
 def check_peers() -> None:
-    """Raise PeerFailure if another rank has failed (called once per sampling step; one store round trip)."""
+    """Raise PeerFailure if another rank has failed, and count one step of this rank's progress for `all_arrived`
+    (called once per sampling step and while waiting; two store round trips)."""
     line = peer_failure()
     if line is not None:
         raise PeerFailure(f"{line}; rank {dist.get_rank()} stopped")
+    _store().add(_progress_key(dist.get_rank()), 1)
+
+
+def _progress_key(rank: int) -> str:
+    return f"{KEYS}progress/{rank}"
 
 
 def collective(operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:

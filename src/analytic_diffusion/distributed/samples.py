@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..data.store import DatasetStore
 from ..errors import StudioError
 from ..search import KnnResult, knn_search
-from .group import Ranks, collective
+from .group import Ranks, all_arrived, collective
 
 
 def check_samples_strategy(per_sample_seeds: bool) -> None:
@@ -38,7 +38,10 @@ def idle_ranks_warning(num_batches: int, ranks: Ranks) -> str | None:
 
 
 def gather_batches(ranks: Ranks, items: list[Any]) -> list[Any] | None:
-    """Every rank's `items` (picklable, on the CPU) concatenated in rank order on rank 0; None on the others."""
+    """Every rank's `items` (picklable, on the CPU) concatenated in rank order on rank 0; None on the others. The
+    ranks first wait for each other without a time limit (`all_arrived`): their shares of the batches may differ by
+    one, which may take longer than the collective's timeout."""
+    all_arrived("gather_batches")
     parts: list[Any] | None = [None] * ranks.world_size if ranks.is_writer else None
     collective(dist.gather_object, items, parts, dst=0)
     if parts is None:
