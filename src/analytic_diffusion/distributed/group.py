@@ -252,14 +252,14 @@ def all_arrived(name: str) -> None:
             if rank not in seen or seen[rank][0] != count:
                 seen[rank] = (count, now)
             elif now - seen[rank][1] > _timeout_seconds:
-                line = (f"rank {rank} of {dist.get_world_size()} made no progress within distributed.timeout_seconds="
-                        f"{_timeout_seconds:g} while rank {me} waited for it ({name})")
+                line = (f"rank {rank} of {dist.get_world_size()} made no progress (killed, or hung) within "
+                        f"distributed.timeout_seconds={_timeout_seconds:g} while rank {me} waited for it ({name})")
                 try:  # published, so that the rank that speaks says it (the one that hangs, when it wakes)
                     store.set(f"{FAILURE_KEY}{me}", line)
                 except Exception:
                     pass
                 raise PeerFailure(f"{line}; rank {me} stopped")
-        check_peers()
+        _stop_if_a_peer_failed()  # waiting is no progress: two ranks waiting at different points stop
         time.sleep(POLL_SECONDS)
 
 
@@ -289,10 +289,14 @@ def collectives_run() -> int:
 def check_peers() -> None:
     """Raise PeerFailure if another rank has failed, and count one step of this rank's progress for `all_arrived`
     (called once per sampling step and while waiting; two store round trips)."""
+    _stop_if_a_peer_failed()
+    _store().add(_progress_key(dist.get_rank()), 1)
+
+
+def _stop_if_a_peer_failed() -> None:
     line = peer_failure()
     if line is not None:
         raise PeerFailure(f"{line}; rank {dist.get_rank()} stopped")
-    _store().add(_progress_key(dist.get_rank()), 1)
 
 
 def _progress_key(rank: int) -> str:
