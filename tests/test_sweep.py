@@ -232,6 +232,18 @@ def test_force_reruns_complete_cells(tmp_path, monkeypatch, caplog):
     assert counter.calls == ["nearest_dataset_mnist5k"]
 
 
+def test_a_different_sweep_in_the_same_folder_is_announced(tmp_path, caplog):
+    """A second, different sweep under the same name replaces the folder's summary: one warning says so and points
+    to --name; rerunning the same sweep says nothing."""
+    _sweep(tmp_path, "nearest_dataset")
+    caplog.set_level("INFO", "analytic_diffusion")
+    _sweep(tmp_path, "nearest_dataset")
+    assert not [m for m in caplog.messages if "held a different sweep" in m]
+    _sweep(tmp_path, "wiener")
+    [warning] = [m for m in caplog.messages if "held a different sweep" in m]
+    assert "its other cells stay in the folder unlisted; give each sweep its own folder with --name NAME" in warning
+
+
 def test_the_sweep_files_shipped_in_configs_plan_cleanly():
     assert load_spec().methods == ANALYTIC.split(",")
     sizes = plan_sweep(load_spec("sweeps/subset_size"))
