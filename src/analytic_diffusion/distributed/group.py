@@ -141,8 +141,10 @@ def start(strategy: str, timeout_seconds: float, device: torch.device) -> Ranks 
 
 
 def _stopped_by_launcher(signum: int, frame: Any) -> None:
-    """torchrun terminates the other workers when one fails: say which one failed, as a one-line error."""
-    raise PeerFailure(peer_failure(wait=0.5) or "stopped by the launcher (SIGTERM): another rank failed")
+    """torchrun terminates the other workers when one fails, and all of them when it is itself terminated (a
+    scheduler cancelling the job, `kill`): say which rank failed if one said so, as a one-line error."""
+    raise PeerFailure(peer_failure(wait=0.5) or "stopped by the launcher (SIGTERM): another rank died without a "
+                      "message, or the job was cancelled")
 
 
 def finish(ranks: Ranks) -> None:
