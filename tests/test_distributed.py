@@ -454,6 +454,25 @@ def test_under_torchrun_only_rank_0_prints_the_error_line(monkeypatch, capsys, r
                    "memorization do (docs/distributed.md): launch it as one process\n" if rank == "0" else "")
 
 
+@pytest.mark.parametrize("rank", [None, "0", "1"])
+def test_an_interrupt_is_said_once(monkeypatch, capsys, rank) -> None:
+    """Ctrl-C reaches every rank of a launch: only rank 0 (or the one process) says so; every rank exits 130."""
+    import analytic_diffusion.cli as cli
+
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert main(["generate", "-c", "optimal/mnist5k"]) == 130
+    err = capsys.readouterr().err
+    assert err == ("" if rank == "1" else
+                   "interrupted; a run directory, if one was created, stays marked INCOMPLETE\n")
+
+
 def test_memorization_under_both_strategies_equals_one_process(tmp_path: Path, stores: dict[str, list[str]],
                                                                fresh_root: Path) -> None:
     """ads memorization of a run on two ranks (the queries split, or the store's shards): rank 0 writes the one

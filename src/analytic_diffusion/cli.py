@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "train-unet": "rerun the same command to resume from the last checkpoint",
             "sweep": "finished cells are kept; rerun the same command to run the rest",
         }.get(args.command, "a run directory, if one was created, stays marked INCOMPLETE")
-        print(f"interrupted; {advice}", file=sys.stderr)
+        if speaks():  # under torchrun every rank is interrupted: rank 0 says it once
+            print(f"interrupted; {advice}", file=sys.stderr)
         return 130
     return status or 0
