@@ -162,8 +162,13 @@ def _store():
 def report_failure(ranks: Ranks, exc: BaseException) -> None:
     """Publish this rank's error for the others (best effort: the store may already be gone)."""
     line = f"rank {ranks.rank} of {ranks.world_size} failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    _publish(ranks.rank, line)
+
+
+def _publish(rank: int, line: str) -> None:
+    """Make `line` the failure of `rank` that the others find (`peer_failure`); best effort."""
     try:
-        _store().set(f"{FAILURE_KEY}{ranks.rank}", line)
+        _store().set(f"{FAILURE_KEY}{rank}", line)
     except Exception:  # the store's host is gone too: the peers see their sockets close instead
         pass
 
@@ -256,10 +261,7 @@ def all_arrived(name: str) -> None:
             elif now - seen[rank][1] > _timeout_seconds:
                 line = (f"rank {rank} of {dist.get_world_size()} made no progress (killed, or hung) within "
                         f"distributed.timeout_seconds={_timeout_seconds:g} while rank {me} waited for it ({name})")
-                try:  # published, so that the rank that speaks says it (the one that hangs, when it wakes)
-                    store.set(f"{FAILURE_KEY}{me}", line)
-                except Exception:
-                    pass
+                _publish(me, line)  # so that the rank that speaks says it (the one that hangs, when it wakes)
                 raise PeerFailure(f"{line}; rank {me} stopped")
         _stop_if_a_peer_failed()  # waiting is no progress: two ranks waiting at different points stop
         time.sleep(POLL_SECONDS)

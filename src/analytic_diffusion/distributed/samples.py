@@ -39,8 +39,8 @@ def idle_ranks_warning(num_batches: int, ranks: Ranks) -> str | None:
 
 def gather_batches(ranks: Ranks, items: list[Any]) -> list[Any] | None:
     """Every rank's `items` (picklable, on the CPU) concatenated in rank order on rank 0; None on the others. The
-    ranks first wait for each other without a time limit (`all_arrived`): their shares of the batches may differ by
-    one, which may take longer than the collective's timeout."""
+    ranks first wait for each other for as long as the others make progress (`all_arrived`): their shares of the
+    batches may differ by one, which may take longer than the collective's timeout."""
     all_arrived("gather_batches")
     parts: list[Any] | None = [None] * ranks.world_size if ranks.is_writer else None
     collective(dist.gather_object, items, parts, dst=0)

@@ -114,20 +114,19 @@ def unique_windows(store: DatasetStore, images: torch.Tensor, window: WindowSpec
                    max_bytes: int, chunk: int = 256) -> list[UniqueWindows | None]:
     """For each position set [1, S]: the distinct windows at those positions of every image, or None where they
     are not worth it (more than MAX_DISTINCT_FRACTION distinct in the first chunk) or exceed `max_bytes`.
-    One unfold of each chunk of images serves every set."""
-    indices = [positions[0].to(images.device) for positions in position_sets]
+    Each chunk of images is padded once; each set's windows are copied from it (`gather_windows`)."""
+    strips = [window_strips(positions, window, store.sample_shape) for positions in position_sets]
     parts: list[list | None] = [[] if _may_repeat(store, images[:chunk], window, positions) else None
                                 for positions in position_sets]
     if all(part is None for part in parts):
         return [None] * len(position_sets)
     sizes = [0] * len(position_sets)
     for start in range(0, store.num_images, chunk):
-        decoded = store.decode(images[start : start + chunk], torch.float32)
-        unfolded = F.unfold(decoded, window.size, padding=window.padding)
-        for i, index in enumerate(indices):
+        padded = F.pad(store.decode(images[start : start + chunk], torch.float32), (window.padding,) * 4)
+        for i, positions in enumerate(position_sets):
             if parts[i] is None:
                 continue
-            rows = unfolded[:, :, index].transpose(1, 2).flatten(0, 1)
+            rows = _windows_at(padded, strips[i], positions.shape[1], window.size).T  # [K S, D], image-major
             distinct, count = torch.unique(rows, dim=0, return_counts=True)
             sizes[i] += distinct.numel() * distinct.element_size()
             if sizes[i] > max_bytes or (start == 0 and distinct.shape[0] > MAX_DISTINCT_FRACTION * rows.shape[0]):
@@ -159,14 +158,19 @@ def distinct_window_keys(images: torch.Tensor, window: WindowSpec, positions: to
     are at most as many as the distinct windows (as many, unless two windows collide). One strided copy and one
     product instead of an unfold of every position and a sort of the windows."""
     padded = F.pad(images.to(torch.float64), (window.padding,) * 4, value=-1.0)
-    span = positions.shape[1]
-    kh, kw = window.size
-    depth = sample_shape[0] * kh * kw
-    windows = gather_windows(padded, window_strips(positions, window, sample_shape), span, window.size,
-                             padded.new_empty(1, depth, images.shape[0] * span))[0]
-    weights = torch.randint(1 << 20, (depth,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    windows = _windows_at(padded, window_strips(positions, window, sample_shape), positions.shape[1], window.size)
+    weights = torch.randint(1 << 20, (windows.shape[0],), generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64)
     keys = weights.to(windows.device) @ windows
     return torch.unique(keys).numel(), keys.numel()
+
+
+def _windows_at(padded: torch.Tensor, strips: list[Strip], span: int, size: tuple[int, int]) -> torch.Tensor:
+    """[D, K S] the windows of `size` of a padded chunk [K, C, Hp, Wp] at the `span` positions per image that
+    `strips` cover (column j: image j // S, position j % S)."""
+    count, channels = padded.shape[:2]
+    depth = channels * size[0] * size[1]
+    return gather_windows(padded, strips, span, size, padded.new_empty(1, depth, count * span))[0]
 
 
 def _may_repeat(store: DatasetStore, images: torch.Tensor, window: WindowSpec, positions: torch.Tensor) -> bool:
