@@ -5,9 +5,10 @@ A unit is cut into phases. At the end of each phase every rank posts, in the pro
 whether its phase went well (or its error in one line) and how many collectives it has run, then waits until
 every rank has posted. If every rank ran the same collectives, no rank is left inside a collective the others
 skipped: the process group is intact, and if any rank failed, every rank raises the same AgreedFailure and the
-unit is over. If the counts differ (a rank failed between two collectives of the others), or a rank does not post
-within `distributed.timeout_seconds` (it is stuck in a collective a failed rank never reached), the group cannot
-be trusted and every rank stops with PeerFailure, as a failed `ads generate` does.
+unit is over. If the counts differ (a rank failed between two collectives of the others), or a rank on its way makes
+no progress for `distributed.timeout_seconds` (it died, or is stuck in a collective a failed rank never reached),
+the group cannot be trusted and every rank stops with PeerFailure, as a failed `ads generate` does. A rank that is
+only slower (one more sampling batch) is waited for.
 
 A phase must fail alike on every rank or contain no collective after the point where one rank alone may fail:
 checks every rank makes (config, store, fit), sampling under `samples` (no collective until the final gather),
@@ -18,15 +19,11 @@ agreed: a failure there stops every rank (`phase(recoverable=False)`).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import StudioError, one_line
-from .group import KEYS, PeerFailure, Ranks, _store, check_peers, collectives_run
-
-FIRST_POLL = 0.005  # seconds between looks for the other ranks' posts, doubling up to POLL_LIMIT
-POLL_LIMIT = 0.2
+from .group import KEYS, PeerFailure, Ranks, _store, collectives_run, wait_while_progressing
 
 
 class AgreedFailure(StudioError):
@@ -37,8 +34,8 @@ class AgreedFailure(StudioError):
 class Agreement:
     """The phases of one unit of work (`name`, unique in the process group) on every rank."""
 
-    def __init__(self, ranks: Ranks, name: str, timeout_seconds: float):
-        self.ranks, self.name, self.timeout_seconds = ranks, name, timeout_seconds
+    def __init__(self, ranks: Ranks, name: str):
+        self.ranks, self.name = ranks, name
         self.points = 0
         self.broken = False  # an error passed a phase that is not agreed: no later phase agrees on it either
 
@@ -67,29 +64,22 @@ class Agreement:
             raise failure
 
     def _agree(self, error: str | None) -> AgreedFailure | None:
-        """Post this rank's outcome, wait for every rank's; the failure they agree on (None if none failed)."""
+        """Post this rank's outcome, wait for every rank's (`wait_while_progressing`: for as long as the ranks
+        still on their way make progress); the failure they agree on (None if none failed)."""
         self.points += 1
         prefix, me, size = f"{KEYS}agree/{self.name}/{self.points}/", self.ranks.rank, self.ranks.world_size
         keys = [f"{prefix}{r}" for r in range(size)]
+        what = f"the end of a phase of {self.name}"
         try:
             store = _store()
             store.set(keys[me], json.dumps({"collectives": collectives_run(), "error": error}))
-            deadline, pause = time.monotonic() + self.timeout_seconds, FIRST_POLL
-            while not store.check(keys):
-                check_peers()
-                if time.monotonic() > deadline:
-                    missing = [r for r, key in enumerate(keys) if not store.check([key])]
-                    raise PeerFailure(f"rank {missing[0]} of {size} did not end a phase of {self.name} within "
-                                      f"distributed.timeout_seconds={self.timeout_seconds:g} (it died, hangs or "
-                                      f"is that much slower); rank {me} stopped")
-                time.sleep(pause)
-                pause = min(2 * pause, POLL_LIMIT)
+            wait_while_progressing(keys, what)
             posts = [json.loads(store.get(key)) for key in keys]
         except (StudioError, KeyboardInterrupt):
             raise
         except Exception as exc:  # the store's host is gone
             raise PeerFailure(f"the process group's store went away while rank {me} waited for the others "
-                              f"({self.name}): {exc}") from exc
+                              f"({what}): {exc}") from exc
         counts = [post["collectives"] for post in posts]
         failed = [(rank, post["error"]) for rank, post in enumerate(posts) if post["error"] is not None]
         if len(set(counts)) > 1:

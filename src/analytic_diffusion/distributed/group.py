@@ -41,6 +41,7 @@ KEYS = f"ads/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarte
 FAILURE_KEY = KEYS + "failed/"  # + rank: the one line of a rank that failed
 LOOK_FOR_PEERS = 2.0  # seconds a failed collective waits for a peer's line before it reports what it saw itself
 POLL_SECONDS = 0.5  # how often a rank waiting for rank 0 (e.g. building the store) looks again
+FIRST_POLL = 0.005  # a rank waiting for the others looks again after this, doubling up to POLL_SECONDS
 DONE = "ok"  # the value of an announcement that went well; any other value is rank 0's one-line error
 
 _announcements: Counter[str] = Counter()  # per name: how many times this process announced or waited for it
@@ -240,18 +241,28 @@ def wait_for(name: str) -> None:
 def all_arrived(name: str) -> None:
     """Wait until every rank has reached `name`, before a collective that follows work of unequal length (under
     `samples` a rank with one more sampling batch than another may take longer than distributed.timeout_seconds,
-    the collectives' limit, to reach the gather), for as long as the ranks still on their way make progress (each
-    sampling step counts, `check_peers`): one that makes none within distributed.timeout_seconds (it hangs) stops
-    this rank with one line, as a rank that fails or rank 0's store going away does."""
-    store, key, me = _store(), _announcement_key(name), dist.get_rank()
-    store.set(f"{key}/{me}", DONE)
+    the collectives' limit, to reach the gather); `wait_while_progressing`."""
+    key = _announcement_key(name)
+    _store().set(f"{key}/{dist.get_rank()}", DONE)
+    wait_while_progressing([f"{key}/{rank}" for rank in range(dist.get_world_size())], name)
+
+
+def wait_while_progressing(keys: list[str], what: str) -> None:
+    """Wait until every rank r has set keys[r] in the store, for as long as each rank still on its way makes
+    progress (`check_peers` counts its sampling steps): one that makes none within distributed.timeout_seconds
+    (killed without a word, or hung) stops this rank with one line, also published for the rank that speaks, as a
+    rank that fails or the store going away do. Waiting is no progress: two ranks waiting at different points stop.
+    `what`: what this rank waits for, for the line."""
+    store, me, size = _store(), dist.get_rank(), dist.get_world_size()
     seen: dict[int, tuple[int, float]] = {}  # rank -> (its progress count, when this rank saw it change)
+    pause = FIRST_POLL
     while True:
         try:
-            waiting = [rank for rank in range(dist.get_world_size()) if not store.check([f"{key}/{rank}"])]
+            waiting = [rank for rank, key in enumerate(keys) if not store.check([key])]
             counts = {rank: store.add(_progress_key(rank), 0) for rank in waiting}
         except Exception as exc:  # the store's host is gone
-            raise PeerFailure(f"rank 0 went away while rank {me} waited for the others ({name}): {exc}") from exc
+            raise PeerFailure(f"the process group's store went away while rank {me} waited for the others "
+                              f"({what}): {exc}") from exc
         if not waiting:
             return
         now = time.monotonic()
@@ -259,12 +270,13 @@ def all_arrived(name: str) -> None:
             if rank not in seen or seen[rank][0] != count:
                 seen[rank] = (count, now)
             elif now - seen[rank][1] > _timeout_seconds:
-                line = (f"rank {rank} of {dist.get_world_size()} made no progress (killed, or hung) within "
-                        f"distributed.timeout_seconds={_timeout_seconds:g} while rank {me} waited for it ({name})")
+                line = (f"rank {rank} of {size} made no progress (killed, or hung) within distributed.timeout_seconds="
+                        f"{_timeout_seconds:g} while rank {me} waited for it ({what})")
                 _publish(me, line)  # so that the rank that speaks says it (the one that hangs, when it wakes)
                 raise PeerFailure(f"{line}; rank {me} stopped")
-        _stop_if_a_peer_failed()  # waiting is no progress: two ranks waiting at different points stop
-        time.sleep(POLL_SECONDS)
+        _stop_if_a_peer_failed()
+        time.sleep(pause)
+        pause = min(2 * pause, POLL_SECONDS)
 
 
 def writer_first(ranks: Ranks | None, name: str, work: Callable[[], T]) -> T:

@@ -101,7 +101,7 @@ def _run_cell_on(cell: Cell, ranks: Ranks) -> CellOutcome:
     if ranks.is_writer and cell.run_dir.exists():
         shutil.rmtree(cell.run_dir)
     device = resolve_device(distributed.device_name(cell.config.experiment.device))
-    agreement = Agreement(ranks, f"cell {cell.name}", cell.config.distributed.timeout_seconds)
+    agreement = Agreement(ranks, f"cell {cell.name}")
     try:
         with agreement.phase():  # the end of the cell: rank 0 has written its run directory
             result = generate_job.generate_on(cell.config, device, ranks, agreement)
