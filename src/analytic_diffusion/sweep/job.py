@@ -205,12 +205,12 @@ def _run_cells(plan: SweepPlan, force: bool, ranks: Ranks | None) -> SweepResult
     if writer:
         _prepare_stores([c for c in plan.cells if states[c.name] != "complete"])  # a bad dataset fails before any write
         make_directory(plan.folder, "paths.runs")
-        spec_yaml, previous = _spec_yaml(plan), plan.folder / "sweep.yaml"
-        if previous.exists() and previous.read_text() != spec_yaml:
+        spec_yaml, spec_file = _spec_yaml(plan), plan.folder / "sweep.yaml"
+        if spec_file.exists() and spec_file.read_text() != spec_yaml:  # the folder held another sweep
             log.warning("warning: %s held a different sweep (its sweep.yaml differs): its summary and sweep.yaml are "
                         "replaced by this sweep's, its other cells stay in the folder unlisted; give each sweep its "
                         "own folder with --name NAME", plan.folder)
-        atomic_write_text(previous, spec_yaml)
+        atomic_write_text(spec_file, spec_yaml)
     outcomes: list[CellOutcome] = []
     with logging_redirect_tqdm(), tqdm(total=len(plan.cells), desc=f"sweep {plan.spec.name}", unit="cell",
                                        position=0, disable=not writer) as bar:
